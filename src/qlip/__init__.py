@@ -1,0 +1,1 @@
+"""qlip: QLIP visual tokenizer (public API is re-exported here)."""
