@@ -412,7 +412,9 @@ class BSQuantizer(nn.Module):
                 u = F.normalize(u, dim=-1)
             positive = u > 0  # sign(0) = -1
             hard = torch.where(positive, self.scale, -self.scale).to(torch.float32)
-            codes = u + (hard - u).detach()  # value of the hard code, gradient of the identity
+            # Straight-through: value exactly `hard` (u - sg(u) is exactly 0), gradient of the identity w.r.t. u.
+            # (The usual u + sg(hard - u) leaves float rounding in the value, so codes would not be exact.)
+            codes = hard + (u - u.detach())
             indices = (positive.to(torch.int64) * self.powers).sum(dim=-1, dtype=torch.int64)
             commit_loss = (hard - u).pow(2).sum(dim=-1).mean()
 
