@@ -34,7 +34,16 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 class ImageLoadError(ValueError):
-    """An image could not be read; the message names the file and the reason."""
+    """An image could not be read; the message names the file and the reason.
+
+    Attributes:
+        reason: a short machine-readable cause, one of "empty", "missing_file", "unknown_format",
+            "decompression_bomb", "corrupt" (bad-sample accounting in :mod:`qlip.data` counts by it).
+    """
+
+    def __init__(self, message: str, reason: str = "corrupt") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _describe(source: ImageSource, name: str | None) -> str:
@@ -68,14 +77,14 @@ def load_image(source: ImageSource, *, name: str | None = None, max_pixels: int 
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
-            raise ImageLoadError(f"cannot read image {label}: the data is empty (0 bytes)")
+            raise ImageLoadError(f"cannot read image {label}: the data is empty (0 bytes)", "empty")
         source = io.BytesIO(bytes(source))
     elif isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.exists(path):
-            raise ImageLoadError(f"cannot read image {label}: no such file; check the path")
+            raise ImageLoadError(f"cannot read image {label}: no such file; check the path", "missing_file")
         if os.path.getsize(path) == 0:
-            raise ImageLoadError(f"cannot read image {label}: the file is empty (0 bytes)")
+            raise ImageLoadError(f"cannot read image {label}: the file is empty (0 bytes)", "empty")
     try:
         with warnings.catch_warnings():
             # PIL only warns between 1x and 2x its pixel limit; a bomb must never get as far as decoding.
@@ -85,7 +94,8 @@ def load_image(source: ImageSource, *, name: str | None = None, max_pixels: int 
                 if limit is not None and width * height > limit:
                     raise ImageLoadError(
                         f"cannot read image {label}: {width}x{height} = {width * height} pixels exceeds the limit of "
-                        f"{limit} (possible decompression bomb); raise max_pixels if the image is genuine"
+                        f"{limit} (possible decompression bomb); raise max_pixels if the image is genuine",
+                        "decompression_bomb",
                     )
                 img.load()
                 img = ImageOps.exif_transpose(img)
@@ -93,13 +103,15 @@ def load_image(source: ImageSource, *, name: str | None = None, max_pixels: int 
     except ImageLoadError:
         raise
     except UnidentifiedImageError as err:
-        raise ImageLoadError(f"cannot read image {label}: unknown or unsupported image format ({err})") from err
+        message = f"cannot read image {label}: unknown or unsupported image format ({err})"
+        raise ImageLoadError(message, "unknown_format") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageLoadError(f"cannot read image {label}: possible decompression bomb ({err})") from err
+        message = f"cannot read image {label}: possible decompression bomb ({err})"
+        raise ImageLoadError(message, "decompression_bomb") from err
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:
         # PIL reports truncated or corrupt data as OSError / SyntaxError / struct.error depending on the plugin.
         reason = f"{type(err).__name__}: {err}"
-        raise ImageLoadError(f"cannot read image {label}: corrupt or truncated data ({reason})") from err
+        raise ImageLoadError(f"cannot read image {label}: corrupt or truncated data ({reason})", "corrupt") from err
 
 
 
