@@ -153,11 +153,6 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _part_of(our_key: str) -> str:
-    head = our_key.split(".", 1)[0]
-    return {"visual": "vision", "quant_in": "quantizer", "quant_out": "quantizer"}.get(head, head)
-
-
 def load_state_dict_into(
     model: torch.nn.Module, state: dict[str, torch.Tensor], *, released: bool = False, strict: bool = True
 ) -> LoadReport:
@@ -168,7 +163,6 @@ def load_state_dict_into(
     :class:`CheckpointMismatchError` listing them all.
     """
     own = model.state_dict()
-    present_parts = {_part_of(k) for k in own}
     report = LoadReport()
     mapped: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -180,7 +174,9 @@ def load_state_dict_into(
             report.unplaced.append(key)
             continue
         if ours not in own:
-            (report.skipped if _part_of(ours) not in present_parts else report.unplaced).append(key)
+            # A part the model was built without (its attribute is None) is skipped; anything else has no place.
+            built_without = getattr(model, ours.split(".", 1)[0], "absent") is None
+            (report.skipped if built_without else report.unplaced).append(key)
             continue
         if tuple(tensor.shape) != tuple(own[ours].shape):
             report.shape_mismatch.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[ours].shape)}")
