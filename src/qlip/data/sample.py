@@ -41,6 +41,7 @@ BAD_REASONS = {
     "non_utf8_caption": "caption bytes are not valid UTF-8",
     "missing_image": "tar sample without an image member",
     "truncated_tar": "tar member cut short (the rest of the shard is skipped)",
+    "bad_shard": "tar shard that cannot be opened",
     "bad_row": "caption-file row that could not be parsed",
 }
 

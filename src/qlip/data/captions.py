@@ -1,0 +1,141 @@
+"""Image-caption pairs listed in a CSV, TSV or JSONL file (issue 3, section 2).
+
+One row per image: a path column and a caption column (names configurable; by default the first of
+``filepath, image, path, file, image_path`` and of ``caption, text, title``). Relative paths are resolved against
+the folder of the list file. The file is decoded with ``surrogateescape`` so a caption whose bytes are not UTF-8
+is caught per row (bad "non_utf8_caption") instead of failing the whole file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from ..transforms import ImageLoadError
+from .sample import Sample, bad_marker, read_image_checked
+
+logger = logging.getLogger(__name__)
+
+PATH_COLUMNS = ("filepath", "image", "path", "file", "image_path", "filename")
+CAPTION_COLUMNS = ("caption", "text", "title")
+CAPTION_FILE_SUFFIXES = (".csv", ".tsv", ".jsonl")
+
+
+def _has_undecodable(text: str) -> bool:
+    # surrogateescape maps every invalid byte to a lone surrogate in U+DC80..U+DCFF.
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _pick(columns: list[str], wanted: str | None, defaults: tuple[str, ...], what: str, file: Path) -> str:
+    if wanted is not None:
+        if wanted not in columns:
+            raise ValueError(f"{file}: no {what} column named {wanted!r}; the columns are {columns}")
+        return wanted
+    for name in defaults:
+        if name in columns:
+            return name
+    raise ValueError(f"{file}: cannot find the {what} column among {columns}; name it with the {what}_key option")
+
+
+def read_caption_rows(file: str | os.PathLike) -> tuple[list[str], list[dict[str, Any] | None]]:
+    """Parse a CSV/TSV/JSONL caption file into (column names, rows); a row that cannot be parsed is None."""
+    file = Path(file)
+    suffix = file.suffix.lower()
+    if suffix not in CAPTION_FILE_SUFFIXES:
+        raise ValueError(f"{file}: caption lists must end in {CAPTION_FILE_SUFFIXES}, got {suffix!r}")
+    text = file.read_bytes().decode("utf-8", errors="surrogateescape")
+    if text.startswith("\ufeff"):
+        text = text[1:]  # a byte-order mark written by spreadsheet programs
+    if suffix == ".jsonl":
+        rows: list[dict[str, Any] | None] = []
+        columns: dict[str, None] = {}
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                rows.append(None)
+                continue
+            if not isinstance(row, dict):
+                rows.append(None)
+                continue
+            columns.update(dict.fromkeys(row))
+            rows.append(row)
+        return list(columns), rows
+    reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
+    return list(reader.fieldnames or []), [dict(row) for row in reader]
+
+
+@dataclass
+class CaptionFileDataset(Dataset):
+    """Image-caption pairs from a CSV / TSV / JSONL list.
+
+    Attributes:
+        file: the list file.
+        image_key: name of the path column (None: the first of PATH_COLUMNS present).
+        caption_key: name of the caption column (None: the first of CAPTION_COLUMNS present).
+        label_key: optional name of an integer label column.
+        min_size: images smaller than this on either side are bad ("too_small").
+        max_pixels: images with more pixels are bad ("decompression_bomb"); None uses PIL's limit.
+    """
+
+    file: str | os.PathLike
+    image_key: str | None = None
+    caption_key: str | None = None
+    label_key: str | None = None
+    min_size: int = 1
+    max_pixels: int | None = None
+
+    def __post_init__(self) -> None:
+        self.file = Path(self.file)
+        if not self.file.is_file():
+            raise FileNotFoundError(f"caption list {self.file} does not exist")
+        columns, self.rows = read_caption_rows(self.file)
+        if not self.rows:
+            raise ValueError(f"caption list {self.file} has no rows")
+        self.image_key = _pick(columns, self.image_key, PATH_COLUMNS, "image", self.file)
+        self.caption_key = _pick(columns, self.caption_key, CAPTION_COLUMNS, "caption", self.file)
+        if self.label_key is not None:
+            _pick(columns, self.label_key, (), "label", self.file)
+        self.base = self.file.parent
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Sample:
+        row = self.rows[index]
+        key = f"{self.file.name}:{index + 1}"
+        if row is None:
+            return bad_marker(key, "bad_row", f"row {index + 1} of {self.file} is not a JSON object")
+        rel = row.get(self.image_key)
+        if not isinstance(rel, str) or not rel.strip():
+            return bad_marker(key, "missing_file", f"row {index + 1} of {self.file} has no image path")
+        if _has_undecodable(rel):
+            return bad_marker(key, "bad_row", f"row {index + 1} of {self.file}: image path is not valid UTF-8")
+        key = rel
+        caption = row.get(self.caption_key)
+        if isinstance(caption, str) and _has_undecodable(caption):
+            return bad_marker(key, "non_utf8_caption", f"row {index + 1} of {self.file}")
+        if not isinstance(caption, str) or not caption.strip():
+            return bad_marker(key, "missing_caption", f"row {index + 1} of {self.file}")
+        label = None
+        if self.label_key is not None:
+            try:
+                label = int(row[self.label_key])
+            except (KeyError, TypeError, ValueError):
+                return bad_marker(key, "bad_row", f"row {index + 1} of {self.file}: label is not an integer")
+        path = Path(rel) if os.path.isabs(rel) else self.base / rel
+        try:
+            image = read_image_checked(path, str(path), min_size=self.min_size, max_pixels=self.max_pixels)
+        except ImageLoadError as err:
+            return bad_marker(key, err.reason, str(err))
+        return {"image": image, "caption": caption.strip(), "label": label, "key": key}
