@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,13 @@ def _sqrtm_rel_error(root: np.ndarray, target: np.ndarray) -> float:
     return float(np.linalg.norm(root @ root - target) / scale) if scale > 0 else 0.0
 
 
+def _sqrtm_quiet(a: np.ndarray) -> np.ndarray:
+    # scipy warns on singular input; the caller measures the actual error and retries, so the warning is noise.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        return scipy.linalg.sqrtm(a)
+
+
 def frechet_distance(stats1: FeatureStats, stats2: FeatureStats, eps: float = 1e-6) -> float:
     """Frechet distance between two Gaussians, in float64 (FID when the stats are Inception pool features).
 
@@ -164,11 +172,11 @@ def frechet_distance(stats1: FeatureStats, stats2: FeatureStats, eps: float = 1e
         )
     diff = mu1 - mu2
     product = s1 @ s2
-    covmean = scipy.linalg.sqrtm(product)
+    covmean = _sqrtm_quiet(product)
     if not np.isfinite(covmean).all() or _sqrtm_rel_error(covmean, product) > _SQRTM_MAX_REL_ERROR:
         logger.warning("sqrt(S1 S2) is singular or inaccurate; adding %g * I to both covariances", eps)
         offset = np.eye(s1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+        covmean = _sqrtm_quiet((s1 + offset) @ (s2 + offset))
     if not np.isfinite(covmean).all():
         raise FloatingPointError("the matrix square root of S1 S2 is not finite even with an eps*I offset")
     if np.iscomplexobj(covmean):
