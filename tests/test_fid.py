@@ -173,6 +173,8 @@ def test_inception_forward_shape_and_refuses_random_weights(random_net):
         FIDInceptionV3()(x)
     with pytest.raises(ValueError, match="B, 3, H, W"):
         random_net(torch.rand(2, 1, 64, 64))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        random_net(torch.rand(2, 3, 64, 64) * 255)
 
 
 def test_avg_pool_excludes_padding():
@@ -219,6 +221,9 @@ def test_missing_weights_make_fid_unavailable(tmp_path):
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
     net, reason = load_fid_network(tmp_path / "list.pth")
     assert net is None and "not a plain state dict" in reason
+    (tmp_path / "truncated.pth").write_bytes(b"PK\x03\x04 not really a zip")
+    net, reason = load_fid_network(tmp_path / "truncated.pth")
+    assert net is None and "could not be read" in reason
 
 
 # ------------------------------------------------------------------------------------------------ Frechet distance

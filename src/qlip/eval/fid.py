@@ -309,7 +309,5 @@ def accumulate_inception_stats(
     acc = accumulator if accumulator is not None else StreamingFeatureStats(2048)
     device = net.fc.weight.device
     for images in batches:
-        if images.dtype == torch.uint8:
-            images = images.float() / 255.0
         acc.update(net(images.to(device)))
     return acc

@@ -20,6 +20,7 @@ run until weights are loaded, unless it was built with ``allow_random_weights=Tr
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -226,7 +227,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist; pass the path of the downloaded file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        # Truncated downloads and files that pickle code (not plain tensors) both end up here.
+        raise WeightsMismatchError(
+            f"{path} could not be read as a plain tensor state dict ({type(err).__name__}: {err}); "
+            "re-download the file and compare its checksum with docs/metrics.md"
+        ) from err
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsMismatchError(
             f"{path} is not a plain state dict (a mapping from names to tensors); got {type(state).__name__}"
@@ -307,7 +315,7 @@ class FIDInceptionV3(nn.Module):
         """Pool features of images in [0, 1].
 
         Args:
-            images: (B, 3, H, W) float images in [0, 1] (the caller clamps reconstructions).
+            images: (B, 3, H, W) float images in [0, 1] (the caller clamps reconstructions) or uint8 0..255.
 
         Returns:
             (B, 2048) features.
@@ -319,6 +327,15 @@ class FIDInceptionV3(nn.Module):
             )
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected RGB images (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
+        lo, hi = float(images.min()), float(images.max())
+        if lo < -1e-3 or hi > 1.0 + 1e-3:
+            # A 0..255 float or a [-1, 1] / CLIP-normalized batch would silently give wrong features and a wrong FID.
+            raise ValueError(
+                f"FID Inception expects images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; divide 0..255 images by "
+                "255, de-normalize model outputs, and clamp reconstructions to [0, 1]"
+            )
         x = images.to(self.fc.weight.dtype)
         if self.resize_input:
             x = F.interpolate(x, size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False)
