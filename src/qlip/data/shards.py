@@ -323,6 +323,7 @@ class ShardWriter:
         self.total = 0
         self._tar: tarfile.TarFile | None = None
         self._in_shard = 0
+        self._closed = False
 
     def _open_next(self) -> None:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
@@ -349,6 +350,8 @@ class ShardWriter:
 
     def write(self, sample: Sample) -> None:
         """Add one good sample (image, caption, label, and any ``labels`` / ``attributes``)."""
+        if self._closed:
+            raise RuntimeError(f"ShardWriter for {self.out_dir} is closed; open a new one to write more samples")
         if self._tar is None or self._in_shard >= self.shard_size:
             self._close_current()
             self._open_next()
@@ -370,11 +373,14 @@ class ShardWriter:
         self.shards[-1]["count"] += 1
 
     def close(self, info: dict[str, Any] | None = None) -> Path:
-        """Finish the last shard and write ``manifest.json``; returns its path."""
+        """Finish the last shard and write ``manifest.json`` (once; later calls change nothing); returns its path."""
+        path = self.out_dir / MANIFEST_NAME
+        if self._closed:
+            return path
+        self._closed = True
         self._close_current()
         manifest = {"total": self.total, "shard_size": self.shard_size, "image_format": self.image_format,
                     "shards": self.shards, **({"source": info} if info else {})}  # fmt: skip
-        path = self.out_dir / MANIFEST_NAME
         path.write_text(json.dumps(manifest, indent=1))
         return path
 

@@ -1,0 +1,62 @@
+"""Tests for `qlip data write-shards / check / preview` through the argparse entry point."""
+
+import argparse
+import json
+
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from qlip.data import ShardDataset, generate_shapes_sample
+from qlip.data.cli import add_data_commands, main
+from qlip.data.shapes import ShapesConfig
+
+
+def test_add_data_commands_sets_func():
+    parser = argparse.ArgumentParser()
+    add_data_commands(parser.add_subparsers(dest="command"))
+    for argv in (["data", "check", "x"], ["data", "write-shards", "x", "--out", "o"], ["data", "preview"]):
+        assert callable(parser.parse_args(argv).func)
+
+
+def test_write_shards_from_shapes_then_check(tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert main(["data", "write-shards", "shapes:easy", "--count", "11", "--shard-size", "4", "--image-size", "32",
+                 "--split", "val", "--out", str(out)]) == 0  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["total"] == 11 and [s["count"] for s in manifest["shards"]] == [4, 4, 3]
+    keys = [s["key"] for s in ShardDataset(str(out))]
+    cfg = ShapesConfig.preset("easy", image_size=32)
+    assert keys == [generate_shapes_sample(i, cfg, split="val")["key"] for i in range(11)]
+    assert main(["data", "check", str(out), "--json", str(tmp_path / "report.json")]) == 0
+    text = capsys.readouterr().out
+    assert "11 samples, 11 good, 0 bad" in text and "width: min 32" in text
+    assert json.loads((tmp_path / "report.json").read_text())["good"] == 11
+
+
+def test_check_reports_every_bad_file_and_fails(tmp_path, capsys):
+    root = tmp_path / "folder" / "cats"
+    root.mkdir(parents=True)
+    Image.fromarray(skdata.chelsea()).save(root / "chelsea.jpg")
+    Image.fromarray(skdata.camera()).save(root / "camera.png")
+    (root / "broken.jpg").write_bytes((root / "chelsea.jpg").read_bytes()[:500])
+    (root / "empty.png").write_bytes(b"")
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "check", str(tmp_path / "folder")])
+    assert exc.value.code == 1
+    text = capsys.readouterr().out
+    assert "4 samples, 2 good, 2 bad" in text
+    assert "BAD cats/broken.jpg: corrupt" in text and "BAD cats/empty.png: empty" in text
+    assert "width: min 451" in text and "max 512" in text
+    # Bad files are skipped by write-shards and recorded in the manifest.
+    assert main(["data", "write-shards", str(tmp_path / "folder"), "--out", str(tmp_path / "s"),
+                 "--caption-template", "a photo of {}", "--format", "jpg"]) == 0  # fmt: skip
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["total"] == 2 and manifest["source"]["bad"] == {"corrupt": 1, "empty": 1}
+
+
+def test_preview_writes_png(tmp_path):
+    out = tmp_path / "preview.png"
+    assert main(["data", "preview", "shapes:hard", "--n", "6", "--cols", "3", "--out", str(out)]) == 0
+    img = Image.open(out)
+    assert img.size[0] == 3 * (128 + 8) + 8 and img.size[1] > 2 * 128
