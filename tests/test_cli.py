@@ -1,0 +1,117 @@
+"""The qlip CLI over real images (scikit-image photographs), including grayscale, RGBA and corrupt files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from qlip.cli import main, read_token_file
+from qlip.factory import create_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(released_dir):
+    return str(released_dir)
+
+
+def test_models_lists_released_and_small(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("QLIP-B-16-256", "QLIP-B-8-256", "QLIP-L-14-392", "qlip-tiny"):
+        assert name in out
+    assert main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    b16 = next(r for r in rows if r["name"] == "QLIP-B-16-256")
+    assert b16["tokens"] == "16x16" and b16["bits"] == 28 and b16["compression_ratio"] == 219.4
+
+
+def test_encode_decode_round_trip_over_real_images(model_dir, image_files, tmp_path, capsys):
+    good = [image_files[k] for k in ("rgb", "jpeg", "gray", "rgba")]
+    out = tmp_path / "tokens.safetensors"
+    rc = main(["encode", *map(str, good), str(image_files["corrupt"]), "--model", model_dir, "--out", str(out),
+               "--batch-size", "3", "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 1  # the corrupt file is reported and the run exits non-zero, the good ones are still written
+    assert "corrupt.jpg" in captured.err
+    tokens, meta = read_token_file(out)
+    assert tokens.shape == (4, 4, 4) and meta["bits"] == "8" and meta["grid"] == "4"
+    assert json.loads(meta["files"]) == [str(p) for p in good]
+    assert int(tokens.max()) < 2**8
+
+    assert main(["decode", str(out), "--model", model_dir, "--out", str(tmp_path / "dec")]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "dec").iterdir())
+    assert pngs == sorted(f"{p.stem}.png" for p in good)
+    assert Image.open(tmp_path / "dec" / "camera.png").size == (32, 32)
+
+    # decode(encode(x)) written by the CLI equals reconstruct(x) written by the CLI
+    assert main(["reconstruct", *map(str, good), "--model", model_dir, "--out", str(tmp_path / "rec")]) == 0
+    assert "PSNR" in capsys.readouterr().out
+    for p in good:
+        a = Image.open(tmp_path / "dec" / f"{p.stem}.png").tobytes()
+        assert a == Image.open(tmp_path / "rec" / f"{p.stem}.png").tobytes()
+
+
+def test_encode_bits_and_decode_them(model_dir, image_files, tmp_path):
+    out = tmp_path / "bits.safetensors"
+    assert main(["encode", str(image_files["rgb"]), "--model", model_dir, "--out", str(out), "--output", "bits"]) == 0
+    bits, meta = read_token_file(out)
+    assert bits.shape == (1, 4, 4, 8) and meta["kind"] == "bits"
+    assert main(["decode", str(out), "--model", model_dir, "--out", str(tmp_path / "d")]) == 0
+
+
+def test_decode_rejects_wrong_grid_and_out_of_range_indices(model_dir, image_files, tmp_path, capsys):
+    out = tmp_path / "t.safetensors"
+    main(["encode", str(image_files["rgb"]), "--model", model_dir, "--out", str(out)])
+    tokens, meta = read_token_file(out)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"indices": tokens + 256}, str(bad), metadata=meta)
+    assert main(["decode", str(bad), "--model", model_dir, "--out", str(tmp_path / "x")]) == 2
+    assert "[0, 2**8)" in capsys.readouterr().err
+    save_file({"indices": tokens}, str(bad), metadata={**meta, "grid": "8"})
+    assert main(["decode", str(bad), "--model", model_dir, "--out", str(tmp_path / "x")]) == 2
+    assert "8x8 tokens" in capsys.readouterr().err
+    assert main(["decode", str(image_files["rgb"]), "--model", model_dir, "--out", str(tmp_path / "x")]) == 2
+    assert "not a readable safetensors token file" in capsys.readouterr().err
+    save_file({"x": tokens}, str(bad))
+    assert main(["decode", str(bad), "--model", model_dir, "--out", str(tmp_path / "x")]) == 2
+    assert "not a qlip token file" in capsys.readouterr().err
+    assert load_file(str(out))["indices"].shape == (1, 4, 4)
+
+
+def test_classify_prints_probabilities(model_dir, image_files, capsys):
+    rc = main(["classify", str(image_files["rgb"]), str(image_files["gray"]), "--model", model_dir,
+               "--labels", "a dog,a cat,a diagram", "--template", "a photo of {}."])
+    assert rc == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert len(lines) == 2 and all("%" in ln for ln in lines)
+    assert main(["classify", str(image_files["rgb"]), "--model", model_dir, "--labels", "one"]) == 2
+
+
+def test_user_errors_exit_2_with_a_message(model_dir, image_files, tmp_path, capsys):
+    assert main(["encode", str(tmp_path / "missing.png"), "--model", model_dir, "--out", "x.safetensors"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["encode", str(tmp_path / "empty"), "--model", model_dir, "--out", "x.safetensors"]) == 2
+    assert "holds no image files" in capsys.readouterr().err
+    rgb = str(image_files["rgb"])
+    assert main(["encode", rgb, "--model", "no-such-model", "--out", "x.safetensors"]) == 2
+    assert "registered" in capsys.readouterr().err
+    assert main(["classify", rgb, "--model", "qlip-tiny", "--labels", "a,b"]) == 2
+    assert "without a vocabulary" in capsys.readouterr().err
+    assert main(["encode", rgb, "--model", model_dir, "--out", "x.safetensors", "--device", "cuda:7"]) == 2
+
+
+def test_tokenizer_train_then_use_it_with_a_model(tmp_path, capsys):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle\na blue square on the left\na green star at the top\n" * 20)
+    assert main(["tokenizer", "train", str(captions), "--vocab-size", "600", "--out", str(tmp_path / "tok")]) == 0
+    assert (tmp_path / "tok" / "vocab.json").is_file() and (tmp_path / "tok" / "merges.txt").is_file()
+    model = create_model("qlip-tiny")
+    from qlip.tokenizer import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tmp_path / "tok")
+    assert tok.vocab_size <= model.cfg.text.vocab_size
+    assert model.encode_text(tok(["a red circle"])[:, :32]).shape == (1, 32)
