@@ -36,29 +36,20 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special
 # Key mapping. Each row: (our name, released name); "{i}" is a layer index, "{p}" is weight|bias.
 # ---------------------------------------------------------------------------------------------------------------------
 
-_EVA_BLOCK = [
+_COMMON_BLOCK = [
     ("norm1.{p}", "layer_norm1.{p}"),
     ("norm2.{p}", "layer_norm2.{p}"),
     ("attn.q.{p}", "self_attn.q_proj.{p}"),
     ("attn.k.{p}", "self_attn.k_proj.{p}"),
     ("attn.v.{p}", "self_attn.v_proj.{p}"),
     ("attn.proj.{p}", "self_attn.out_proj.{p}"),
+]
+_EVA_BLOCK = _COMMON_BLOCK + [
     ("attn.inner_norm.{p}", "self_attn.inner_attn_ln.{p}"),
-    ("mlp.w1.{p}", "mlp.w1.{p}"),
-    ("mlp.w2.{p}", "mlp.w2.{p}"),
-    ("mlp.w3.{p}", "mlp.w3.{p}"),
+    *((f"mlp.{w}.{{p}}", f"mlp.{w}.{{p}}") for w in ("w1", "w2", "w3")),
     ("mlp.ffn_norm.{p}", "mlp.ffn_ln.{p}"),
 ]
-_CLIP_TEXT_BLOCK = [
-    ("norm1.{p}", "layer_norm1.{p}"),
-    ("norm2.{p}", "layer_norm2.{p}"),
-    ("attn.q.{p}", "self_attn.q_proj.{p}"),
-    ("attn.k.{p}", "self_attn.k_proj.{p}"),
-    ("attn.v.{p}", "self_attn.v_proj.{p}"),
-    ("attn.proj.{p}", "self_attn.out_proj.{p}"),
-    ("mlp.fc1.{p}", "mlp.fc1.{p}"),
-    ("mlp.fc2.{p}", "mlp.fc2.{p}"),
-]
+_CLIP_TEXT_BLOCK = _COMMON_BLOCK + [("mlp.fc1.{p}", "mlp.fc1.{p}"), ("mlp.fc2.{p}", "mlp.fc2.{p}")]
 
 
 def _block_rows(ours: str, theirs: str, block: list[tuple[str, str]]) -> list[tuple[str, str]]:

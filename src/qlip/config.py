@@ -18,8 +18,8 @@ FORMAT_VERSION = 1
 
 
 @dataclass
-class VisionConfig:
-    """EVA02-style ViT encoder (spec section 2)."""
+class ViTConfig:
+    """An EVA02-style ViT tower (spec sections 2 and 4): SwiGLU, sub-LN, 2-D RoPE, no key bias."""
 
     image_size: int = 256
     patch_size: int = 16
@@ -32,11 +32,17 @@ class VisionConfig:
     subln: bool = True  # LayerNorm over concatenated heads before out-proj, and over the SwiGLU hidden
     rope: bool = True  # 2-D rotary embedding on the patch tokens
     rope_pretrain_grid: int = 16  # fixed "pretraining grid" constant of the released models' RoPE positions
-    proj_bias: bool = True  # the visual projection has a bias in the released models
 
     @property
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
+
+
+@dataclass
+class VisionConfig(ViTConfig):
+    """The image encoder (spec section 2); its CLS token feeds the contrastive projection."""
+
+    proj_bias: bool = True  # the visual projection has a bias in the released models
 
 
 @dataclass
@@ -55,25 +61,10 @@ class QuantizerConfig:
 
 
 @dataclass
-class DecoderConfig:
-    """ViT pixel decoder (spec section 4)."""
+class DecoderConfig(ViTConfig):
+    """The pixel decoder (spec section 4): same block type as the encoder, RoPE over all tokens."""
 
-    image_size: int = 256
-    patch_size: int = 16
-    width: int = 768
-    layers: int = 12
-    heads: int = 12
-    mlp_hidden: int = 2048
-    layer_norm_eps: float = 1e-6
-    k_bias: bool = False
-    subln: bool = True
-    rope: bool = True
-    rope_pretrain_grid: int = 16
     head_hidden: int = 2048  # Linear(width, head_hidden) -> Tanh -> Linear(head_hidden, 3 p^2)
-
-    @property
-    def grid_size(self) -> int:
-        return self.image_size // self.patch_size
 
 
 @dataclass

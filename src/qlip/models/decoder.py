@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..config import DecoderConfig
 from ..nn.rope import Rope2D
-from ..nn.transformer import Transformer
+from ..nn.transformer import eva_transformer
 
 
 class PixelHead(nn.Module):
@@ -30,16 +30,7 @@ class VisionDecoder(nn.Module):
         g = cfg.grid_size
         self.pos_embed = nn.Parameter(torch.zeros(1, g * g, cfg.width))  # zero init, as released
         self.rope = Rope2D(cfg.width // cfg.heads, g, cfg.rope_pretrain_grid, shift=0) if cfg.rope else None
-        self.transformer = Transformer(
-            cfg.layers,
-            cfg.width,
-            cfg.heads,
-            cfg.mlp_hidden,
-            mlp="swiglu",
-            k_bias=cfg.k_bias,
-            subln=cfg.subln,
-            eps=cfg.layer_norm_eps,
-        )
+        self.transformer = eva_transformer(cfg)
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.head = PixelHead(cfg.width, cfg.head_hidden, cfg.patch_size)
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..config import VisionConfig
 from ..nn.rope import Rope2D
-from ..nn.transformer import Transformer
+from ..nn.transformer import eva_transformer
 
 
 @dataclass
@@ -32,16 +32,7 @@ class VisionEncoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(g * g + 1, w) * 0.02)
         # The CLS token (position 0) is not rotated: rope shift 1.
         self.rope = Rope2D(w // cfg.heads, g, cfg.rope_pretrain_grid, shift=1) if cfg.rope else None
-        self.transformer = Transformer(
-            cfg.layers,
-            w,
-            cfg.heads,
-            cfg.mlp_hidden,
-            mlp="swiglu",
-            k_bias=cfg.k_bias,
-            subln=cfg.subln,
-            eps=cfg.layer_norm_eps,
-        )
+        self.transformer = eva_transformer(cfg)
         self.post_norm = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
         self.proj = nn.Linear(w, embed_dim, bias=cfg.proj_bias)
 

@@ -63,3 +63,17 @@ class Transformer(nn.Module):
         if return_layers:
             return x, [kept[i % len(self.blocks)] for i in return_layers]
         return x
+
+
+def eva_transformer(cfg) -> Transformer:
+    """The EVA02 block stack of a ViT tower config (SwiGLU MLP, sub-LN, no key bias as configured)."""
+    return Transformer(
+        cfg.layers,
+        cfg.width,
+        cfg.heads,
+        cfg.mlp_hidden,
+        mlp="swiglu",
+        k_bias=cfg.k_bias,
+        subln=cfg.subln,
+        eps=cfg.layer_norm_eps,
+    )
