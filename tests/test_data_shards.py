@@ -157,7 +157,7 @@ def test_real_dataloader_two_workers_covers_once(tmp_path):
     assert sorted(keys) == sorted(generate_shapes_sample(i, CFG)["key"] for i in range(14))
 
 
-@pytest.mark.parametrize("shard_size,buffer", [(5, 0), (5, 4), (2, 3)])
+@pytest.mark.parametrize("shard_size,buffer", [(5, 0), (5, 4), (2, 7)])
 def test_resume_mid_shard_neither_repeats_nor_skips(tmp_path, shard_size, buffer):
     _write(tmp_path / "s", 17, shard_size=shard_size)
 
@@ -170,17 +170,40 @@ def test_resume_mid_shard_neither_repeats_nor_skips(tmp_path, shard_size, buffer
     tracker = StreamTracker()
     stream = iter(make())
     consumed = []
-    for _ in range(3):  # batches of 4, then stop mid-shard (and mid-block)
-        batch = collate([next(stream) for _ in range(4)])
+    for _ in range(3):  # 3 batches of 5: stop mid-shard and mid-block (15 is not a multiple of 4 or 7)
+        batch = collate([next(stream) for _ in range(5)])
         tracker.update(batch)
         consumed += batch["key"]
     state = json.loads(json.dumps(tracker.state_dict()))  # survives a JSON checkpoint
     resumed = make()
     resumed.load_state_dict(state)
     it = iter(resumed)
-    consumed += _keys(next(it) for _ in range(28))
+    consumed += _keys(next(it) for _ in range(25))
     assert consumed == reference
     with pytest.raises(ValueError, match="same world size"):
         other = ShardDataset(str(tmp_path / "s"), rank=0, world_size=2)
         other.load_state_dict(state)
         next(iter(other))
+
+
+def test_resume_through_dataloader_workers(tmp_path):
+    _write(tmp_path / "s", 30, shard_size=3)
+
+    def loader(state=None):
+        ds = ShardDataset(str(tmp_path / "s"), shuffle=True, shuffle_buffer=4, seed=1)
+        if state is not None:
+            ds.load_state_dict(state)
+        return build_dataloader(ds, batch_size=2, transform=image_transform(32), num_workers=2)
+
+    tracker = StreamTracker()
+    consumed = []
+    for i, batch in enumerate(loader()):  # workers prefetch ahead; only consumed batches are tracked
+        tracker.update(batch)
+        consumed += batch["key"]
+        if i == 4:  # worker 0 gave 3 batches (6 samples), worker 1 two (4): both stop inside a block of 4
+            break
+    assert tracker.state_dict()["slots"] == {0: [0, 6], 1: [0, 4]}
+    consumed += [k for batch in loader(tracker.state_dict()) for k in batch["key"]]
+    assert len(consumed) == len(set(consumed)) == 30
+    uninterrupted = [k for batch in loader() for k in batch["key"]]
+    assert sorted(consumed) == sorted(uninterrupted)
