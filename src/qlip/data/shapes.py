@@ -164,7 +164,9 @@ class ShapesConfig:
     def preset(cls, name: str, **overrides: Any) -> ShapesConfig:
         """A named difficulty: "easy" (demo), "default" or "hard"; keyword arguments override fields."""
         presets = {
-            "easy": dict(backgrounds=("solid",), rotation_deg=0.0, position_jitter=0.02, size_jitter=0.05),
+            # Medium/large only: a "small" shape is ~13 px at 64x64, where star, hexagon and circle blur together.
+            "easy": dict(sizes=("medium", "large"), backgrounds=("solid",), rotation_deg=0.0, position_jitter=0.02,
+                         size_jitter=0.05),  # fmt: skip
             "default": {},
             "hard": dict(
                 sizes=("small", "medium", "large"), backgrounds=BACKGROUNDS, max_shapes=3, multi_shape_prob=0.5,
