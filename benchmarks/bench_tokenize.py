@@ -1,0 +1,173 @@
+"""Tokenize benchmark: images -> token indices and indices -> images, fast paths vs the reference path (issue 6).
+
+    python benchmarks/bench_tokenize.py --models QLIP-B-16-256 --batch-sizes 8 --threads 2
+    python benchmarks/bench_tokenize.py --models QLIP-B-16-256,QLIP-B-8-256,QLIP-L-14-392 --batch-sizes 1,8,64 \
+        --device cuda --variants reference,fp32,bf16,bf16+compile
+
+Random weights (no checkpoint needed; pass --model-dir DIR to use real ones). Inputs are shapes-dataset images at
+the model's resolution, so token agreement is measured on images, not noise. Variants (comma-separated):
+
+* ``reference``: the model's own ``encode`` / ``decode`` with explicit attention, float32, no compile, no_grad;
+* ``fp32``, ``bf16``, ``int8``: :func:`qlip.inference.optimize_for_inference` in that precision (int8: CPU only);
+  append ``+compile`` for torch.compile (static shapes); ``int8/bf16`` etc. sets encoder/decoder modes apart.
+
+Every variant runs once per round, rounds repeat, medians are reported (robust to a shared machine's load).
+Token agreement: the fraction of token indices (and of bits) equal to the reference's. Decode quality: PSNR of the
+variant's decoded pixels against the reference's (both from the reference tokens), in [0, 1] pixel space.
+MFU: analytic matmul FLOPs / measured matmul peak of the variant's dtype on this device (GPU: bf16 peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    decoder_flops,
+    encoder_flops,
+    environment,
+    measure_matmul_peak,
+    median,
+    print_table,
+    setup_threads,
+    time_interleaved,
+    write_results,
+)
+
+import qlip  # noqa: E402
+from qlip.inference import optimize_for_inference  # noqa: E402
+from qlip.transforms import denormalize, image_transform  # noqa: E402
+
+
+def shapes_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """n shapes-dataset images (hard preset: textures, several shapes) as a CLIP-normalized (n, 3, size, size) batch."""
+    from qlip.data.shapes import ShapesConfig, ShapesDataset
+
+    ds = ShapesDataset(ShapesConfig.preset("hard", image_size=size), split="val", seed=seed, length=n)
+    transform = image_transform(size, train=False)
+    return torch.stack([transform(s["image"]) for s in ds])
+
+
+def parse_variant(spec: str) -> dict[str, Any]:
+    """"bf16+compile" -> {mode: bf16, decoder_mode: bf16, compile: True}; "bf16/int8" -> encoder bf16, decoder int8."""
+    compile_ = spec.endswith("+compile")
+    base = spec.removesuffix("+compile")
+    enc, _, dec = base.partition("/")
+    return {"mode": enc, "decoder_mode": dec or enc, "compile": compile_}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR (dB) between two CLIP-normalized batches, in [0, 1] pixel space."""
+    mse = (denormalize(a).clamp(0, 1) - denormalize(b).clamp(0, 1)).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+
+
+def bench_model(name: str, args: argparse.Namespace, peaks: dict[str, float]) -> list[dict[str, Any]]:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = qlip.create_model(args.model_dir or name, parts=("vision", "quantizer", "decoder"), device=device)
+    reference = copy.deepcopy(model).set_attention_impl("reference")
+    cfg = model.cfg
+    enc_f, dec_f = encoder_flops(cfg), decoder_flops(cfg)
+    images_all = shapes_images(max(args.batch_sizes), model.image_size).to(device)
+    rows = []
+    for bs in args.batch_sizes:
+        images = images_all[:bs]
+        with torch.no_grad():
+            ref_tokens = reference.encode(images)
+            ref_pixels = reference.decode(ref_tokens)
+        variants: dict[str, Any] = {}
+        for spec in args.variants:
+            if spec == "reference":
+                variants[spec] = reference
+                continue
+            opts = parse_variant(spec)
+            if device.type != "cpu" and "int8" in (opts["mode"], opts["decoder_mode"]):
+                continue
+            variants[spec] = optimize_for_inference(model, **opts)
+
+        def enc_fn(v, x=images):
+            return lambda: torch.no_grad()(v.encode)(x)
+
+        def dec_fn(v, t=ref_tokens):
+            return lambda: torch.no_grad()(v.decode)(t)
+
+        fns = {}
+        for spec, v in variants.items():
+            fns[f"enc:{spec}"] = enc_fn(v)
+            fns[f"dec:{spec}"] = dec_fn(v)
+        times = time_interleaved(fns, repeats=args.repeats, warmup=1, device=args.device)
+        ref_enc = median(times["enc:reference"]) if "reference" in variants else None
+        ref_dec = median(times["dec:reference"]) if "reference" in variants else None
+        for spec, v in variants.items():
+            tokens = v.encode(images)
+            pixels = v.decode(ref_tokens)
+            t_enc, t_dec = median(times[f"enc:{spec}"]), median(times[f"dec:{spec}"])
+            same = tokens == ref_tokens
+            xor = tokens ^ ref_tokens
+            flipped = sum(((xor >> k) & 1).sum().item() for k in range(model.num_bits))
+            enc_dtype = "fp32" if spec == "reference" else v.plan.encoder_mode
+            dec_dtype = "fp32" if spec == "reference" else v.plan.decoder_mode
+            row = {
+                "model": name,
+                "batch": bs,
+                "variant": spec,
+                "enc_img_s": bs / t_enc,
+                "enc_speedup": ref_enc / t_enc if ref_enc else None,
+                "token_agree": same.float().mean().item(),
+                "bit_agree": 1 - flipped / (tokens.numel() * model.num_bits),
+                "dec_img_s": bs / t_dec,
+                "dec_speedup": ref_dec / t_dec if ref_dec else None,
+                "dec_psnr_vs_ref": psnr(pixels, ref_pixels),
+                "enc_mfu": enc_f * bs / t_enc / peaks[enc_dtype] if enc_dtype in peaks else None,
+                "dec_mfu": dec_f * bs / t_dec / peaks[dec_dtype] if dec_dtype in peaks else None,
+                "enc_s_median": t_enc,
+                "dec_s_median": t_dec,
+            }
+            rows.append(row)
+            logging.info("%s", row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="QLIP-B-16-256", help="comma-separated registered names")
+    p.add_argument("--model-dir", default=None, help="load weights from this directory instead (one model)")
+    p.add_argument("--batch-sizes", default="8", help="comma-separated, e.g. 1,8,64")
+    p.add_argument("--variants", default="reference,fp32,bf16,int8,bf16/int8")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU targets: 2)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/tokenize-<time>.json)")
+    args = p.parse_args(argv)
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    setup_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    env = environment(args.device)
+    # MFU denominators: the measured matmul peak of each precision this device runs (int8 has no float peak).
+    peaks = {"fp32": measure_matmul_peak(args.device, torch.float32)}
+    if torch.device(args.device).type == "cuda" or qlip.inference.cpu_has_native_bf16():
+        peaks["bf16"] = measure_matmul_peak(args.device, torch.bfloat16)
+    rows = []
+    for name in args.models.split(","):
+        rows.extend(bench_model(name.strip(), args, peaks))
+    env["load_average_end"] = list(__import__("os").getloadavg())
+    print(f"# {env['date']}  torch {env['torch']}  {env['cpu']}  threads {env['threads']}  device {args.device}"
+          f"  load {env['load_average']} -> {[round(x, 2) for x in env['load_average_end']]}")  # fmt: skip
+    print(f"# matmul peaks (TFLOP/s): { {k: round(v / 1e12, 3) for k, v in peaks.items()} }")
+    print_table(rows, ["model", "batch", "variant", "enc_img_s", "enc_speedup", "token_agree", "bit_agree",
+                       "dec_img_s", "dec_speedup", "dec_psnr_vs_ref", "enc_mfu", "dec_mfu"])  # fmt: skip
+    write_results("tokenize", {"environment": env, "matmul_peak_flops": peaks, "rows": rows}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Fast inference paths for tokenizing and decoding (issue 6, section 2; QLIP spec sections 1, 3, 4).
+
+:func:`optimize_for_inference` wraps a :class:`~qlip.models.qlip.QLIP` in a :class:`FastQLIP` with the same
+``encode`` / ``decode`` / ``reconstruct`` calls, built for throughput instead of training:
+
+* ``torch.inference_mode`` and fused SDPA attention (flash / memory-efficient kernels on GPU);
+* only what tokens need: the CLS head (post-norm + projection) and the text tower are never run or copied;
+* a fused BSQ sign + index computation whose only intermediate is an int32 tensor the size of the codes
+  (the l2 normalisation is skipped: dividing by a positive norm never changes a sign, spec section 3);
+* reduced precision: ``"bf16"`` (autocast; native on GPUs and on CPUs with AVX512-BF16 or AMX) or ``"int8"``
+  (dynamic int8 quantization of every Linear, CPU only, VNNI kernels);
+* optional ``torch.compile`` with static shapes (one compiled graph per batch shape).
+
+Reduced precision changes the latents slightly, so bits whose pre-quantization value is near zero can flip and a
+token index differs from the float32 result when any one of its d bits flips. The benchmarks report this "token
+agreement" (``benchmarks/bench_tokenize.py``, ``docs/benchmarks.md``); ``refine_margin`` re-encodes, in float32, the
+images that hold a bit closer to zero than the margin, trading speed for agreement. The reference path (the model's
+own methods, ``set_attention_impl("reference")``) is left untouched: this module copies what it changes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .models.qlip import QLIP, TOKEN_OUTPUTS
+from .quantizers.bsq import indices_to_bits, indices_to_group_indices
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "fp32", "bf16", "int8")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hardware probes and mode resolution
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); without it bf16 is emulated and slow."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """Turn ``mode`` ("auto" included) into the concrete precision used on ``device``.
+
+    "auto" picks bf16 on CUDA and on CPUs with native bf16, float32 elsewhere. It never picks int8: int8 is the
+    fastest CPU path but flips the most bits (see docs/benchmarks.md), so it is opt-in.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown inference mode {mode!r}; choose one of {MODES}")
+    if mode == "auto":
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+            return "bf16"
+        return "fp32"
+    if mode == "int8" and device.type != "cpu":
+        raise ValueError(
+            f"mode='int8' (dynamic int8 Linear layers) runs on CPU only, but the model is on {device}; "
+            "use mode='bf16' on GPU, or move the model to the CPU first"
+        )
+    return mode
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused BSQ index computation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def latents_to_indices(u: Tensor) -> Tensor:
+    """Pre-quantization latents (..., d) -> int64 token indices (...), MSB first, sign(0) = -1 (spec section 3).
+
+    Exactly equal to ``BSQuantizer.quantize(u)[1]`` but without the float codes or an int64 (..., d) tensor:
+    for d <= 31 the bits are weighted and summed in int32 (the largest intermediate is the size of float32 codes);
+    distinct powers of two sum without carries, so the int32 sum is exact.
+    """
+    d = u.shape[-1]
+    if d > 31:  # int32 cannot hold 2**31 and above: fall back to int64 weights
+        powers = 2 ** torch.arange(d - 1, -1, -1, device=u.device, dtype=torch.int64)
+        return ((u > 0).to(torch.int64) * powers).sum(dim=-1, dtype=torch.int64)
+    powers = 2 ** torch.arange(d - 1, -1, -1, device=u.device, dtype=torch.int32)  # (d,)
+    return ((u > 0).to(torch.int32) * powers).sum(dim=-1, dtype=torch.int32).to(torch.int64)
+
+
+def indices_to_signs(indices: Tensor, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """int64 indices (...) -> unit-sphere codes (..., dim) of ``dtype`` in {+-1/sqrt(dim)}, MSB first."""
+    shifts = torch.arange(dim - 1, -1, -1, device=indices.device, dtype=torch.int64)
+    bits = (indices.unsqueeze(-1) >> shifts) & 1  # (..., d)
+    scale = 1.0 / math.sqrt(dim)
+    return (bits.to(dtype) * (2 * scale) - scale).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fast model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    """What :func:`optimize_for_inference` chose, for logs and benchmark tables."""
+
+    encoder_mode: str  # "fp32", "bf16" or "int8"
+    decoder_mode: str
+    compiled: bool
+    device: str
+    refine_margin: float | None
+
+
+def _quantize_linears_int8(module: nn.Module) -> nn.Module:
+    """Dynamic int8 quantization of every nn.Linear (weights int8 per tensor, activations quantized on the fly)."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao announces its move to torchao; the eager API still works
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+class FastQLIP:
+    """A QLIP tokenizer prepared for inference; build it with :func:`optimize_for_inference`.
+
+    Offers the token API of :class:`~qlip.models.qlip.QLIP` (``encode``, ``decode``, ``reconstruct``,
+    ``tokens_to_codes``, ``grid_size``, ``image_size``, ``num_bits``, ``cfg``, ``device``), always without gradients.
+    Inputs may live anywhere; they are moved to the model's device, and results come back on that device.
+    """
+
+    def __init__(self, model: QLIP, plan: InferencePlan, reference: QLIP | None) -> None:
+        self.model = model
+        self.plan = plan
+        self._reference = reference  # float32 copy of the encoder for refine_margin, else None
+        self.last_refined = 0  # images the last encode() re-encoded in float32 (refine_margin)
+        self._encode_fn = self._encode_latents
+        self._decode_fn = self._decode_codes
+        if plan.compiled:
+            # Static shapes: a tokenizer sees one image size and, but for the last batch, one batch size.
+            self._encode_fn = torch.compile(self._encode_latents, dynamic=False)
+            self._decode_fn = torch.compile(self._decode_codes, dynamic=False)
+
+    # --- model-like properties ------------------------------------------------------------------------------------
+    @property
+    def cfg(self) -> Any:
+        return self.model.cfg
+
+    @property
+    def grid_size(self) -> int:
+        return self.model.grid_size
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    @property
+    def num_bits(self) -> int:
+        return self.model.num_bits
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.plan.device)
+
+    def __repr__(self) -> str:
+        return f"FastQLIP({self.cfg.name}, {self.plan})"
+
+    # --- precision contexts ---------------------------------------------------------------------------------------
+    def _autocast(self, mode: str):
+        if mode == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    # --- the two halves ---------------------------------------------------------------------------------------
+    def _encode_latents(self, images: Tensor) -> Tensor:
+        """Images -> pre-quantization latents u (B, N, d), float32. The CLS head is never run."""
+        with self._autocast(self.plan.encoder_mode):
+            patches = self.model.visual(images).patches  # (B, N, W)
+            return self.model.quant_in(patches).float()  # (B, N, d)
+
+    def _decode_codes(self, codes: Tensor) -> Tensor:
+        """Codes (B, N, d) -> pixels (B, 3, S, S) float32, CLIP-normalized."""
+        with self._autocast(self.plan.decoder_mode):
+            return self.model.decoder(self.model.quant_out(codes)).float()
+
+    # --- token API --------------------------------------------------------------------------------------------
+    def latents(self, images: Tensor) -> Tensor:
+        """Images (B, 3, S, S) -> pre-quantization latents u (B, N, d), float32, in this object's precision."""
+        self.model._need("vision")
+        self.model._need("quantizer")
+        with torch.inference_mode():
+            return self._encode_fn(images.to(self.device, torch.float32))
+
+    def encode(self, images: Tensor, output: str = "indices", group_size: int | None = None) -> Tensor:
+        """Images -> discrete tokens on the (h, w) patch grid; same outputs as :meth:`QLIP.encode`."""
+        if output not in TOKEN_OUTPUTS:
+            raise ValueError(f"unknown output {output!r}; choose one of {TOKEN_OUTPUTS}")
+        with torch.inference_mode():
+            images = images.to(self.device, torch.float32)
+            u = self.latents(images)  # (B, N, d)
+            if self.plan.refine_margin is not None:
+                u = self._refine(images, u)
+            g = self.grid_size
+            if output == "codes":
+                codes = self.model.quantizer.quantize(u)[0]
+                return rearrange(codes, "b (h w) d -> b h w d", h=g)
+            indices = rearrange(latents_to_indices(u), "b (h w) -> b h w", h=g)
+            if output == "indices":
+                return indices
+            if output == "bits":
+                return indices_to_bits(indices, self.num_bits)
+            return indices_to_group_indices(indices, self.num_bits, group_size or self.cfg.quantizer.group_size)
+
+    def _refine(self, images: Tensor, u: Tensor) -> Tensor:
+        """Re-encode in float32 the images that hold a bit within ``refine_margin`` of zero (after l2 norm)."""
+        margin = self.plan.refine_margin
+        closest = F.normalize(u, dim=-1).abs().flatten(1).amin(dim=1)  # (B,) smallest |u_k| per image
+        redo = (closest < margin).nonzero().flatten()
+        if redo.numel():
+            ref = self._reference
+            with torch.autocast(self.device.type, enabled=False):
+                u = u.clone()
+                u[redo] = ref.quant_in(ref.visual(images[redo]).patches).float()
+        log.debug("refine_margin=%g: re-encoded %d of %d images in float32", margin, redo.numel(), u.shape[0])
+        self.last_refined = int(redo.numel())
+        return u
+
+    def tokens_to_codes(self, tokens: Tensor, kind: str = "indices", group_size: int | None = None) -> Tensor:
+        """Token indices / bits / group indices -> codes (B, N, d) float32 (validated like :meth:`QLIP.decode`)."""
+        return self.model.tokens_to_codes(tokens.to(self.device), kind, group_size)
+
+    def decode(self, tokens: Tensor, kind: str = "indices", group_size: int | None = None) -> Tensor:
+        """Token indices (B, h, w) -> pixels (B, 3, S, S) float32 in the CLIP-normalized space."""
+        self.model._need("decoder")
+        with torch.inference_mode():
+            return self._decode_fn(self.tokens_to_codes(tokens, kind, group_size))
+
+    def decode_indices_unchecked(self, indices: Tensor) -> Tensor:
+        """Like :meth:`decode` for int64 indices (B, N) already known valid: skips the range check's host sync."""
+        with torch.inference_mode():
+            return self._decode_fn(indices_to_signs(indices.to(self.device), self.num_bits))
+
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """Encode then decode in this object's precisions; pixels (B, 3, S, S) float32."""
+        self.model._need("decoder")
+        with torch.inference_mode():
+            u = self.latents(images)
+            codes = self.model.quantizer.quantize(u)[0]
+            return self._decode_fn(codes)
+
+
+def _token_parts(model: QLIP) -> QLIP:
+    """A deep copy of ``model`` without its text tower (tokens never need it, and it would double the copy)."""
+    text = model.text
+    try:
+        model.text = None
+        return copy.deepcopy(model)
+    finally:
+        model.text = text
+
+
+def optimize_for_inference(
+    model: QLIP,
+    *,
+    mode: str = "auto",
+    decoder_mode: str | None = None,
+    compile: bool = False,
+    refine_margin: float | None = None,
+) -> FastQLIP:
+    """Prepare ``model`` for fast tokenizing and decoding; ``model`` itself is not modified.
+
+    Args:
+        model: a QLIP model (any parts; encode needs vision + quantizer, decode needs quantizer + decoder).
+        mode: encoder precision: "auto" (bf16 on CUDA and on CPUs with native bf16, else fp32), "fp32", "bf16", or
+            "int8" (CPU only: dynamic int8 Linear layers, the fastest CPU path, with the most flipped bits).
+        decoder_mode: decoder precision (same choices); defaults to ``mode``. Decoding tolerates lower precision
+            better than encoding (pixels move a little, no index can flip), e.g. ``mode="bf16", decoder_mode="int8"``.
+        compile: wrap the encode and decode paths in ``torch.compile`` (static shapes, compiled on first call;
+            not with int8).
+        refine_margin: when set, images with any l2-normalized latent |u_k| below this are re-encoded in float32,
+            so their tokens equal the reference path's (see the module docstring). None: never re-encode.
+
+    Returns:
+        A :class:`FastQLIP`.
+    """
+    if not isinstance(model, QLIP):
+        raise TypeError(f"optimize_for_inference expects a qlip QLIP model, got {type(model).__name__}")
+    device = model.device
+    enc_mode = resolve_mode(mode, device)
+    dec_mode = resolve_mode(decoder_mode if decoder_mode is not None else mode, device)
+    if compile and "int8" in (enc_mode, dec_mode):
+        raise ValueError("compile=True does not support int8 dynamic quantization; use mode 'fp32' or 'bf16'")
+    if refine_margin is not None and not 0 < refine_margin < 1:
+        raise ValueError(
+            f"refine_margin must be in (0, 1) (a distance to zero on the unit sphere), got {refine_margin!r}"
+        )
+    fast = _token_parts(model)
+    fast.set_attention_impl("sdpa")
+    fast.eval().requires_grad_(False)
+    reference = None
+    if refine_margin is not None and enc_mode != "fp32" and fast.visual is not None:
+        reference = _token_parts(fast)  # float32 encoder kept beside the reduced-precision one
+        reference.decoder = reference.quant_out = None
+    if enc_mode == "int8" and fast.visual is not None:
+        _quantize_linears_int8(fast.visual)
+        _quantize_linears_int8(fast.quant_in)
+    if dec_mode == "int8" and fast.decoder is not None:
+        _quantize_linears_int8(fast.decoder)
+        _quantize_linears_int8(fast.quant_out)
+    plan = InferencePlan(enc_mode, dec_mode, bool(compile), str(device), refine_margin)
+    log.info("inference plan for %s: %s", model.cfg.name, plan)
+    return FastQLIP(fast, plan, reference)
