@@ -1,0 +1,122 @@
+"""Building what a stage trains: the model (with its init and frozen parts), the loss modules and the balancer.
+
+Stage 1 (spec section 8) trains every tower; stage 2 builds the model without the text tower, freezes the visual
+encoder including its CLS head (``requires_grad`` False, eval mode) and trains quant_in / quantizer / quant_out /
+decoder with MSE + BSQ + LPIPS + GAN.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..factory import create_model
+from ..losses.adversarial import build_discriminator
+from ..losses.balance import BalanceConfig, LossBalancer
+from ..models.qlip import QLIP
+from .config import ConfigError, TrainConfig
+from .init import load_clip_towers, read_state_dict_file
+
+log = logging.getLogger(__name__)
+
+STAGE2_PARTS = ("vision", "quantizer", "decoder")
+
+
+def build_model(cfg: TrainConfig) -> QLIP:
+    """The model of ``cfg.stage``: random, from ``init`` (any qlip / released directory), and/or CLIP towers."""
+    parts = None if cfg.stage == 1 else STAGE2_PARTS
+    source = cfg.init or cfg.model.name
+    if cfg.init:
+        log.info("initializing from %s (its config defines the architecture; model.name is ignored)", cfg.init)
+    model = create_model(source, parts=parts)
+    if cfg.model.pretrained_clip:
+        towers = [p for p in cfg.model.pretrained_clip_parts if getattr(model, p, None) is not None]
+        report = load_clip_towers(model, read_state_dict_file(cfg.model.pretrained_clip), parts=towers)
+        model.init_report = report
+    if cfg.stage == 1:
+        missing = [p for p in ("visual", "quantizer", "decoder", "text") if getattr(model, p) is None]
+        if missing:
+            raise ConfigError(f"stage 1 trains every tower but {source} has no {missing}; use a full model config")
+    else:
+        freeze_for_stage2(model)
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    model.set_attention_impl(cfg.model.attention)
+    return model
+
+
+def freeze_for_stage2(model: QLIP) -> None:
+    """Freeze the visual encoder (with post_norm and the CLS projection) and the logit scale."""
+    for p in model.visual.parameters():
+        p.requires_grad_(False)
+    model.logit_scale.requires_grad_(False)
+
+
+def set_train_mode(model: QLIP, stage: int) -> None:
+    """train() everywhere except the frozen visual encoder of stage 2, which stays in eval mode."""
+    model.train()
+    if stage == 2:
+        model.visual.eval()
+
+
+def balance_config(cfg: TrainConfig) -> BalanceConfig:
+    """The BalanceConfig of ``loss.balance``; stage 2 defaults to MSE + BSQ + lpips_weight LPIPS + gan_weight GAN."""
+    values: dict[str, Any] = {}
+    if cfg.stage == 2:
+        values = {"weights": {"recon": 1.0, "quant": 1.0, "commit": 0.0, "lpips": cfg.loss.lpips_weight,
+                              "gan": cfg.loss.gan_weight}, "reference_term": "recon",
+                  "balanced_terms": ("recon",)}  # fmt: skip
+    values.update(cfg.loss.balance)
+    known = [f.name for f in fields(BalanceConfig)]
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise ConfigError(f"unknown key(s) {['loss.balance.' + k for k in unknown]}; valid: {', '.join(known)}")
+    try:
+        return BalanceConfig(**values)
+    except ValueError as e:
+        raise ConfigError(f"loss.balance: {e}") from e
+
+
+def build_balancer(cfg: TrainConfig) -> LossBalancer:
+    return LossBalancer(balance_config(cfg))
+
+
+def build_lpips(cfg: TrainConfig, balancer: LossBalancer, device: torch.device) -> nn.Module | None:
+    """The LPIPS network for stage 2, from local files; a clear start-up error when it is wanted but absent."""
+    if cfg.stage != 2 or not balancer.is_active("lpips"):
+        return None
+    if not (cfg.loss.lpips_vgg and cfg.loss.lpips_lin):
+        raise ConfigError(
+            "stage 2 uses LPIPS (weight > 0) but no weight files are configured: set loss.lpips_vgg=PATH/"
+            "vgg16-397923af.pth and loss.lpips_lin=PATH/vgg.pth (nothing is downloaded), or turn it off with "
+            "loss.lpips_weight=0"
+        )
+    from ..losses.lpips import LPIPS
+
+    return LPIPS.from_files(cfg.loss.lpips_vgg, cfg.loss.lpips_lin).to(device).eval()
+
+
+def build_gan(cfg: TrainConfig, balancer: LossBalancer, image_size: int, device: torch.device) -> nn.Module | None:
+    if cfg.stage != 2 or not balancer.is_active("gan"):
+        return None
+    return build_discriminator(cfg.loss.disc, image_size, width=cfg.loss.disc_width,
+                               layers=cfg.loss.disc_layers).to(device)  # fmt: skip
+
+
+@torch.no_grad()
+def full_model_for_export(model: QLIP, cfg: TrainConfig) -> QLIP:
+    """Stage 2 trains a model without text tower; when ``init`` has one, export the whole model (its text tower,
+    and the visual encoder it shares, with the stage-2 bottleneck and decoder) so zero-shot keeps working."""
+    if cfg.stage != 2 or not cfg.init:
+        return model
+    full = create_model(cfg.init)
+    if full.text is None:
+        return model
+    missing, unexpected = full.load_state_dict(model.state_dict(), strict=False)
+    bad = [k for k in missing if not k.startswith("text.")] + list(unexpected)
+    if bad:
+        raise RuntimeError(f"cannot merge the stage-2 weights into {cfg.init}: mismatched keys {bad[:10]}")
+    return full

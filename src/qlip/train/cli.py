@@ -1,0 +1,91 @@
+"""Command line: ``qlip train CONFIG [a.b=c ...]`` and ``qlip balance CONFIG`` (issue 4, parts 1, 3 and 6)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .config import ConfigError, TrainConfig, load_config, split_cli_args
+
+log = logging.getLogger(__name__)
+
+_ARGS_HELP = "a YAML config, optional YAML fragments (later ones win), then key.subkey=value overrides"
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    files, overrides = split_cli_args([args.config, *args.overrides])
+    return load_config(files, overrides)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from ..cli import CLIError
+    from .loop import NonFiniteLossError, train
+
+    try:
+        cfg = _config_from_args(args)
+    except (ConfigError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    try:
+        result = train(cfg)
+    except (ConfigError, FileNotFoundError, NonFiniteLossError) as e:
+        raise CLIError(str(e)) from e
+    if int(os.environ.get("RANK", "0")) == 0:
+        status = "interrupted" if result.interrupted else "done"
+        print(f"{status} at step {result.step}: {result.run_dir}")
+        for k, v in result.eval.items():
+            print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+        if result.export_dir:
+            print(f"model: {result.export_dir}")
+    return 130 if result.interrupted else 0
+
+
+def _run_balance(args: argparse.Namespace) -> int:
+    from ..cli import CLIError
+    from .probe import run_balance_probes
+
+    try:
+        cfg = _config_from_args(args)
+        result = run_balance_probes(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from e
+    print(f"converged losses: {result.converged}")
+    print(f"posthoc weights: {result.weights}")
+    print(f"fragment: {result.fragment}  (use: qlip train {args.config} {result.fragment})")
+    return 0
+
+
+def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``train`` and ``balance`` to the ``qlip`` command line."""
+    p = subparsers.add_parser("train", help="train QLIP (stage 1 or 2) from a YAML config",
+                              description="Train QLIP. Example: qlip train configs/shapes-tiny.yaml optim.lr=1e-3")  # fmt: skip
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help=_ARGS_HELP)
+    p.set_defaults(func=_run_train)
+    b = subparsers.add_parser("balance", help="measure converged single-objective losses -> posthoc loss weights",
+                              description="Short align-only and recon-only runs (probe.steps each); writes "
+                                          "run_dir/balance.yaml with loss.balance.mode=posthoc and the converged "
+                                          "losses.")  # fmt: skip
+    b.add_argument("config", help="YAML config file")
+    b.add_argument("overrides", nargs="*", help=_ARGS_HELP)
+    b.set_defaults(func=_run_balance)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m qlip.train CONFIG [...]``: the same as ``qlip train``."""
+    from ..cli import CLIError
+
+    parser = argparse.ArgumentParser(prog="python -m qlip.train", description="Train QLIP from a YAML config.")
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", help=_ARGS_HELP)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    try:
+        return _run_train(args)
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,495 @@
+"""The training configuration: a tree of dataclasses merged as defaults <- YAML file(s) <- ``a.b=c`` overrides.
+
+Issue 4, part 1 (spec section 8 gives the paper's values). Every field has a default, so a YAML file only names
+what it changes. Command-line overrides are parsed as YAML scalars (``optim.lr=3e-4``, ``data.shapes.sizes=[small]``,
+``init=null``). An unknown key is an error that names it and lists the valid ones. The resolved configuration is
+written to ``run_dir/config.yaml`` so a run can always be repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix (unknown key, wrong type, impossible value)."""
+
+
+@dataclass
+class ModelSection:
+    """Which architecture, and how it runs.
+
+    Attributes:
+        name: a registered architecture (``qlip models``) or a model directory (then ``init`` is implied).
+        pretrained_clip: a CLIP-style state dict file (.safetensors / .pt / .bin) for the visual and text towers
+            (OpenCLIP / EVA-CLIP or Hugging Face CLIPModel layout, see docs/training.md); None = no such init.
+        pretrained_clip_parts: which towers to take from it ("visual", "text").
+        grad_checkpointing: recompute transformer blocks in the backward pass (less memory, ~30% more compute).
+        compile: wrap the model in torch.compile.
+        attention: "sdpa" (fused) or "reference".
+    """
+
+    name: str = "qlip-tiny"
+    pretrained_clip: str | None = None
+    pretrained_clip_parts: list[str] = field(default_factory=lambda: ["visual", "text"])
+    grad_checkpointing: bool = False
+    compile: bool = False
+    attention: str = "sdpa"
+
+
+@dataclass
+class DataSection:
+    """Where the pairs come from.
+
+    Attributes:
+        train: a data spec (``shapes[:preset]``, shards, caption list, class folder; see ``qlip.data``).
+        val: held-out data for the periodic checks; None = the ``val`` split of shapes, or no checks for real data.
+        batch_size: images per rank per micro-step (global batch = batch_size x world size x optim.accum_steps).
+        num_workers: DataLoader worker processes per rank.
+        shapes: ShapesConfig fields for the built-in data (e.g. ``{sizes: [small, large], image_size: 64}``).
+        tokenizer: a directory with vocab.json + merges.txt; None = the init checkpoint's, or (shapes only) a small
+            BPE trained at start-up on shapes captions.
+        bpe_vocab_size: vocabulary size of that start-up BPE (at most the text tower's vocab_size).
+        bpe_captions: how many training captions the start-up BPE sees.
+        augment: random resized crop (and hflip if ``hflip``) on training images.
+        hflip: random horizontal flip when augmenting (off for shapes: left/right is a label).
+        max_bad_fraction: stop when more than this fraction of samples cannot be read.
+        shuffle_buffer: shards: block size of the within-slot shuffle.
+    """
+
+    train: str = "shapes:easy"
+    val: str | None = None
+    batch_size: int = 32
+    num_workers: int = 0
+    shapes: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+    bpe_vocab_size: int = 1024
+    bpe_captions: int = 2000
+    augment: bool = False
+    hflip: bool = False
+    max_bad_fraction: float = 0.05
+    shuffle_buffer: int = 0
+
+
+@dataclass
+class OptimSection:
+    """Optimizer and schedule (spec section 8: LAMB, betas (0.9, 0.95), wd 0.05, peak 5e-4, clip 5).
+
+    Attributes:
+        name: "adamw" or "lamb".
+        lr: peak learning rate of every group without its own rate.
+        lr_visual, lr_text, lr_bottleneck, lr_decoder: per-module peak rates (None = ``lr``); the paper uses
+            visual 2e-4, text 2e-5, decoder 2e-3 at peak 5e-4. The bottleneck is quant_in + quant_out.
+        betas, eps, weight_decay: the optimizer's; norms, biases, embeddings and the logit scale get no decay.
+        steps: optimizer steps of the whole schedule.
+        warmup_steps: linear warm-up from 0.
+        min_lr_ratio: the cosine ends at lr x min_lr_ratio.
+        grad_clip: max global gradient norm (0 = off).
+        accum_steps: micro-batches per optimizer step.
+        max_nonfinite_steps: this many non-finite losses in a row stop the run.
+        disc_lr, disc_betas, disc_weight_decay: the discriminator's AdamW (stage 2).
+    """
+
+    name: str = "adamw"
+    lr: float = 5e-4
+    lr_visual: float | None = None
+    lr_text: float | None = None
+    lr_bottleneck: float | None = None
+    lr_decoder: float | None = None
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    steps: int = 1000
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 5.0
+    accum_steps: int = 1
+    max_nonfinite_steps: int = 5
+    disc_lr: float = 1e-4
+    disc_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    disc_weight_decay: float = 0.05
+
+
+@dataclass
+class LossSection:
+    """Loss terms and their balancing.
+
+    Attributes:
+        balance: fields of ``qlip.losses.balance.BalanceConfig`` (mode, weights, converged, ...).
+        pixel: "mse" or "l1".
+        logit_scale_max: clamp of the learnable logit scale (exp'd), CLIP's 100.
+        clip_local_loss: each rank computes only its rows of the global logits (less memory, same gradient).
+        clip_chunk_size: compute the logits in row chunks of this size (None = at once).
+        lpips_weight: stage 2 LPIPS weight (0 turns it off; otherwise lpips_vgg and lpips_lin are required).
+        lpips_vgg, lpips_lin: local paths of vgg16-397923af.pth and LPIPS v0.1 vgg.pth.
+        gan_weight: stage 2 generator loss weight (0 = no discriminator).
+        gan_start: the step at which the adversarial terms switch on.
+        gan_loss: "hinge" or "non-saturating".
+        disc: "patchgan" or "stylegan".
+        disc_width, disc_layers: discriminator size.
+        adaptive_gan_weight: scale the generator loss by the VQGAN adaptive weight at the decoder's last layer.
+        r1_weight: R1 gradient penalty weight on real images (0 = off).
+        r1_every: apply R1 every this many steps (lazy regularization), scaled by it.
+    """
+
+    balance: dict[str, Any] = field(default_factory=dict)
+    pixel: str = "mse"
+    logit_scale_max: float = 100.0
+    clip_local_loss: bool = False
+    clip_chunk_size: int | None = None
+    lpips_weight: float = 0.1
+    lpips_vgg: str | None = None
+    lpips_lin: str | None = None
+    gan_weight: float = 0.1
+    gan_start: int = 0
+    gan_loss: str = "hinge"
+    disc: str = "patchgan"
+    disc_width: int = 64
+    disc_layers: int = 3
+    adaptive_gan_weight: bool = False
+    r1_weight: float = 0.0
+    r1_every: int = 16
+
+
+@dataclass
+class DistributedSection:
+    """How the computation is laid out.
+
+    Attributes:
+        strategy: "ddp" (default) or "fsdp" (FSDP2 ``fully_shard`` per transformer block, for large models).
+        backend: "auto" (nccl on GPU, gloo on CPU), "nccl" or "gloo".
+        device: "auto" (cuda when available), "cpu" or "cuda".
+        precision: "auto" (bf16 autocast on GPU, fp32 on CPU), "fp32", "bf16" or "fp16" (with a grad scaler).
+        threads: torch CPU threads per process (0 = leave torch's default).
+    """
+
+    strategy: str = "ddp"
+    backend: str = "auto"
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int = 0
+
+
+@dataclass
+class CheckpointSection:
+    """Never lose a run.
+
+    Attributes:
+        every: write a training checkpoint every this many steps (0 = only at the end and on signals).
+        keep_last: keep this many newest checkpoints.
+        ema_decay: keep an EMA of the weights with this decay (0 = no EMA).
+        export: write ``run_dir/last`` (``save_pretrained`` + tokenizer) at the end.
+    """
+
+    every: int = 500
+    keep_last: int = 3
+    ema_decay: float = 0.0
+    export: bool = True
+
+
+@dataclass
+class LoggingSection:
+    """Progress and metrics.
+
+    Attributes:
+        every: log (JSONL, TensorBoard, progress bar) every this many steps.
+        progress: show a tqdm progress bar (rank 0).
+        tensorboard: write TensorBoard events when tensorboard is installed.
+    """
+
+    every: int = 10
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalSection:
+    """Periodic held-out checks: zero-shot accuracy, reconstruction PSNR, codebook usage, a PNG grid.
+
+    Attributes:
+        every: run the checks every this many steps (0 = only at the end).
+        at_end: run them after the last step.
+        num_samples: held-out images per check.
+        batch_size: images per forward pass.
+        tasks: zero-shot tasks of the shapes data to report (empty for real data without tasks).
+        grid_images: images in the reconstruction grid.
+    """
+
+    every: int = 0
+    at_end: bool = True
+    num_samples: int = 500
+    batch_size: int = 100
+    tasks: list[str] = field(default_factory=lambda: ["shape", "color", "position", "size"])
+    grid_images: int = 8
+
+
+@dataclass
+class ProbeSection:
+    """``qlip balance``: single-objective probe runs that measure each objective's converged loss.
+
+    Attributes:
+        steps: optimizer steps of each probe run (the probe budget).
+        tail_fraction: the converged value is the mean of the logged losses over this last fraction of the run.
+        objectives: which single-objective runs to make.
+    """
+
+    steps: int = 200
+    tail_fraction: float = 0.25
+    objectives: list[str] = field(default_factory=lambda: ["align", "recon"])
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs.
+
+    Attributes:
+        stage: 1 (alignment + reconstruction, all towers) or 2 (frozen visual encoder, no text tower,
+            bottleneck + decoder with MSE + BSQ + LPIPS + GAN).
+        init: a qlip model directory (ours or the released layout) to start from; None = random.
+        resume: "auto" (newest complete checkpoint in run_dir, if any), "never", or a checkpoint file.
+        stop_at: stop after this step although the schedule is longer (the schedule still follows optim.steps).
+        seed: base seed; rank r draws from seed + r for data order and augmentation.
+        run_dir: where checkpoints, metrics, grids and the exported model go.
+    """
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    loss: LossSection = field(default_factory=LossSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    probe: ProbeSection = field(default_factory=ProbeSection)
+    stage: int = 1
+    init: str | None = None
+    resume: str = "auto"
+    stop_at: int | None = None
+    seed: int = 0
+    run_dir: str = "runs/default"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field checks, with what to change."""
+        choices = {
+            "stage": (self.stage, (1, 2)),
+            "optim.name": (self.optim.name, ("adamw", "lamb")),
+            "loss.pixel": (self.loss.pixel, ("mse", "l1")),
+            "loss.gan_loss": (self.loss.gan_loss, ("hinge", "non-saturating")),
+            "distributed.strategy": (self.distributed.strategy, ("ddp", "fsdp")),
+            "distributed.backend": (self.distributed.backend, ("auto", "nccl", "gloo")),
+            "distributed.device": (self.distributed.device, ("auto", "cpu", "cuda")),
+            "distributed.precision": (self.distributed.precision, ("auto", "fp32", "bf16", "fp16")),
+            "model.attention": (self.model.attention, ("sdpa", "reference")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+        positive = {
+            "data.batch_size": self.data.batch_size,
+            "optim.steps": self.optim.steps,
+            "optim.accum_steps": self.optim.accum_steps,
+            "optim.max_nonfinite_steps": self.optim.max_nonfinite_steps,
+            "logging.every": self.logging.every,
+            "checkpoint.keep_last": self.checkpoint.keep_last,
+            "probe.steps": self.probe.steps,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if not 0 <= self.optim.warmup_steps <= self.optim.steps:
+            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must lie in [0, optim.steps]")
+        if len(self.optim.betas) != 2 or len(self.optim.disc_betas) != 2:
+            raise ConfigError("optim.betas and optim.disc_betas need two values, e.g. [0.9, 0.95]")
+        if not 0 <= self.checkpoint.ema_decay < 1:
+            raise ConfigError(f"checkpoint.ema_decay must lie in [0, 1), got {self.checkpoint.ema_decay}")
+        if not 0 < self.probe.tail_fraction <= 1:
+            raise ConfigError(f"probe.tail_fraction must lie in (0, 1], got {self.probe.tail_fraction}")
+        if self.stop_at is not None and self.stop_at < 1:
+            raise ConfigError(f"stop_at must be >= 1 (or null), got {self.stop_at}")
+
+    # --- conversions ---------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Merging
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a field's type hint; ints are accepted for floats. Raises ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list (e.g. [a, b]), got {value!r}")
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping (e.g. {{key: value}}), got {value!r}")
+        return value
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def merge_into(obj: Any, updates: dict[str, Any], where: str = "") -> Any:
+    """Recursively apply a nested dict to a dataclass instance (in place); unknown keys raise ConfigError."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{where or 'the config'} must be a mapping, got {updates!r}")
+    hints = _field_types(type(obj))
+    names = [f.name for f in fields(obj)]
+    for key, value in updates.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{path}'; valid keys{' under ' + where if where else ''}: "
+                              f"{', '.join(names)}")  # fmt: skip
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            merge_into(current, value, path)
+        elif isinstance(current, dict) and isinstance(value, dict):
+            merged = dict(current)
+            _deep_update(merged, value)
+            setattr(obj, key, merged)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+    return obj
+
+
+def _deep_update(target: dict[str, Any], updates: dict[str, Any]) -> None:
+    for k, v in updates.items():
+        if isinstance(v, dict) and isinstance(target.get(k), dict):
+            _deep_update(target[k], v)
+        else:
+            target[k] = v
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"a.b.c=VALUE"`` -> ``{"a": {"b": {"c": VALUE}}}`` with VALUE parsed as a YAML scalar / flow value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.subkey=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from e
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(files: list[str | Path] | str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """defaults <- each YAML file in order (later ones win) <- ``a.b=c`` overrides; then validate.
+
+    Args:
+        files: YAML config files / fragments (e.g. the ``balance.yaml`` that ``qlip balance`` writes).
+        overrides: ``key.subkey=value`` strings.
+    """
+    if files is None:
+        files = []
+    elif isinstance(files, (str, Path)):
+        files = [files]
+    merged: dict[str, Any] = {}
+    for f in files:
+        _deep_update(merged, load_yaml(f))
+    for text in overrides or []:
+        _deep_update(merged, parse_override(text))
+    return config_from_dict(merged)
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """A validated TrainConfig from a (possibly partial) nested dict."""
+    cfg = TrainConfig.__new__(TrainConfig)
+    for f in fields(TrainConfig):  # defaults without running validation on half-built objects
+        setattr(cfg, f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+    merge_into(cfg, d)
+    cfg.validate()
+    return cfg
+
+
+def split_cli_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """Separate YAML files (``*.yaml`` / ``*.yml``) from ``a.b=c`` overrides, keeping their order."""
+    files, overrides = [], []
+    for a in args:
+        if "=" in a:
+            overrides.append(a)
+        elif a.endswith((".yaml", ".yml")):
+            files.append(a)
+        else:
+            raise ConfigError(f"argument {a!r} is neither a .yaml config file nor a key=value override")
+    return files, overrides

@@ -1,0 +1,119 @@
+"""Process setup: torchrun environment, device, seeding per rank, and DDP / FSDP2 wrapping (issue 4, part 6).
+
+One code path from a laptop to many nodes: without torchrun's environment the run is a single process; with it,
+the default process group is created (nccl on GPU, gloo on CPU) and the model is wrapped in DDP, or sharded with
+FSDP2 (``fully_shard`` on every transformer block, then the root) for models whose optimizer state does not fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import DistributedSection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: rank, world size, device, autocast dtype."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None = full fp32
+    initialized_here: bool = False  # this module created the process group (and destroys it at the end)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_runtime(cfg: DistributedSection) -> Runtime:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), pick the device, init the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise RuntimeError("distributed.device=cuda but torch sees no CUDA device; use distributed.device=cpu")
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    initialized_here = False
+    if world > 1 and not (dist.is_available() and dist.is_initialized()):
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        initialized_here = True
+    elif dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return Runtime(rank, world, local_rank, device, dtype, initialized_here)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def wrap_model(model: nn.Module, runtime: Runtime, strategy: str) -> nn.Module:
+    """DDP (default) or FSDP2 around ``model`` when distributed; the model itself otherwise."""
+    if not runtime.distributed:
+        return model
+    if strategy == "fsdp":
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError as e:  # torch < 2.6
+            raise RuntimeError("distributed.strategy=fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard)") from e
+        for part in (getattr(model, "visual", None), getattr(model, "decoder", None), getattr(model, "text", None)):
+            if part is not None:
+                for block in part.transformer.blocks:
+                    fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def all_gather_objects(obj: Any, runtime: Runtime) -> list[Any]:
+    """Every rank's ``obj`` (a list of one element without distribution)."""
+    if not runtime.distributed:
+        return [obj]
+    out: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
+        dist.barrier()
+
+
+def teardown(runtime: Runtime) -> None:
+    if runtime.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()

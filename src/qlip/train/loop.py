@@ -1,0 +1,478 @@
+"""The training loop (issue 4, parts 4-8; spec section 8): one readable story for both stages.
+
+    setup (ranks, device, seed) -> model (+ init, frozen parts) -> wrap (DDP / FSDP2) -> optimizers -> resume
+    repeat: accumulate micro-batches (forward, losses, balancer, backward) -> clip -> step (unless non-finite)
+            -> [stage 2: discriminator step] -> EMA -> log / eval / checkpoint / signal
+    export run_dir/last (save_pretrained + tokenizer)
+
+Stage 1 losses: align (CLIP InfoNCE over the global batch), recon (pixel MSE), quant (BSQ), commit; stage 2:
+recon, quant, lpips, gan (+ the discriminator's own loss and R1). The balancer combines them; every term and
+every weight is logged. Host syncs in the hot loop: one boolean per optimizer step (is the gradient finite?),
+which the never-lose-a-run rule needs; loss values are only read at log intervals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..losses.adversarial import adaptive_weight, discriminator_loss, generator_loss, r1_penalty
+from ..losses.contrastive import ClipLoss, clamp_logit_scale_
+from ..losses.reconstruction import pixel_loss
+from .build import (
+    build_balancer,
+    build_gan,
+    build_lpips,
+    build_model,
+    full_model_for_export,
+    set_train_mode,  # fmt: skip
+)
+from .checkpoint import (
+    atomic_torch_save,
+    checkpoint_path,
+    find_resume_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    set_rng_state,
+)
+from .config import TrainConfig
+from .data import BatchStream, build_tokenizer, held_out_batches
+from .distributed import Runtime, all_gather_objects, barrier, seed_everything, setup_runtime, teardown, wrap_model
+from .ema import ModelEMA
+from .evaluate import evaluate
+from .logger import RunLogger
+from .optim import build_optimizer, build_scheduler, param_groups
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row; the last checkpoint on disk is intact."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run leaves behind."""
+
+    step: int
+    run_dir: Path
+    export_dir: Path | None = None
+    eval: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False
+    skipped_steps: int = 0
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGINT; the loop checkpoints and stops at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside some test runners): no handler
+                pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) the training that ``cfg`` describes; returns when done, stopped or interrupted."""
+    runtime = setup_runtime(cfg.distributed)
+    try:
+        return _Trainer(cfg, runtime).run()
+    finally:
+        teardown(runtime)
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, rt: Runtime) -> None:
+        self.cfg, self.rt = cfg, rt
+        self.run_dir = Path(cfg.run_dir)
+        if rt.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
+        barrier(rt)
+        seed_everything(cfg.seed)  # same on every rank: identical random initialization
+        self.model = build_model(cfg)
+        self.model.to(rt.device)
+        mcfg = self.model.cfg
+        self.image_size = self.model.image_size
+        self.tokenizer = None
+        if self.model.text is not None:
+            self.tokenizer = build_tokenizer(cfg.data, init_dir=cfg.init, context_length=mcfg.text.context_length,
+                                             vocab_size=mcfg.text.vocab_size, seed=cfg.seed)  # fmt: skip
+        elif cfg.init and (Path(cfg.init) / "vocab.json").is_file():
+            from ..tokenizer import CLIPTokenizer
+
+            self.tokenizer = CLIPTokenizer.from_pretrained(cfg.init)  # carried into the export
+        self.balancer = build_balancer(cfg)
+        self.lpips = build_lpips(cfg, self.balancer, rt.device)
+        self.disc = build_gan(cfg, self.balancer, self.image_size, rt.device)
+        self.clip_loss = ClipLoss(local_loss=cfg.loss.clip_local_loss, chunk_size=cfg.loss.clip_chunk_size)
+        seed_everything(cfg.seed + 1000 * rt.rank + 1)  # per-rank streams from here on
+        self.stream = BatchStream(cfg.data, image_size=self.image_size, tokenizer=self.tokenizer if cfg.stage == 1
+                                  else None, seed=cfg.seed, rank=rt.rank, world_size=rt.world_size)  # fmt: skip
+        # Wrap before building the optimizer: FSDP2 replaces parameters by sharded ones.
+        self.wrapped = wrap_model(self.model, rt, cfg.distributed.strategy)
+        self.forward_model = torch.compile(self.wrapped) if cfg.model.compile else self.wrapped
+        self.optimizer = build_optimizer(param_groups(self.model, cfg.optim), cfg.optim, rt.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        self.disc_optimizer = self.disc_scheduler = None
+        if self.disc is not None:
+            betas = tuple(cfg.optim.disc_betas)
+            self.disc_optimizer = torch.optim.AdamW(self.disc.parameters(), lr=cfg.optim.disc_lr, betas=betas,
+                                                    weight_decay=cfg.optim.disc_weight_decay)  # fmt: skip
+            self.disc_scheduler = build_scheduler(self.disc_optimizer, cfg.optim)
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16)
+        self.ema = ModelEMA(self.model, cfg.checkpoint.ema_decay) if cfg.checkpoint.ema_decay > 0 else None
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.step = 0
+        self.skipped_total = 0
+        self.nonfinite_in_row = 0
+        self._resume()
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def _model_state(self) -> dict[str, Any]:
+        if self.cfg.distributed.strategy == "fsdp" and self.rt.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def _optim_state(self) -> dict[str, Any]:
+        if self.cfg.distributed.strategy == "fsdp" and self.rt.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.model, self.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # fmt: skip
+        return self.optimizer.state_dict()
+
+    def save_checkpoint(self) -> Path | None:
+        """Collective: every rank contributes its RNG and data-stream state; rank 0 writes the file."""
+        rngs = all_gather_objects(rng_state(), self.rt)
+        streams = all_gather_objects(self.stream.state_dict(), self.rt)
+        state = {
+            "step": self.step,
+            "model": self._model_state(),
+            "optimizer": self._optim_state(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "disc": self.disc.state_dict() if self.disc is not None else None,
+            "disc_optimizer": self.disc_optimizer.state_dict() if self.disc_optimizer is not None else None,
+            "disc_scheduler": self.disc_scheduler.state_dict() if self.disc_scheduler is not None else None,
+            "rng": rngs,
+            "data": streams,
+            "world_size": self.rt.world_size,
+            "skipped_total": self.skipped_total,
+            "config": self.cfg.to_dict(),
+        }
+        path = None
+        if self.rt.is_main:
+            path = atomic_torch_save(state, checkpoint_path(self.run_dir, self.step))
+            prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
+            log.info("checkpoint %s", path)
+        barrier(self.rt)
+        return path
+
+    def _resume(self) -> None:
+        found = find_resume_checkpoint(self.run_dir, self.cfg.resume)
+        if found is None:
+            return
+        path, state = found
+        if state["world_size"] != self.rt.world_size:
+            raise RuntimeError(f"{path} was written by {state['world_size']} ranks and this run has "
+                               f"{self.rt.world_size}; resume with the same number of processes")  # fmt: skip
+        if self.cfg.distributed.strategy == "fsdp" and self.rt.distributed:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,  # fmt: skip
+            )
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, state["model"], options=opts)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.balancer.load_state_dict(state["balancer"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        if self.disc is not None and state.get("disc"):
+            self.disc.load_state_dict(state["disc"])
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+            self.disc_scheduler.load_state_dict(state["disc_scheduler"])
+        set_rng_state(state["rng"][self.rt.rank])
+        self.stream.load_state_dict(state["data"][self.rt.rank])
+        self.step = int(state["step"])
+        self.skipped_total = int(state.get("skipped_total", 0))
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # --- one optimizer step -------------------------------------------------------------------------------------
+    def _autocast(self):
+        dtype = self.rt.autocast_dtype
+        return torch.autocast(self.rt.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _losses(self, batch: dict[str, Any], images: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
+        cfg = self.cfg
+        if cfg.stage == 1:
+            text = batch["text"].to(self.rt.device, non_blocking=True)
+            out = self.forward_model(images, text)
+        else:
+            out = self.forward_model(images)
+        q = out["quantizer"]
+        recon = out["reconstruction"]
+        losses: dict[str, torch.Tensor] = {}
+        if cfg.stage == 1 and self.balancer.is_active("align"):
+            losses["align"] = self.clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
+        losses["recon"] = pixel_loss(recon, images, kind=cfg.loss.pixel)
+        losses["quant"] = q.loss
+        losses["commit"] = q.commit_loss
+        if self.lpips is not None:
+            from ..losses.lpips import clip_normalized_to_lpips_input
+
+            losses["lpips"] = self.lpips(clip_normalized_to_lpips_input(recon.float()),
+                                         clip_normalized_to_lpips_input(images.float())).mean()  # fmt: skip
+        if self.disc is not None and self.step >= cfg.loss.gan_start:
+            with _frozen(self.disc):
+                g_loss = generator_loss(self.disc(recon), cfg.loss.gan_loss)
+            if cfg.loss.adaptive_gan_weight:
+                rec = losses["recon"] + losses.get("lpips", 0.0)
+                g_loss = g_loss * adaptive_weight(rec, g_loss, self.model.decoder.head.out.weight)
+            losses["gan"] = g_loss
+        return {k: v for k, v in losses.items() if self.balancer.is_active(k)}, out
+
+    def train_step(self) -> dict[str, Any]:
+        """Accumulate ``accum_steps`` micro-batches, then one (possibly skipped) optimizer step."""
+        cfg, rt = self.cfg, self.rt
+        accum = cfg.optim.accum_steps
+        sums: dict[str, torch.Tensor] = {}
+        weights: dict[str, Any] = {}
+        images = recon = None
+        stats = None
+        n_images = 0
+        for micro in range(accum):
+            batch = next(self.stream)
+            images = batch["image"].to(rt.device, non_blocking=True)
+            n_images += images.shape[0]
+            sync = micro == accum - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
+            ctx = contextlib.nullcontext() if sync else self.wrapped.no_sync()
+            with ctx:
+                with self._autocast():
+                    losses, out = self._losses(batch, images)
+                    total, weights = self.balancer.combine(losses, step=self.step, return_tensors=True,
+                                                           shared_param=self._shared_param())  # fmt: skip
+                self.scaler.scale(total / accum).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
+            sums["total"] = sums.get("total", 0.0) + total.detach().float() / accum
+            recon, stats = out["reconstruction"], out["quantizer"].stats
+        self.scaler.unscale_(self.optimizer)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(sums["total"]))  # the one host sync per step
+        if finite or self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.nonfinite_in_row = 0
+        else:
+            self.nonfinite_in_row += 1
+            self.skipped_total += 1
+            log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row, %d in total)",
+                        self.step, self.nonfinite_in_row, self.skipped_total)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.model.text is not None and self.model.logit_scale.requires_grad:
+            clamp_logit_scale_(self.model.logit_scale, cfg.loss.logit_scale_max)
+        if self.disc is not None and self.step >= cfg.loss.gan_start:
+            sums.update(self._disc_step(images, recon.detach()))
+        if self.disc_scheduler is not None:
+            self.disc_scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        if self.nonfinite_in_row >= cfg.optim.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_row} non-finite losses in a row (step {self.step}); stopped. The last checkpoint "
+                f"in {self.run_dir / 'checkpoints'} is intact: lower optim.lr, check the data, or raise "
+                "optim.max_nonfinite_steps"
+            )
+        return {"sums": sums, "weights": weights, "grad_norm": grad_norm.detach(), "stats": stats,
+                "images": n_images * rt.world_size}  # fmt: skip
+
+    def _shared_param(self) -> torch.Tensor | None:
+        if self.balancer.cfg.mode != "grad-norm":
+            return None
+        return self.model.visual.transformer.blocks[-1].mlp.w3.weight
+
+    def _disc_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        with self._autocast():
+            logits = self.disc(torch.cat([real, fake]))
+            real_logits, fake_logits = logits.chunk(2)
+            d_loss = discriminator_loss(real_logits, fake_logits, cfg.loss.gan_loss)
+            out = {"disc": d_loss.detach()}
+            if cfg.loss.r1_weight > 0 and self.step % cfg.loss.r1_every == 0:
+                real_in = real.detach().requires_grad_(True)
+                r1 = r1_penalty(real_in, self.disc(real_in))
+                d_loss = d_loss + 0.5 * cfg.loss.r1_weight * cfg.loss.r1_every * r1
+                out["r1"] = r1.detach()
+        d_loss.backward()
+        if self.rt.distributed:  # the discriminator is not DDP-wrapped (R1 needs a double backward): average by hand
+            for p in self.disc.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(self.rt.world_size)
+        torch.nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.optim.grad_clip or math.inf)
+        self.disc_optimizer.step()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        return out
+
+    # --- the run ----------------------------------------------------------------------------------------------
+    def _eval(self, final: bool = False) -> dict[str, Any]:
+        cfg = self.cfg
+        results: dict[str, Any] = {}
+        if self.rt.is_main:
+            if not hasattr(self, "_held_out"):
+                tok = self.tokenizer if self.model.text is not None else None
+                self._held_out = held_out_batches(cfg.data, image_size=self.image_size, tokenizer=tok,
+                                                  num_samples=cfg.eval.num_samples, batch_size=cfg.eval.batch_size,
+                                                  seed=cfg.seed)  # fmt: skip
+                tasks = {}
+                if self.model.text is not None and cfg.data.train.startswith("shapes"):
+                    all_tasks = self.stream.dataset.tasks if hasattr(self.stream.dataset, "tasks") else {}
+                    tasks = {k: all_tasks[k] for k in cfg.eval.tasks if k in all_tasks}
+                self._tasks = tasks
+            name = "final" if final else f"step_{self.step:08d}"
+            results = evaluate(self.model, self._held_out, tokenizer=self.tokenizer, tasks=self._tasks,
+                               device=self.rt.device, autocast_dtype=self.rt.autocast_dtype,
+                               grid_path=self.run_dir / "grids" / f"{name}.png",
+                               grid_images=cfg.eval.grid_images)  # fmt: skip
+            set_train_mode(self.model, cfg.stage)
+            log.info("eval at step %d: %s", self.step, results)
+        barrier(self.rt)
+        return results
+
+    def run(self) -> TrainResult:
+        cfg, rt = self.cfg, self.rt
+        last = min(cfg.optim.steps, cfg.stop_at or cfg.optim.steps)
+        logger = RunLogger(self.run_dir, enabled=rt.is_main, total_steps=last, start_step=self.step,
+                           progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)  # fmt: skip
+        stop = _StopFlag()
+        stop.install()
+        set_train_mode(self.model, cfg.stage)
+        result = TrainResult(step=self.step, run_dir=self.run_dir)
+        t0, seen = time.perf_counter(), 0
+        try:
+            while self.step < last:
+                info = self.train_step()
+                seen += info["images"]
+                at_log = self.step % cfg.logging.every == 0 or self.step == last
+                if at_log:
+                    elapsed = time.perf_counter() - t0
+                    metrics = self._log_metrics(info, seen / max(elapsed, 1e-9))
+                    logger.log(self.step, metrics)
+                    logger.progress(self.step, {k: metrics[k] for k in metrics if k.startswith(("loss/", "w/"))
+                                                } | {"img/s": metrics["samples_per_s"]})  # fmt: skip
+                    t0, seen = time.perf_counter(), 0
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < last:
+                    logger.log(self.step, self._eval(), kind="eval")
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < last:
+                    self.save_checkpoint()
+                if self._stop_requested(stop, at_log):
+                    log.warning("signal %s: writing a checkpoint at step %d and stopping", stop.signal, self.step)
+                    self.save_checkpoint()
+                    result.interrupted = True
+                    break
+            else:
+                self.save_checkpoint()
+                if cfg.eval.at_end:
+                    result.eval = self._eval(final=True)
+                    logger.log(self.step, result.eval, kind="eval")
+                if cfg.checkpoint.export and self.step >= cfg.optim.steps:
+                    result.export_dir = self.export()
+        finally:
+            stop.restore()
+            logger.close()
+        result.step = self.step
+        result.skipped_steps = self.skipped_total
+        return result
+
+    def _stop_requested(self, stop: _StopFlag, at_log: bool) -> bool:
+        if not self.rt.distributed:
+            return stop.signal is not None
+        if not at_log:  # agreeing across ranks costs a collective: only at log intervals
+            return False
+        flag = torch.tensor([1.0 if stop.signal is not None else 0.0], device=self.rt.device)
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    def _log_metrics(self, info: dict[str, Any], samples_per_s: float) -> dict[str, Any]:
+        metrics: dict[str, Any] = {f"loss/{k}": float(v) for k, v in info["sums"].items()}
+        metrics.update({f"w/{k}": float(v) for k, v in info["weights"].items()})
+        metrics["grad_norm"] = float(info["grad_norm"])
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        for group in self.optimizer.param_groups:
+            metrics[f"lr/{group.get('name', '?')}"] = group["lr"]
+        if self.model.text is not None:
+            metrics["logit_scale"] = float(self.model.logit_scale.detach().exp())
+        stats = info["stats"] or {}
+        for key in ("mean_bit_entropy", "distinct_codes", "code_entropy"):
+            if key in stats:
+                metrics[f"codes/{key}"] = float(stats[key])
+        metrics["samples_per_s"] = samples_per_s
+        metrics["skipped_steps"] = self.skipped_total
+        return metrics
+
+    def export(self) -> Path | None:
+        """``run_dir/last`` (and ``last-ema``): save_pretrained + tokenizer, loadable by create_model / qlip encode."""
+        from ..models.qlip import QLIP
+
+        state = self._model_state()  # collective under FSDP
+        if not self.rt.is_main:
+            barrier(self.rt)
+            return None
+        plain = QLIP(self.model.cfg)
+        plain.load_state_dict(state)
+        out = full_model_for_export(plain, self.cfg).save_pretrained(self.run_dir / "last", self.tokenizer)
+        if self.ema is not None:
+            self.ema.copy_to(plain)
+            full_model_for_export(plain, self.cfg).save_pretrained(self.run_dir / "last-ema", self.tokenizer)
+        barrier(self.rt)
+        return out
+
+
+@contextlib.contextmanager
+def _frozen(module: nn.Module):
+    """Let gradients flow through ``module`` to its input without accumulating into its parameters."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
