@@ -1,0 +1,383 @@
+"""``qlip eval ...``: zero-shot, linear probe, reconstruction, or all three with a report (issue 5).
+
+    qlip eval zero-shot    --model M --data PATH_OR_shapes [--task shape] [--classnames imagenet] [--templates openai]
+    qlip eval linear-probe --model M --data ... [--features cls|patch-mean|codes] [--train-data PATH]
+    qlip eval recon        --model M --data ... [--inception-weights FILE] [--lpips-weights DIR]
+    qlip eval all          --model M --data ... --out report/ [--run-dir RUN]
+
+``--data`` is ``shapes[:preset]`` (the held-out ``--split`` of the built-in data), a class folder (ImageNet layout;
+``DATA/<split>`` is used when it exists), or anything :func:`qlip.data.build_dataset` accepts (caption lists and
+shards have no labels: reconstruction only). Every command writes ``report.json`` + ``report.md`` (+ pictures)
+into ``--out`` and prints a short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHAPES_EVAL = 1000  # held-out shapes images when --limit is not given
+DEFAULT_SHAPES_TRAIN = 2000  # shapes training images for the linear probe when --train-limit is not given
+
+
+def _cli_error(message: str) -> Exception:
+    from ..cli import CLIError
+
+    return CLIError(message)
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise _cli_error(f"--device {name!r} is not a device torch knows ({e})") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise _cli_error(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def _load_model(args: argparse.Namespace, parts: tuple[str, ...] | None) -> Any:
+    from ..checkpoints import CheckpointMismatchError
+    from ..factory import create_model
+
+    try:
+        model = create_model(args.model, parts=parts, device=_device(args.device))
+    except (ValueError, FileNotFoundError, RuntimeError, CheckpointMismatchError) as e:
+        raise _cli_error(f"cannot load model {args.model!r}: {e}") from e
+    if getattr(model, "load_report", None) is None:
+        log.warning("%s is a registered architecture: its weights are RANDOM (pass a model directory)", args.model)
+    return model
+
+
+def _tokenizer(args: argparse.Namespace) -> Any:
+    from ..factory import get_tokenizer
+
+    try:
+        return get_tokenizer(args.model)
+    except (ValueError, FileNotFoundError) as e:
+        raise _cli_error(f"zero-shot needs the text tokenizer saved beside the model: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _is_shapes(data: str) -> bool:
+    return data == "shapes" or data.startswith("shapes:")
+
+
+def open_dataset(data: str, split: str, limit: int | None, image_size: int, *, default_shapes: int) -> Any:
+    """The dataset a ``--data`` / ``--split`` / ``--limit`` combination names (a subset when limited)."""
+    from torch.utils.data import Subset
+
+    from ..data import build_dataset
+
+    try:
+        if _is_shapes(data):
+            size = min(max(image_size, 32), 256)  # shapes draws 32..256 px; the eval transform resizes the rest
+            return build_dataset(data, split=split, length=limit or default_shapes, image_size=size)
+        path = Path(data).expanduser()
+        if (path / split).is_dir():
+            path = path / split
+        dataset = build_dataset(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise _cli_error(str(e)) from e
+    if limit is not None and hasattr(dataset, "__len__") and limit < len(dataset):
+        # Evenly spaced indices: class folders are sorted by class, so the first N would be a few classes only.
+        picks = np.linspace(0, len(dataset) - 1, limit).round().astype(int).tolist()
+        subset = Subset(dataset, picks)
+        subset.classnames = getattr(dataset, "classnames", None)  # type: ignore[attr-defined]
+        return subset
+    return dataset
+
+
+def _limited(loader: Any, limit: int | None) -> Any:
+    """Batches of a loader, stopping after ``limit`` images (streams such as shards have no length)."""
+    seen = 0
+    for batch in loader:
+        if limit is not None and seen >= limit:
+            return
+        if limit is not None and seen + batch["image"].shape[0] > limit:
+            keep = limit - seen
+            batch = {**batch, "image": batch["image"][:keep], "label": batch["label"][:keep]}
+            if "labels" in batch:
+                batch["labels"] = {k: v[:keep] for k, v in batch["labels"].items()}
+        seen += batch["image"].shape[0]
+        yield batch
+
+
+def batches(dataset: Any, args: argparse.Namespace, image_size: int, limit: int | None = None) -> Any:
+    """Collated batches of the model's eval transform over ``dataset``."""
+    from ..data import build_dataloader
+    from ..transforms import image_transform
+
+    loader = build_dataloader(dataset, batch_size=args.batch_size, transform=image_transform(image_size, train=False),
+                              num_workers=args.workers)  # fmt: skip
+    return _limited(loader, limit)
+
+
+def dataset_name(args: argparse.Namespace, split: str, limit: int | None) -> str:
+    """Names the evaluated images for the FID reference cache: source, split and count."""
+    source = args.data if _is_shapes(args.data) else str(Path(args.data).expanduser().resolve())
+    count = limit or (DEFAULT_SHAPES_EVAL if _is_shapes(args.data) else "all")
+    return f"{source}|split={split}|n={count}"
+
+
+def _tasks(dataset: Any, args: argparse.Namespace, model_has_text: bool) -> dict[str, Any]:
+    """The classification tasks of a dataset: shapes tasks, or one task over the folder's labels."""
+    from .zero_shot import ClassificationTask, load_classnames, load_templates
+
+    try:
+        if _is_shapes(args.data):
+            tasks = dict(dataset.tasks)
+            wanted = args.task or list(tasks)
+            unknown = [t for t in wanted if t not in tasks]
+            if unknown:
+                raise _cli_error(f"unknown shapes task(s) {unknown}; choose from {sorted(tasks)}")
+            tasks = {t: tasks[t] for t in wanted}
+            if args.templates:
+                templates = tuple(load_templates(args.templates))
+                tasks = {n: ClassificationTask(t.classnames, templates, t.label_key) for n, t in tasks.items()}
+            return tasks
+        folder_names = getattr(dataset, "classnames", None)
+        if args.classnames:
+            names = load_classnames(args.classnames)
+        elif folder_names and len(folder_names) == 1000 and all(n.startswith("n") and n[1:].isdigit()
+                                                                 for n in folder_names):  # fmt: skip
+            names = load_classnames("imagenet")  # ImageNet synset folders: sorted synsets = CLIP's label order
+        elif folder_names:
+            names = list(folder_names)
+        else:
+            raise _cli_error(f"{args.data} has no class labels; zero-shot and linear probes need a class folder or "
+                             "shapes (captions and shards can only be reconstructed)")  # fmt: skip
+        if folder_names and len(names) != len(folder_names):
+            raise _cli_error(f"--classnames gives {len(names)} names but {args.data} has {len(folder_names)} class "
+                             "folders; give one name per folder, in sorted folder order")  # fmt: skip
+        templates = load_templates(args.templates or "openai") if model_has_text else ("{}",)
+        return {"label": ClassificationTask(tuple(names), tuple(templates), None)}
+    except ValueError as e:
+        raise _cli_error(str(e)) from e
+
+
+# ------------------------------------------------------------------------------------------------ sections
+
+
+def run_zero_shot(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from .zero_shot import evaluate_zero_shot_tasks
+
+    tokenizer = _tokenizer(args)
+    dataset = open_dataset(args.data, args.split, args.limit, model.image_size, default_shapes=DEFAULT_SHAPES_EVAL)
+    tasks = _tasks(dataset, args, model_has_text=True)
+    try:
+        return evaluate_zero_shot_tasks(model, tokenizer, batches(dataset, args, model.image_size, args.limit), tasks,
+                                        topk=(1, 5), batch_size=max(args.batch_size, 64))  # fmt: skip
+    except (ValueError, KeyError) as e:
+        raise _cli_error(str(e)) from e
+
+
+def run_linear_probe(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from .linear_probe import extract_features_multi, linear_probe
+
+    size = model.image_size
+    test = open_dataset(args.data, args.split, args.limit, size, default_shapes=DEFAULT_SHAPES_EVAL)
+    train_source = args.train_data or args.data
+    if not _is_shapes(train_source) and not args.train_data and not (Path(args.data) / args.train_split).is_dir():
+        raise _cli_error(f"the linear probe needs a training split: {args.data}/{args.train_split} does not exist; "
+                         "pass --train-data DIR (a class folder with the same classes)")  # fmt: skip
+    train = open_dataset(train_source, args.train_split, args.train_limit, size, default_shapes=DEFAULT_SHAPES_TRAIN)
+    tasks = _tasks(test, args, model_has_text=False)
+    keys = list(dict.fromkeys(t.label_key for t in tasks.values()))
+    results: dict[str, Any] = {}
+    try:
+        # Features are extracted once per split; every task's labels come along.
+        x_tr, y_tr = extract_features_multi(model, batches(train, args, size, args.train_limit), args.features,
+                                            label_keys=keys)  # fmt: skip
+        x_te, y_te = extract_features_multi(model, batches(test, args, size, args.limit), args.features,
+                                            label_keys=keys)  # fmt: skip
+        for task_name, task in tasks.items():
+            k = task.label_key
+            r = linear_probe(x_tr, y_tr[k], x_te, y_te[k], num_classes=len(task.classnames), seed=args.seed)
+            results[task_name] = {"features": args.features, **r}
+    except (ValueError, KeyError) as e:
+        raise _cli_error(str(e)) from e
+    return results
+
+
+def run_recon(model: Any, args: argparse.Namespace) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
+    from .fid import load_fid_network
+    from .recon import evaluate_reconstruction, resolve_lpips_weights
+
+    dataset = open_dataset(args.data, args.split, args.limit, model.image_size, default_shapes=DEFAULT_SHAPES_EVAL)
+    fid = load_fid_network(Path(args.inception_weights).expanduser() if args.inception_weights else None)
+    lpips = resolve_lpips_weights(args.lpips_weights)
+    try:
+        result = evaluate_reconstruction(
+            model, batches(dataset, args, model.image_size, args.limit), fid_network=fid, lpips_network=lpips,
+            dataset_name=dataset_name(args, args.split, args.limit), reference_cache_dir=args.fid_cache,
+            keep_examples=args.num_examples,
+        )  # fmt: skip
+    except ValueError as e:
+        raise _cli_error(str(e)) from e
+    return result.metrics, (result.originals, result.reconstructions)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def _base_report(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    from .. import __version__
+
+    return {
+        "model": args.model, "architecture": model.cfg.name, "data": args.data, "split": args.split,
+        "limit": args.limit, "device": str(model.device), "qlip_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip
+
+
+def _finish(report: dict[str, Any], args: argparse.Namespace, examples: Any = None, run_dir: Any = None) -> None:
+    from .report import format_table, linear_probe_rows, recon_rows, write_report, zero_shot_rows
+
+    if report.get("zero_shot"):
+        print("zero-shot\n" + format_table(zero_shot_rows(report["zero_shot"])) + "\n")
+    if report.get("linear_probe"):
+        print("linear probe\n" + format_table(linear_probe_rows(report["linear_probe"])) + "\n")
+    if report.get("recon"):
+        print("reconstruction\n" + format_table(recon_rows(report["recon"])) + "\n")
+        for key in ("lpips", "rfid"):
+            m = report["recon"][key]
+            if not m["available"]:
+                print(f"{key}: unavailable ({m['reason']})")
+    for name, reason in (report.get("skipped") or {}).items():
+        print(f"{name}: skipped ({reason})")
+    paths = write_report(report, args.out, examples=examples, run_dir=run_dir)
+    print(f"wrote {paths['json']} and {paths['markdown']} ({len(paths) - 2} picture(s))")
+
+
+def cmd_zero_shot(args: argparse.Namespace) -> int:
+    model = _load_model(args, parts=("vision", "text"))
+    report = _base_report(args, model)
+    report["zero_shot"] = run_zero_shot(model, args)
+    _finish(report, args)
+    return 0
+
+
+def cmd_linear_probe(args: argparse.Namespace) -> int:
+    model = _load_model(args, parts=("vision", "quantizer") if args.features == "codes" else ("vision",))
+    report = _base_report(args, model)
+    report["linear_probe"] = run_linear_probe(model, args)
+    _finish(report, args)
+    return 0
+
+
+def cmd_recon(args: argparse.Namespace) -> int:
+    model = _load_model(args, parts=("vision", "quantizer", "decoder"))
+    report = _base_report(args, model)
+    report["recon"], examples = run_recon(model, args)
+    _finish(report, args, examples=examples)
+    return 0
+
+
+def cmd_all(args: argparse.Namespace) -> int:
+    model = _load_model(args, parts=None)
+    report = _base_report(args, model)
+    from ..cli import CLIError
+
+    skipped: dict[str, str] = {}
+    if model.text is None:
+        skipped["zero_shot"] = "the model has no text tower"
+    else:
+        try:
+            report["zero_shot"] = run_zero_shot(model, args)
+        except CLIError as e:  # a missing tokenizer or unlabeled data must not cost the other sections
+            skipped["zero_shot"] = str(e)
+    try:
+        report["linear_probe"] = run_linear_probe(model, args)
+    except CLIError as e:
+        skipped["linear_probe"] = str(e)
+    examples = None
+    if model.decoder is None or model.quantizer is None:
+        skipped["recon"] = "the model has no quantizer/decoder"
+    else:
+        report["recon"], examples = run_recon(model, args)
+    if skipped:
+        report["skipped"] = skipped
+    _finish(report, args, examples=examples, run_dir=args.run_dir)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def _common(p: argparse.ArgumentParser, out_default: str) -> None:
+    p.add_argument("--model", required=True, help="model directory, registered name or hf-hub:ORG/NAME")
+    p.add_argument("--data", required=True, help="shapes[:preset], a class folder (ImageNet layout), or a source "
+                   "build_dataset accepts")  # fmt: skip
+    p.add_argument("--split", default="val", help="shapes split, or DATA/<split> of a folder when it exists (val)")
+    p.add_argument("--limit", type=int, default=None,
+                   help=f"evaluate at most N images (shapes default {DEFAULT_SHAPES_EVAL}; folders: evenly spaced)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--out", default=out_default, help=f"report directory (default {out_default})")
+
+
+def _zero_shot_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", action="append", help="shapes task (repeatable; default: every task)")
+    p.add_argument("--classnames", default=None, help="'imagenet', or a text file with one class name per line")
+    p.add_argument("--templates", default=None, help="'openai' (default for folders), or a text file of templates")
+
+
+def _probe_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", choices=("cls", "patch-mean", "codes"), default="cls")
+    p.add_argument("--train-data", default=None, help="training images for the probe (default: DATA/<train-split>)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--train-limit", type=int, default=None,
+                   help=f"at most N training images (shapes default {DEFAULT_SHAPES_TRAIN})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out part used to choose the L2 strength")
+
+
+def _recon_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth (for rFID)")
+    p.add_argument("--lpips-weights", default=None, help="directory with vgg16-397923af.pth and vgg.pth (for LPIPS)")
+    p.add_argument("--fid-cache", default=str(Path("~/.cache/qlip/fid-stats").expanduser()),
+                   help="directory of cached FID reference statistics (.npz)")
+    p.add_argument("--num-examples", type=int, default=8, help="images in the reconstruction grid")
+
+
+def add_eval_commands(subparsers: Any) -> None:
+    """Register ``qlip eval {zero-shot,linear-probe,recon,all}`` on the top-level subparsers."""
+    p = subparsers.add_parser("eval", help="evaluate a model: zero-shot, linear probe, reconstruction, reports")
+    sub = p.add_subparsers(dest="eval_command", required=True, metavar="SUBCOMMAND")
+
+    z = sub.add_parser("zero-shot", help="zero-shot classification (class names x prompt templates)")
+    _common(z, "report-zero-shot")
+    _zero_shot_flags(z)
+    z.set_defaults(func=cmd_zero_shot)
+
+    lp = sub.add_parser("linear-probe", help="logistic regression on frozen features")
+    _common(lp, "report-linear-probe")
+    _zero_shot_flags(lp)
+    _probe_flags(lp)
+    lp.set_defaults(func=cmd_linear_probe)
+
+    r = sub.add_parser("recon", help="reconstruction metrics (PSNR, SSIM, LPIPS, rFID) and code usage")
+    _common(r, "report-recon")
+    _recon_flags(r)
+    r.set_defaults(func=cmd_recon)
+
+    a = sub.add_parser("all", help="every evaluation, written as report.json + report.md + pictures")
+    _common(a, "report")
+    _zero_shot_flags(a)
+    _probe_flags(a)
+    _recon_flags(a)
+    a.add_argument("--run-dir", default=None, help="training run directory (metrics.jsonl) for the loss curves")
+    a.set_defaults(func=cmd_all)

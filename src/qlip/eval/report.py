@@ -1,0 +1,252 @@
+"""Evaluation reports: ``report.json`` (machine-readable), ``report.md`` (a person's summary) and the pictures.
+
+A report is one dict (see docs/evaluation.md for the schema)::
+
+    {"model": ..., "data": ..., "split": ..., "created": ..., "qlip_version": ...,
+     "zero_shot": {task: {"top1", "top5", "n", "num_classes", "classnames", "confusion"?}},
+     "linear_probe": {task: {"features", "top1", "l2", "n_train", "n_test", ...}},
+     "recon": {"psnr", "ssim", "lpips", "rfid", "usage", "compression_ratio", ...},
+     "figures": {name: relative PNG path}}
+
+Sections are optional. Non-finite numbers are written as the strings "inf" / "-inf" / "nan" so the JSON stays
+standard. The same row builders feed the Markdown tables and the short tables the CLI prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.{digits}g}" if abs(value) >= 1e4 or (value and abs(value) < 1e-3) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _metric_cell(metric: Mapping[str, Any] | None, digits: int = 4) -> str:
+    if not metric:
+        return "-"
+    return _fmt(metric.get("value"), digits) if metric.get("available") else "unavailable"
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A plain-text table with aligned columns (what the CLI prints)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub-flavoured Markdown table."""
+    if not rows:
+        return "_no rows_"
+    columns = list(columns or rows[0].keys())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def zero_shot_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per zero-shot task: classes, images, top-1, top-5 (or "-" with fewer than 5 classes)."""
+    return [
+        {"task": name, "classes": r.get("num_classes"), "images": r.get("n"), "top1": r.get("top1"),
+         "top5": r.get("top5"), "chance": 1.0 / r["num_classes"] if r.get("num_classes") else None}
+        for name, r in results.items()
+    ]  # fmt: skip
+
+
+def linear_probe_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per probed task: feature kind, top-1, top-5, chosen L2, train/test sizes."""
+    return [
+        {"task": name, "features": r.get("features"), "top1": r.get("top1"), "top5": r.get("top5"),
+         "l2": r.get("l2"), "n_train": r.get("n_train"), "n_test": r.get("n_test")}
+        for name, r in results.items()
+    ]  # fmt: skip
+
+
+def recon_rows(recon: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row of reconstruction metrics ("unavailable" where a feature network had no weights)."""
+    usage = recon.get("usage", {})
+    return [
+        {
+            "images": recon.get("num_images"),
+            "PSNR (dB)": _metric_cell(recon.get("psnr"), 2),
+            "SSIM": _metric_cell(recon.get("ssim")),
+            "LPIPS": _metric_cell(recon.get("lpips")),
+            "rFID": _metric_cell(recon.get("rfid"), 3),
+            "distinct codes": usage.get("distinct_codes"),
+            "code perplexity": usage.get("code_perplexity"),
+            "mean bit entropy": usage.get("mean_bit_entropy"),
+            "CR": recon.get("compression_ratio"),
+        }
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
+    """Write standard JSON atomically (non-finite floats as strings)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def make_figures(
+    report: Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    examples: tuple[torch.Tensor, torch.Tensor] | None = None,
+    run_dir: str | Path | None = None,
+) -> dict[str, str]:
+    """Draw every picture the report's content allows; returns name -> path relative to ``out_dir``.
+
+    Args:
+        report: the report dict (sections as in the module docstring).
+        out_dir: where the PNGs go (``figures/`` under it).
+        examples: (originals, reconstructions) uint8 (K, 3, S, S) for the reconstruction grid.
+        run_dir: a training run directory with ``metrics.jsonl`` for the loss curves.
+    """
+    from . import plots
+
+    out_dir = Path(out_dir)
+    fig_dir = out_dir / "figures"
+    figures: dict[str, str] = {}
+
+    def rel(p: Path) -> str:
+        return p.relative_to(out_dir).as_posix()
+
+    recon = report.get("recon")
+    if examples is not None and examples[0].shape[0] > 0:
+        figures["reconstructions"] = rel(plots.plot_reconstruction_grid(
+            examples[0], examples[1], fig_dir / "reconstructions.png", title=f"{report.get('model', '')}"))  # fmt: skip
+    if recon and "usage" in recon:
+        u = recon["usage"]
+        title = f"per-bit usage ({u['distinct_codes']} distinct codes, perplexity {u['code_perplexity']:.1f})"
+        figures["bit_usage"] = rel(plots.plot_bit_usage(u["bit_mean"], u["bit_entropy"], fig_dir / "bit_usage.png",
+                                                        title=title))  # fmt: skip
+    for task, r in (report.get("zero_shot") or {}).items():
+        if r.get("confusion") is not None and r.get("classnames"):
+            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in task)
+            figures[f"confusion_{task}"] = rel(plots.plot_confusion_matrix(
+                r["confusion"], r["classnames"], fig_dir / f"confusion_{safe}.png",
+                title=f"zero-shot {task}: top-1 {r.get('top1', float('nan')):.3f}"))  # fmt: skip
+    if run_dir is not None:
+        try:
+            figures["loss_curves"] = rel(plots.plot_loss_curves(run_dir, fig_dir / "loss_curves.png"))
+        except (FileNotFoundError, ValueError) as err:
+            logger.warning("no loss curves: %s", err)
+    return figures
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """The Markdown summary of a report dict (figures linked by their relative paths)."""
+    lines = [f"# Evaluation of {report.get('model', '?')}", ""]
+    meta = [("data", report.get("data")), ("split", report.get("split")), ("images", report.get("limit")),
+            ("device", report.get("device")), ("created", report.get("created")),
+            ("qlip", report.get("qlip_version"))]  # fmt: skip
+    lines += [f"* {k}: `{v}`" for k, v in meta if v is not None] + [""]
+    figures = report.get("figures") or {}
+    if report.get("zero_shot"):
+        lines += ["## Zero-shot classification", "",
+                  "Class-name prompts through the templates, averaged per class (cosine similarity, top-k).", "",
+                  markdown_table(zero_shot_rows(report["zero_shot"])), ""]  # fmt: skip
+        for name in report["zero_shot"]:
+            if f"confusion_{name}" in figures:
+                lines += [f"![confusion matrix, {name}]({figures[f'confusion_{name}']})", ""]
+    if report.get("linear_probe"):
+        lines += ["## Linear probe", "",
+                  "Multinomial logistic regression (L-BFGS) on frozen, standardized features; L2 strength chosen on "
+                  "a held-out part of the training split, then refitted on all of it.", "",
+                  markdown_table(linear_probe_rows(report["linear_probe"])), ""]  # fmt: skip
+    recon = report.get("recon")
+    if recon:
+        lines += ["## Reconstruction", "", markdown_table(recon_rows(recon)), ""]
+        for key, label in (("lpips", "LPIPS"), ("rfid", "rFID")):
+            m = recon.get(key) or {}
+            if not m.get("available", True):
+                lines.append(f"* {label} unavailable: {m.get('reason')}")
+            elif m.get("note"):
+                lines.append(f"* {label}: {m['note']}")
+        u = recon.get("usage", {})
+        if u:
+            lines += [
+                f"* tokens: {u['num_tokens']} of {u['num_bits']} bits; {u['distinct_codes']} distinct codes of "
+                f"{u['codebook_size']}; code entropy {u['code_entropy']:.2f} bits (max {u['max_code_entropy']:.2f}), "
+                f"perplexity {u['code_perplexity']:.1f}; mean bit entropy {u['mean_bit_entropy']:.3f}",
+                f"* compression ratio 24 p^2 / d = {recon.get('compression_ratio', float('nan')):.1f}",
+            ]
+        lines.append("")
+        for key, label in (("reconstructions", "originals (top) and reconstructions"), ("bit_usage", "per-bit usage")):
+            if key in figures:
+                lines += [f"![{label}]({figures[key]})", ""]
+    if "loss_curves" in figures:
+        lines += ["## Training curves", "", f"![loss terms and balancing weights]({figures['loss_curves']})", ""]
+    return "\n".join(lines)
+
+
+def write_report(
+    report: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    examples: tuple[torch.Tensor, torch.Tensor] | None = None,
+    run_dir: str | Path | None = None,
+) -> dict[str, Path]:
+    """Draw the pictures, then write ``report.json`` and ``report.md`` into ``out_dir``.
+
+    Returns:
+        ``{"json": path, "markdown": path, **figures}`` (absolute paths).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report["figures"] = {**report.get("figures", {}), **make_figures(report, out_dir, examples=examples,
+                                                                     run_dir=run_dir)}  # fmt: skip
+    json_path = write_json(report, out_dir / "report.json")
+    md_path = out_dir / "report.md"
+    md_path.write_text(render_markdown(report), encoding="utf-8")
+    return {"json": json_path, "markdown": md_path, **{k: out_dir / v for k, v in report["figures"].items()}}
