@@ -42,7 +42,7 @@ from .fid import (
     reference_stats_path,
     stats_cache_key,
 )
-from .inception import FID_WEIGHTS_FILENAME
+from .inception import FID_FEATURE_DIM, FID_WEIGHTS_FILENAME
 from .metrics import metric_available, metric_unavailable, psnr, ssim, to_uint8
 
 logger = logging.getLogger(__name__)
@@ -139,8 +139,9 @@ def evaluate_reconstruction(
     reference: FeatureStats | None = None
     if fid_net is not None and reference_cache_dir is not None and dataset_name:
         reference = _cached_reference(Path(reference_cache_dir), dataset_name, prep)
-    real_acc = StreamingFeatureStats(2048) if fid_net is not None and reference is None else None
-    fake_acc = StreamingFeatureStats(2048) if fid_net is not None else None
+    feature_dim = getattr(fid_net, "feature_dim", FID_FEATURE_DIM)  # a stand-in network may declare a smaller one
+    real_acc = StreamingFeatureStats(feature_dim) if fid_net is not None and reference is None else None
+    fake_acc = StreamingFeatureStats(feature_dim) if fid_net is not None else None
 
     usage = CodeUsageAccumulator(model.num_bits)
     psnrs: list[Tensor] = []
@@ -227,7 +228,7 @@ def _rfid(
         else:
             reference = real_acc.compute()
     result = fid_result(reference, fake_acc.compute())
-    if fake_acc.count < 2048:
+    if fake_acc.count < FID_FEATURE_DIM:
         # Fewer images than feature dimensions: the covariances are singular and FID is strongly biased upwards.
         result["note"] = f"only {fake_acc.count} images (< 2048): compare only with rFIDs over the same number"
     return result
