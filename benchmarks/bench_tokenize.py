@@ -83,6 +83,8 @@ def bench_model(name: str, args: argparse.Namespace, peaks: dict[str, float]) ->
         with torch.no_grad():
             ref_tokens = reference.encode(images)
             ref_pixels = reference.decode(ref_tokens)
+            # |u_k| of every bit on the unit sphere (fp32 reference): how close to flipping each bit is.
+            ref_margin = torch.nn.functional.normalize(reference._latents(images)[1], dim=-1).abs()  # (B, N, d)
         variants: dict[str, Any] = {}
         for spec in args.variants:
             if spec == "reference":
@@ -111,8 +113,11 @@ def bench_model(name: str, args: argparse.Namespace, peaks: dict[str, float]) ->
             pixels = v.decode(ref_tokens)
             t_enc, t_dec = median(times[f"enc:{spec}"]), median(times[f"dec:{spec}"])
             same = tokens == ref_tokens
-            xor = tokens ^ ref_tokens
-            flipped = sum(((xor >> k) & 1).sum().item() for k in range(model.num_bits))
+            xor = (tokens ^ ref_tokens).flatten(1)  # (B, N)
+            shifts = torch.arange(model.num_bits - 1, -1, -1, device=xor.device)
+            flips = ((xor.unsqueeze(-1) >> shifts) & 1).bool()  # (B, N, d), MSB first like the latents
+            flipped = int(flips.sum())
+            worst = ref_margin[flips].max().item() if flipped else 0.0
             enc_dtype = "fp32" if spec == "reference" else v.plan.encoder_mode
             dec_dtype = "fp32" if spec == "reference" else v.plan.decoder_mode
             row = {
@@ -123,6 +128,10 @@ def bench_model(name: str, args: argparse.Namespace, peaks: dict[str, float]) ->
                 "enc_speedup": ref_enc / t_enc if ref_enc else None,
                 "token_agree": same.float().mean().item(),
                 "bit_agree": 1 - flipped / (tokens.numel() * model.num_bits),
+                # Largest |u_k| (unit sphere) of a flipped bit, and the share of bits at least that close to zero:
+                # a trained model whose bits all sit farther from zero than this would lose no token.
+                "flip_max_abs_u": worst,
+                "bits_within_flip_bound": (ref_margin <= worst).float().mean().item() if flipped else 0.0,
                 "dec_img_s": bs / t_dec,
                 "dec_speedup": ref_dec / t_dec if ref_dec else None,
                 "dec_psnr_vs_ref": psnr(pixels, ref_pixels),
@@ -164,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
           f"  load {env['load_average']} -> {[round(x, 2) for x in env['load_average_end']]}")  # fmt: skip
     print(f"# matmul peaks (TFLOP/s): { {k: round(v / 1e12, 3) for k, v in peaks.items()} }")
     print_table(rows, ["model", "batch", "variant", "enc_img_s", "enc_speedup", "token_agree", "bit_agree",
-                       "dec_img_s", "dec_speedup", "dec_psnr_vs_ref", "enc_mfu", "dec_mfu"])  # fmt: skip
+                       "flip_max_abs_u", "dec_img_s", "dec_speedup", "dec_psnr_vs_ref", "enc_mfu",
+                       "dec_mfu"])  # fmt: skip
     write_results("tokenize", {"environment": env, "matmul_peak_flops": peaks, "rows": rows}, args.out)
     return 0
 
