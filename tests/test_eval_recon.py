@@ -144,3 +144,12 @@ def test_compression_ratios_of_the_released_models():
     assert compression_ratio(16, 28) == pytest.approx(219.4, abs=0.05)
     assert compression_ratio(8, 28) == pytest.approx(54.86, abs=0.01)
     assert compression_ratio(14, 28) == pytest.approx(168.0)
+
+
+def test_lpips_path_runs_with_a_network(tiny_model, photo_batches):
+    from qlip.losses.lpips import LPIPS, LPIPSNetwork
+
+    # Random weights only to exercise the plumbing; load_lpips_network never returns such a network.
+    net = LPIPSNetwork(LPIPS(allow_random_weights=True), None)
+    m = evaluate_reconstruction(tiny_model, photo_batches, lpips_network=net).metrics["lpips"]
+    assert m["available"] and m["value"] >= 0 and m["net"] == "vgg16+lpips-v0.1"

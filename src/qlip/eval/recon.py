@@ -96,6 +96,10 @@ def _cached_reference(cache_dir: Path, dataset: str, preprocessing: Mapping[str,
     return FeatureStats.load(path) if stored == stats_cache_key(dataset, preprocessing) else None
 
 
+def _u8_to_pm1(images: Tensor, device: torch.device) -> Tensor:
+    return images.to(device, torch.float32) / 127.5 - 1.0
+
+
 def _mean(values: list[Tensor]) -> float:
     return float(torch.cat(values).mean()) if values else float("nan")
 
@@ -167,9 +171,8 @@ def evaluate_reconstruction(
         recon_u8 = to_uint8(denormalize(recon.float().cpu()))
         psnrs.append(psnr(orig_u8, recon_u8))
         ssims.append(ssim(orig_u8, recon_u8))
-        if lpips_net is not None:
-            to_pm1 = lambda u8: (u8.to(device, torch.float32) / 255.0) * 2.0 - 1.0  # noqa: E731
-            lpipss.append(lpips_net(to_pm1(orig_u8), to_pm1(recon_u8)).float().cpu())
+        if lpips_net is not None:  # on the same uint8 images as PSNR, mapped to LPIPS's [-1, 1]
+            lpipss.append(lpips_net(_u8_to_pm1(orig_u8, device), _u8_to_pm1(recon_u8, device)).float().cpu())
         if fake_acc is not None:
             fake_acc.update(fid_net(recon_u8.to(device)))
             if real_acc is not None:
