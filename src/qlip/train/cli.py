@@ -59,8 +59,11 @@ def _run_balance(args: argparse.Namespace) -> int:
 
 def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train`` and ``balance`` to the ``qlip`` command line."""
-    p = subparsers.add_parser("train", help="train QLIP (stage 1 or 2) from a YAML config",
-                              description="Train QLIP. Example: qlip train configs/shapes-tiny.yaml optim.lr=1e-3")  # fmt: skip
+    p = subparsers.add_parser(
+        "train",
+        help="train QLIP (stage 1 or 2) from a YAML config",
+        description="Train QLIP. Example: qlip train configs/shapes-tiny.yaml optim.lr=1e-3",
+    )
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help=_ARGS_HELP)
     p.set_defaults(func=_run_train)

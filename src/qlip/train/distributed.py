@@ -87,7 +87,8 @@ def wrap_model(model: nn.Module, runtime: Runtime, strategy: str) -> nn.Module:
         try:
             from torch.distributed.fsdp import fully_shard
         except ImportError as e:  # torch < 2.6
-            raise RuntimeError("distributed.strategy=fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard)") from e
+            raise RuntimeError("distributed.strategy=fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard)") \
+                from e
         for part in (getattr(model, "visual", None), getattr(model, "decoder", None), getattr(model, "text", None)):
             if part is not None:
                 for block in part.transformer.blocks:

@@ -4,40 +4,7 @@ The paper starts the visual encoder from EVA-02 / EVA-CLIP and the text encoder 
 understood, each translated key by key into our names by the table :data:`CLIP_KEY_MAP`; every key that finds no
 place (or whose shape differs) is reported, and so is every parameter of the chosen towers left unfilled.
 
-| source layout | source key | our key | how |
-|---|---|---|---|
-| OpenCLIP / OpenAI | ``visual.conv1.weight`` | ``visual.patch_embed.weight`` | copy (no bias in the source) |
-| OpenCLIP / OpenAI | ``visual.class_embedding`` | ``visual.class_embedding`` | copy |
-| OpenCLIP / OpenAI | ``visual.positional_embedding`` | ``visual.pos_embed`` | copy |
-| OpenCLIP / OpenAI | ``visual.transformer.resblocks.{i}.ln_1/ln_2`` | ``visual.transformer.blocks.{i}.norm1/norm2`` | copy |
-| OpenCLIP / OpenAI | ``...resblocks.{i}.attn.in_proj_weight/bias`` | ``...blocks.{i}.attn.q/k/v.weight/bias`` | split in 3 |
-| OpenCLIP / OpenAI | ``...resblocks.{i}.attn.out_proj`` | ``...blocks.{i}.attn.proj`` | copy |
-| OpenCLIP / OpenAI | ``visual.ln_post`` | ``visual.post_norm`` | copy |
-| OpenCLIP / OpenAI | ``visual.proj`` (W, E) | ``visual.proj.weight`` (E, W) | transpose |
-| OpenCLIP / OpenAI | ``[text.]token_embedding.weight`` | ``text.token_embed.weight`` | copy |
-| OpenCLIP / OpenAI | ``[text.]positional_embedding`` | ``text.pos_embed`` | copy |
-| OpenCLIP / OpenAI | ``[text.]transformer.resblocks.{i}.*`` | ``text.transformer.blocks.{i}.*`` | as above; mlp.c_fc/c_proj -> mlp.fc1/fc2 |
-| OpenCLIP / OpenAI | ``[text.]ln_final`` | ``text.final_norm`` | copy |
-| OpenCLIP / OpenAI | ``[text.]text_projection`` (W, E) | ``text.proj.weight`` (E, W) | transpose |
-| EVA-CLIP | ``visual.patch_embed.proj`` | ``visual.patch_embed`` | copy |
-| EVA-CLIP | ``visual.cls_token`` (1, 1, W) | ``visual.class_embedding`` (W) | reshape |
-| EVA-CLIP | ``visual.pos_embed`` (1, 1+N, W) | ``visual.pos_embed`` (1+N, W) | reshape |
-| EVA-CLIP | ``visual.blocks.{i}.norm1/norm2`` | ``visual.transformer.blocks.{i}.norm1/norm2`` | copy |
-| EVA-CLIP | ``visual.blocks.{i}.attn.q_proj/k_proj/v_proj.weight`` | ``...attn.q/k/v.weight`` | copy |
-| EVA-CLIP | ``visual.blocks.{i}.attn.q_bias/v_bias`` | ``...attn.q.bias/v.bias`` | copy |
-| EVA-CLIP | ``visual.blocks.{i}.attn.inner_attn_ln`` | ``...attn.inner_norm`` | copy |
-| EVA-CLIP | ``visual.blocks.{i}.attn.proj`` | ``...attn.proj`` | copy |
-| EVA-CLIP | ``visual.blocks.{i}.mlp.w1/w2/w3/ffn_ln`` | ``...mlp.w1/w2/w3/ffn_norm`` | copy |
-| EVA-CLIP | ``visual.norm`` | ``visual.post_norm`` | copy |
-| EVA-CLIP | ``visual.head`` | ``visual.proj`` | copy |
-| HF CLIPModel | ``vision_model.embeddings.class_embedding / patch_embedding / position_embedding.weight`` | ``visual.class_embedding / patch_embed / pos_embed`` | copy |
-| HF CLIPModel | ``vision_model.encoder.layers.{i}.layer_norm1/2, self_attn.q/k/v/out_proj`` | ``visual.transformer.blocks.{i}.norm1/2, attn.q/k/v/proj`` | copy |
-| HF CLIPModel | ``vision_model.post_layernorm`` | ``visual.post_norm`` | copy |
-| HF CLIPModel | ``visual_projection.weight`` | ``visual.proj.weight`` | copy |
-| HF CLIPModel | ``text_model.embeddings.token_embedding / position_embedding`` | ``text.token_embed / pos_embed`` | copy |
-| HF CLIPModel | ``text_model.encoder.layers.{i}.*`` (mlp.fc1/fc2) | ``text.transformer.blocks.{i}.*`` | copy |
-| HF CLIPModel | ``text_model.final_layer_norm`` / ``text_projection.weight`` | ``text.final_norm`` / ``text.proj.weight`` | copy |
-| all | ``logit_scale`` | ``logit_scale`` | copy |
+The full table (source key -> our key -> transform) is in docs/training.md; :data:`CLIP_KEY_MAP` is its code.
 
 Not placeable by design (reported): the OpenAI / HF vision tower's ``ln_pre`` / ``pre_layrnorm`` (our EVA02
 encoder has none) and its GELU MLP (``c_fc``, ``c_proj`` / ``fc1``, ``fc2``: our visual blocks use SwiGLU); a key
@@ -216,7 +183,9 @@ def read_state_dict_file(path: str | Path) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def load_clip_towers(model: nn.Module, state: dict[str, Tensor], parts: Iterable[str] = ("visual", "text")) -> InitReport:
+def load_clip_towers(
+    model: nn.Module, state: dict[str, Tensor], parts: Iterable[str] = ("visual", "text")
+) -> InitReport:
     """Copy a CLIP-style state dict into ``model``'s visual and/or text towers (and the logit scale).
 
     Args:

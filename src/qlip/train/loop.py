@@ -18,6 +18,7 @@ import logging
 import math
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,8 +163,8 @@ class _Trainer:
         if self.cfg.distributed.strategy == "fsdp" and self.rt.distributed:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-            return get_optimizer_state_dict(self.model, self.optimizer,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # fmt: skip
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(self.model, self.optimizer, options=opts)
         return self.optimizer.state_dict()
 
     def save_checkpoint(self) -> Path | None:
@@ -304,13 +305,17 @@ class _Trainer:
             log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row, %d in total)",
                         self.step, self.nonfinite_in_row, self.skipped_total)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped step still advances the schedule: no "step before optimizer"
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
         if self.model.text is not None and self.model.logit_scale.requires_grad:
             clamp_logit_scale_(self.model.logit_scale, cfg.loss.logit_scale_max)
         if self.disc is not None and self.step >= cfg.loss.gan_start:
             sums.update(self._disc_step(images, recon.detach()))
         if self.disc_scheduler is not None:
-            self.disc_scheduler.step()
+            with warnings.catch_warnings():  # the schedule runs from step 0 although the GAN starts later
+                warnings.simplefilter("ignore", UserWarning)
+                self.disc_scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1

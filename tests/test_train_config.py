@@ -1,0 +1,167 @@
+"""Training configuration, optimizers, schedule and the CLIP-tower key mapping (issue 4, parts 1, 5 and 6)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qlip import create_model
+from qlip.train.config import ConfigError, TrainConfig, load_config, parse_override, split_cli_args
+from qlip.train.init import load_clip_towers, translate_clip_key
+from qlip.train.optim import LAMB, lr_factor, param_groups
+
+torch.set_num_threads(1)
+
+
+def test_defaults_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim: {lr: 1.0e-3, steps: 50}\ndata: {batch_size: 8, shapes: {sizes: [large]}}\n")
+    frag = tmp_path / "frag.yaml"
+    frag.write_text("optim: {steps: 60}\n")
+    cfg = load_config([f, frag], ["optim.lr=3e-4", "data.shapes.rotation_deg=5", "init=null", "stage=2"])
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)  # YAML reads 3e-4 as a float here
+    assert cfg.optim.steps == 60  # the later file wins
+    assert cfg.data.batch_size == 8 and cfg.data.shapes == {"sizes": ["large"], "rotation_deg": 5}
+    assert cfg.stage == 2 and cfg.init is None
+    assert cfg.optim.weight_decay == TrainConfig().optim.weight_decay  # untouched default
+    # the resolved config round-trips
+    out = tmp_path / "resolved.yaml"
+    cfg.save(out)
+    assert load_config(out).to_dict() == cfg.to_dict()
+
+
+def test_unknown_keys_name_the_key_and_list_valid_ones():
+    with pytest.raises(ConfigError, match=r"optim\.lrr.*valid keys under optim: .*lr"):
+        load_config(None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'nosuch'.*model, data"):
+        load_config(None, ["nosuch=1"])
+
+
+def test_type_and_value_errors():
+    with pytest.raises(ConfigError, match="data.batch_size must be an integer"):
+        load_config(None, ["data.batch_size=abc"])
+    with pytest.raises(ConfigError, match="optim.name='sgd'"):
+        load_config(None, ["optim.name=sgd"])
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        load_config(None, ["optim.steps=10", "optim.warmup_steps=20"])
+    with pytest.raises(ConfigError, match="key.subkey=value"):
+        parse_override("optim.lr")
+    with pytest.raises(ConfigError, match="neither a .yaml"):
+        split_cli_args(["configs/x.json"])
+
+
+def test_param_groups_no_decay_and_module_rates():
+    model = create_model("qlip-tiny")
+    cfg = load_config(None, ["optim.lr=1e-3", "optim.lr_text=1e-5", "optim.lr_decoder=2e-3"]).optim
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = [names[id(p)] for g in groups.values() if g["weight_decay"] == 0 for p in g["params"]]
+    assert "logit_scale" in no_decay and "visual.pos_embed" in no_decay and "visual.class_embedding" in no_decay
+    assert "text.token_embed.weight" in no_decay and "visual.transformer.blocks.0.norm1.bias" in no_decay
+    decayed = [names[id(p)] for g in groups.values() if g["weight_decay"] > 0 for p in g["params"]]
+    assert "visual.transformer.blocks.0.mlp.w3.weight" in decayed and "decoder.head.out.weight" in decayed
+    assert groups["text"]["lr"] == 1e-5 and groups["decoder"]["lr"] == 2e-3 and groups["visual"]["lr"] == 1e-3
+    assert groups["bottleneck"]["lr"] == 1e-3
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len(list(model.parameters()))
+
+
+def test_warmup_cosine_schedule():
+    f = [lr_factor(s, steps=100, warmup_steps=10, min_lr_ratio=0.1) for s in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f[100] == pytest.approx(0.1) and all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_lamb_trust_ratio_matches_hand_computation():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    w0 = w.detach().clone()
+    opt = LAMB([w], lr=0.1, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.01)
+    g = torch.randn(4, 3)
+    w.grad = g.clone()
+    opt.step()
+    m_hat, v_hat = g, g * g  # bias-corrected first moments after one step
+    update = m_hat / (v_hat.sqrt() + 1e-6) + 0.01 * w0
+    expected = w0 - 0.1 * (w0.norm() / update.norm()) * update
+    torch.testing.assert_close(w.detach(), expected)
+    # the step size is proportional to ||w||: a layer twice as large moves twice as far
+    assert (w.detach() - w0).norm() == pytest.approx(0.1 * w0.norm().item(), rel=1e-5)
+
+
+def _openclip_state(model, width, text_width, embed_dim):
+    """A synthetic OpenCLIP ViT state dict with the shapes of our tiny model (GELU vision MLP, ln_pre)."""
+    g = model.cfg.vision.grid_size
+    sd = {
+        "visual.conv1.weight": torch.randn(width, 3, 8, 8),
+        "visual.class_embedding": torch.randn(width),
+        "visual.positional_embedding": torch.randn(g * g + 1, width),
+        "visual.ln_pre.weight": torch.randn(width),
+        "visual.ln_post.weight": torch.randn(width),
+        "visual.ln_post.bias": torch.randn(width),
+        "visual.proj": torch.randn(width, embed_dim),
+        "token_embedding.weight": torch.randn(1024, text_width),
+        "positional_embedding": torch.randn(32, text_width),
+        "ln_final.weight": torch.randn(text_width),
+        "ln_final.bias": torch.randn(text_width),
+        "text_projection": torch.randn(text_width, embed_dim),
+        "logit_scale": torch.tensor(4.0),
+    }
+    for i in range(2):
+        for tower, w in (("visual.transformer", width), ("transformer", text_width)):
+            p = f"{tower}.resblocks.{i}"
+            sd[f"{p}.ln_1.weight"], sd[f"{p}.ln_1.bias"] = torch.randn(w), torch.randn(w)
+            sd[f"{p}.ln_2.weight"], sd[f"{p}.ln_2.bias"] = torch.randn(w), torch.randn(w)
+            sd[f"{p}.attn.in_proj_weight"], sd[f"{p}.attn.in_proj_bias"] = torch.randn(3 * w, w), torch.randn(3 * w)
+            sd[f"{p}.attn.out_proj.weight"], sd[f"{p}.attn.out_proj.bias"] = torch.randn(w, w), torch.randn(w)
+            sd[f"{p}.mlp.c_fc.weight"], sd[f"{p}.mlp.c_fc.bias"] = torch.randn(64, w), torch.randn(64)
+            sd[f"{p}.mlp.c_proj.weight"], sd[f"{p}.mlp.c_proj.bias"] = torch.randn(w, 64), torch.randn(w)
+    return sd
+
+
+def test_openclip_layout_is_placed_and_unplaceable_keys_reported():
+    torch.manual_seed(0)
+    model = create_model("qlip-tiny")
+    sd = _openclip_state(model, 32, 32, 32)
+    report = load_clip_towers(model, sd)
+    own = model.state_dict()
+    torch.testing.assert_close(own["visual.proj.weight"], sd["visual.proj"].t())
+    torch.testing.assert_close(own["text.proj.weight"], sd["text_projection"].t())
+    qkv = sd["visual.transformer.resblocks.1.attn.in_proj_weight"]
+    torch.testing.assert_close(own["visual.transformer.blocks.1.attn.q.weight"], qkv[:32])
+    torch.testing.assert_close(own["visual.transformer.blocks.1.attn.v.weight"], qkv[64:])
+    text_qkv_bias = sd["transformer.resblocks.0.attn.in_proj_bias"]
+    torch.testing.assert_close(own["text.transformer.blocks.0.attn.k.bias"], text_qkv_bias[32:64])
+    fc2 = sd["transformer.resblocks.1.mlp.c_proj.weight"]
+    torch.testing.assert_close(own["text.transformer.blocks.1.mlp.fc2.weight"], fc2)
+    torch.testing.assert_close(own["logit_scale"], sd["logit_scale"])
+    unplaced = " ".join(report.unplaced)
+    assert "visual.ln_pre.weight" in unplaced and "visual.transformer.resblocks.0.mlp.c_fc.weight" in unplaced
+    assert "attn.k.bias" in unplaced  # our EVA02 vision attention has no key bias
+    assert "visual.transformer.blocks.0.mlp.w1.weight" in report.unfilled  # SwiGLU stays at its init
+    assert "visual.patch_embed.bias" in report.unfilled  # OpenAI's conv1 has no bias
+    assert not any(k.startswith("text.") for k in report.unfilled)  # the text tower is complete
+
+
+def test_eva_and_hf_layouts_translate():
+    assert translate_clip_key("visual.blocks.3.attn.q_bias")[0][0] == "visual.transformer.blocks.3.attn.q.bias"
+    ffn = "visual.transformer.blocks.0.mlp.ffn_norm.weight"
+    assert translate_clip_key("visual.blocks.0.mlp.ffn_ln.weight")[0][0] == ffn
+    assert translate_clip_key("visual.head.weight")[0][0] == "visual.proj.weight"
+    assert translate_clip_key("text.ln_final.bias")[0][0] == "text.final_norm.bias"
+    assert translate_clip_key("vision_model.encoder.layers.2.self_attn.out_proj.bias")[0][0] == (
+        "visual.transformer.blocks.2.attn.proj.bias")
+    fc1 = "text.transformer.blocks.1.mlp.fc1.weight"
+    assert translate_clip_key("text_model.encoder.layers.1.mlp.fc1.weight")[0][0] == fc1
+    assert translate_clip_key("vision_model.pre_layrnorm.weight") == []
+    # EVA-CLIP cls token / pos embed lose their leading singleton dims
+    model = create_model("qlip-tiny")
+    g = model.cfg.vision.grid_size
+    sd = {"visual.cls_token": torch.randn(1, 1, 32), "visual.pos_embed": torch.randn(1, g * g + 1, 32),
+          "visual.blocks.0.attn.q_proj.weight": torch.randn(32, 32)}
+    report = load_clip_towers(model, sd, parts=("visual",))
+    assert not report.unplaced
+    torch.testing.assert_close(model.visual.class_embedding.detach(), sd["visual.cls_token"].reshape(32))
+    assert math.isclose(float(model.visual.pos_embed[3, 5].detach()), float(sd["visual.pos_embed"][0, 3, 5]))
