@@ -39,13 +39,16 @@ def test_loss_curves_from_a_run_directory(tmp_path):
         for s in range(0, 50, 10)
     ]
     lines.insert(2, '{"step": 15, "loss": ')  # a line cut short by a killed run
+    # the trainer's own record layout: kind, time, loss/<term>, w/<term>; eval records are left out
+    lines.append(json.dumps({"step": 50, "kind": "train", "time": 1.7e9, "loss/mse": 0.05, "w/align": 0.001}))
+    lines.append(json.dumps({"step": 50, "kind": "eval", "time": 1.7e9, "loss/mse": 9.0}))
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     series = plots.read_metrics_jsonl(run / "metrics.jsonl")
-    assert series["loss/mse"][0] == [0.0, 10.0, 20.0, 30.0, 40.0]
+    assert series["loss/mse"] == ([0.0, 10.0, 20.0, 30.0, 40.0, 50.0], [0.1] * 5 + [0.05])
     losses = sorted(k for k in series if plots.is_loss_key(k))
     weights = sorted(k for k in series if plots.is_weight_key(k))
     assert losses == ["loss", "loss/align", "loss/mse"]
-    assert weights == ["alpha_align", "weights/rec"]  # lr and weight decay are neither
+    assert weights == ["alpha_align", "w/align", "weights/rec"]  # lr, weight decay and time are none of them
     _png(plots.plot_loss_curves(run, tmp_path / "curves.png"))
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         plots.plot_loss_curves(tmp_path / "empty", tmp_path / "c.png")

@@ -155,20 +155,22 @@ def is_loss_key(name: str) -> bool:
 
 
 def is_weight_key(name: str) -> bool:
-    """A balancing weight: a name with "weight" (not "weight_decay" / "weight_norm") or starting with "alpha"."""
+    """A balancing weight: ``w/<term>`` (the trainer's names), a name with "weight" (not "weight_decay" /
+    "weight_norm"), or one starting with "alpha"."""
     low = name.lower()
     leaf = low.rsplit("/", 1)[-1]
     if "weight_decay" in low or "weight_norm" in low:
         return False
-    return "weight" in low or leaf.startswith("alpha") or low.startswith("alpha")
+    return low.startswith("w/") or "/w/" in low or "weight" in low or leaf.startswith("alpha")
 
 
-def read_metrics_jsonl(path: str | Path) -> dict[str, tuple[list[float], list[float]]]:
+def read_metrics_jsonl(path: str | Path, kind: str | None = "train") -> dict[str, tuple[list[float], list[float]]]:
     """Series of a run's ``metrics.jsonl``: name -> (steps, values).
 
     Each line is a JSON object with a ``step`` (or ``global_step``) and numeric fields; nested objects are
-    flattened with "/" (``{"loss": {"mse": 0.1}}`` -> ``loss/mse``). Lines that are not JSON (a run killed while
-    writing) are skipped with a warning.
+    flattened with "/" (``{"loss": {"mse": 0.1}}`` -> ``loss/mse``). Records with a ``kind`` other than ``kind``
+    (e.g. the trainer's "eval" records) are left out; records without one are kept. Lines that are not JSON (a run
+    killed while writing) are skipped with a warning.
     """
     path = Path(path)
     series: dict[str, tuple[list[float], list[float]]] = {}
@@ -184,7 +186,9 @@ def read_metrics_jsonl(path: str | Path) -> dict[str, tuple[list[float], list[fl
         if not isinstance(record, dict):
             skipped += 1
             continue
-        flat = _flatten(record)
+        if kind is not None and record.get("kind", kind) != kind:
+            continue
+        flat = _flatten({k: v for k, v in record.items() if k != "time"})
         step = flat.pop("step", flat.pop("global_step", float(line_no)))
         for name, value in flat.items():
             if math.isfinite(value):
