@@ -146,12 +146,12 @@ def test_eval_transform_shape_range_and_center_crop():
     # Center crop offsets: a 10x6 image at size 6 keeps columns 2..7 (round((10 - 6) / 2) = 2).
     arr = np.zeros((6, 10, 3), dtype=np.uint8)
     arr[:, :, 0] = np.arange(10, dtype=np.uint8)[None, :] * 20
-    out = to_uint8(image_transform(6)(Image.fromarray(arr)).unsqueeze(0))[0]
+    out = to_uint8(image_transform(6)(Image.fromarray(arr)).unsqueeze(0))[0].permute(1, 2, 0)
     assert out[0, :, 0].tolist() == [40, 60, 80, 100, 120, 140]
     # Portrait: 5 wide x 9 tall at 5 -> rows 2..6.
     arr = np.zeros((9, 5, 3), dtype=np.uint8)
     arr[:, :, 1] = np.arange(9, dtype=np.uint8)[:, None] * 25
-    out = to_uint8(image_transform(5)(Image.fromarray(arr)).unsqueeze(0))[0]
+    out = to_uint8(image_transform(5)(Image.fromarray(arr)).unsqueeze(0))[0].permute(1, 2, 0)
     assert out[:, 0, 1].tolist() == [50, 75, 100, 125, 150]
 
 
@@ -159,7 +159,7 @@ def test_eval_resize_matches_pil_bicubic_shorter_side():
     img = Image.fromarray(skdata.chelsea())  # 451x300
     x = image_transform(100)(img)
     ref = img.resize((150, 100), Image.Resampling.BICUBIC).crop((25, 0, 125, 100))
-    assert np.array_equal(to_uint8(x.unsqueeze(0))[0].numpy(), np.asarray(ref))
+    assert np.array_equal(to_uint8(x.unsqueeze(0))[0].permute(1, 2, 0).numpy(), np.asarray(ref))
 
 
 def test_denormalize_inverts_normalize():
@@ -169,7 +169,7 @@ def test_denormalize_inverts_normalize():
     assert torch.allclose(denormalize((pixels - mean) / std), pixels, atol=1e-6)
     levels = torch.randint(0, 256, (2, 3, 8, 8))
     x = (levels.float() / 255 - mean) / std
-    assert torch.equal(to_uint8(x), levels.to(torch.uint8).permute(0, 2, 3, 1))
+    assert torch.equal(to_uint8(x), levels.to(torch.uint8))
     assert denormalize(torch.full((3, 2, 2), 100.0)).max() == 1.0
     images = to_pil_images(x)
     assert len(images) == 2 and images[0].mode == "RGB"

@@ -408,8 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_command_registrars():
     """Command groups that live beside their code (data, train, eval, ...)."""
     from .data.cli import add_data_commands
+    from .eval.cli import add_eval_commands
 
-    return [add_data_commands]
+    return [add_data_commands, add_eval_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

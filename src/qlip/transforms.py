@@ -298,14 +298,18 @@ def denormalize(
 def to_uint8(
     x: torch.Tensor, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD
 ) -> torch.Tensor:
-    """Normalized (B, 3, H, W) (or (3, H, W)) -> uint8 channels-last (B, H, W, 3), rounded to the nearest level."""
+    """Normalized (B, 3, H, W) (or (3, H, W)) -> uint8 of the same layout, rounded to the nearest level.
+
+    Channels stay first, like every image tensor in the library (``eval.metrics.psnr`` / ``ssim`` take this layout);
+    :func:`to_pil_images` moves them last for PIL.
+    """
     pixels = denormalize(x.detach().float(), mean, std)
-    return pixels.mul(255.0).round().to(torch.uint8).movedim(-3, -1).contiguous().cpu()
+    return pixels.mul(255.0).round().to(torch.uint8).cpu()
 
 
 def to_pil_images(
     x: torch.Tensor, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD
 ) -> list[Image.Image]:
     """Normalized (B, 3, H, W) (or a single (3, H, W)) -> list of RGB PIL images."""
-    arr = to_uint8(x if x.ndim == 4 else x.unsqueeze(0), mean, std).numpy()
+    arr = to_uint8(x if x.ndim == 4 else x.unsqueeze(0), mean, std).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
     return [Image.fromarray(a) for a in arr]
