@@ -205,3 +205,17 @@ def test_save_pretrained_then_load_gives_identical_outputs(tiny, tmp_path, tiny_
     # saving again over an existing directory replaces it atomically
     tiny.save_pretrained(path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt"]
+
+
+def test_quantizer_bypass_feeds_continuous_latents_to_the_decoder(tiny):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        quantized = tiny(x)
+        bypassed = tiny.set_quantizer_bypass(True)(x)
+    q = bypassed["quantizer"]
+    assert q.loss == 0 and q.commit_loss == 0
+    torch.testing.assert_close(q.codes, torch.nn.functional.normalize(bypassed["latents"], dim=-1))
+    assert torch.equal(q.indices, quantized["quantizer"].indices)  # tokens are still reported
+    assert not torch.allclose(bypassed["reconstruction"], quantized["reconstruction"])
+    tiny.set_quantizer_bypass(False)
+    torch.testing.assert_close(tiny(x)["reconstruction"], quantized["reconstruction"])

@@ -10,6 +10,7 @@ a tokenizer without a text tower, an encoder for understanding, or a decoder tha
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,8 @@ class QLIP(nn.Module):
         self.decoder = VisionDecoder(cfg.decoder) if cfg.decoder is not None else None
         self.text = TextEncoder(cfg.text, cfg.embed_dim) if cfg.text is not None else None
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+        # Ablation switch (paper Table 3c), not part of the config: reconstruct from the continuous latents.
+        self.bypass_quantizer = False
 
     # --- properties ----------------------------------------------------------------------------------------------
     @property
@@ -105,6 +108,15 @@ class QLIP(nn.Module):
         for m in (self.visual, self.decoder, self.text):
             if m is not None:
                 m.transformer.grad_checkpointing = enabled
+        return self
+
+    def set_quantizer_bypass(self, enabled: bool = True) -> QLIP:
+        """Training ablation: the decoder sees the l2-normalized continuous latents instead of the BSQ codes.
+
+        The paper's "quantizer added afterwards" recipe trains stage 1 this way and learns the quantizer in stage 2.
+        Indices and usage statistics are still reported; the BSQ loss terms are zero.
+        """
+        self.bypass_quantizer = enabled
         return self
 
     def set_attention_impl(self, impl: str) -> QLIP:
@@ -230,6 +242,16 @@ class QLIP(nn.Module):
             if self.quantizer is not None:
                 u = self.quant_in(vis.patches)  # (B, N, d)
                 q: BSQOutput = self.quantizer(u)
+                if self.bypass_quantizer:
+                    zero = q.loss.new_zeros(())
+                    q = dataclasses.replace(
+                        q,
+                        codes=F.normalize(u.float(), dim=-1),
+                        loss=zero,
+                        commit_loss=zero,
+                        per_sample_entropy=zero,
+                        codebook_entropy=zero,
+                    )
                 out["latents"] = u
                 out["quantizer"] = q
                 if self.decoder is not None:

@@ -45,6 +45,7 @@ def build_model(cfg: TrainConfig) -> QLIP:
         freeze_for_stage2(model)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     model.set_attention_impl(cfg.model.attention)
+    model.set_quantizer_bypass(cfg.model.bypass_quantizer)
     return model
 
 

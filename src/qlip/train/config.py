@@ -34,6 +34,8 @@ class ModelSection:
         grad_checkpointing: recompute transformer blocks in the backward pass (less memory, ~30% more compute).
         compile: wrap the model in torch.compile.
         attention: "sdpa" (fused) or "reference".
+        bypass_quantizer: ablation (paper Table 3c): stage 1 reconstructs from the continuous l2-normalized latents,
+            and the quantizer is learned afterwards in stage 2.
     """
 
     name: str = "qlip-tiny"
@@ -42,6 +44,7 @@ class ModelSection:
     grad_checkpointing: bool = False
     compile: bool = False
     attention: str = "sdpa"
+    bypass_quantizer: bool = False
 
 
 @dataclass
