@@ -7,6 +7,9 @@
     qlip classify IMAGES... --model M --labels "a dog,a cat"
     qlip tokenizer train CAPTIONS.txt --vocab-size N --out DIR
     qlip data {write-shards,check,preview} ...
+    qlip train CONFIG [a.b=c ...]          qlip balance CONFIG
+    qlip eval {zero-shot,linear-probe,recon,all} ...
+    qlip tokenize --model M --data SRC --out DIR
 """
 
 from __future__ import annotations
@@ -409,8 +412,10 @@ def _extra_command_registrars():
     """Command groups that live beside their code (data, train, eval, ...)."""
     from .data.cli import add_data_commands
     from .eval.cli import add_eval_commands
+    from .tokenize_dataset import add_tokenize_commands
+    from .train.cli import add_train_commands
 
-    return [add_data_commands, add_eval_commands]
+    return [add_data_commands, add_train_commands, add_eval_commands, add_tokenize_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
