@@ -44,7 +44,7 @@ from common import (  # noqa: E402
     write_results,
 )
 
-MODEL = "QLIP-B-16-256"
+DEFAULT_MODEL = "QLIP-B-16-256"
 
 
 def model_flops_per_sample(cfg: Any, stage: int) -> int:
@@ -56,7 +56,7 @@ def model_flops_per_sample(cfg: Any, stage: int) -> int:
 class Step:
     """One training step of a stage, holding the model, losses and optimizers."""
 
-    def __init__(self, stage: int, device: torch.device, precision: str, checkpointing: bool) -> None:
+    def __init__(self, model: str, stage: int, device: torch.device, precision: str, checkpointing: bool) -> None:
         import qlip
         from qlip.losses.adversarial import build_discriminator
         from qlip.losses.contrastive import ClipLoss
@@ -65,7 +65,7 @@ class Step:
         self.stage, self.device = stage, device
         parts = ("vision", "quantizer", "decoder", "text") if stage == 1 else ("vision", "quantizer", "decoder")
         torch.manual_seed(0)
-        self.model = qlip.create_model(MODEL, parts=parts, device=device).train()
+        self.model = qlip.create_model(model, parts=parts, device=device).train()
         self.model.set_grad_checkpointing(checkpointing)
         self.cfg = self.model.cfg
         if stage == 2:
@@ -136,7 +136,7 @@ def run_config(stage: int, checkpointing: bool, args: argparse.Namespace) -> dic
     """Inside the subprocess: warm-up step, timed steps, peak memory; optionally the largest batch."""
     device = torch.device(args.device)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    step = Step(stage, device, args.precision, checkpointing)
+    step = Step(args.model, stage, device, args.precision, checkpointing)
     result: dict[str, Any] = {"stage": stage, "checkpointing": checkpointing, "batch": args.batch}
     try:
         batch = step.batch(args.batch)
@@ -188,6 +188,7 @@ def find_max_batch(step: Step, start: int, cap: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registered name (qlip-tiny for a smoke test)")
     p.add_argument("--stages", default="1,2")
     p.add_argument("--batch", type=int, default=256 if cuda else 4, help="per-device batch (CPU default 4)")
     p.add_argument("--steps", type=int, default=5 if cuda else 2, help="timed steps after one warm-up step")
@@ -208,14 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.device)
     import qlip
 
-    cfg = qlip.get_model_config(MODEL)
+    cfg = qlip.get_model_config(args.model)
     peak = measure_matmul_peak(args.device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
     rows = []
     for stage in (int(s) for s in args.stages.split(",")):
         for ckpt in (c.strip() for c in args.checkpointing.split(",")):
             cmd = [sys.executable, __file__, "--_single", f"{stage}:{ckpt}", "--batch", str(args.batch), "--steps",
                    str(args.steps), "--precision", args.precision, "--device", args.device,
-                   "--max-batch-cap", str(args.max_batch_cap)]  # fmt: skip
+                   "--max-batch-cap", str(args.max_batch_cap), "--model", args.model]  # fmt: skip
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             if args.find_max_batch:
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                            mfu=model_flops_per_sample(cfg, stage) * args.batch / t / peak)  # fmt: skip
             rows.append(row)
     print(f"# {env['date']}  torch {env['torch']}  {env['cpu']}  threads {env['threads']}  device {args.device}"
-          f"  load {env['load_average']}  {MODEL} {args.precision}  matmul peak {peak / 1e12:.3f} TFLOP/s")  # fmt: skip
+          f"  load {env['load_average']}  {args.model} {args.precision}"
+          f"  matmul peak {peak / 1e12:.3f} TFLOP/s")  # fmt: skip
     print_table(rows, ["stage", "checkpointing", "batch", "step_s", "samples_s", "peak_MiB", "mfu", "max_batch",
                        "error"])  # fmt: skip
     write_results("train_step", {"environment": env, "matmul_peak_flops": peak, "rows": rows}, args.out)
