@@ -1,0 +1,135 @@
+"""Execute one (variant, seed) job: train its stages in order, record time and peak memory, evaluate (issue 7).
+
+``python -m qlip.experiments.worker JOB.json`` (what :func:`qlip.experiments.runner.run_job` starts) or
+:func:`execute_job` in-process. Peak memory is ``getrusage(RUSAGE_SELF).ru_maxrss`` read after each stage's training
+and before any evaluation, so in a fresh process it is the training peak of this variant (through that stage).
+``result.json`` is written last and atomically: its presence marks the job as finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..train.config import load_config
+from ..train.logger import read_metrics
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+def _run_stats(run_dir: Path) -> dict[str, Any]:
+    """Throughput and the last logged losses of a training run."""
+    records = read_metrics(run_dir)
+    out: dict[str, Any] = {}
+    rates = [r["samples_per_s"] for r in records[1:] if isinstance(r.get("samples_per_s"), (int, float))]
+    if rates:  # the first interval includes start-up (tokenizer, compile of kernels): left out
+        out["img_per_s"] = statistics.median(rates)
+    if records:
+        for key, value in records[-1].items():
+            if key.startswith(("loss/", "w/")) and isinstance(value, (int, float)):
+                out[key] = float(value)
+    return out
+
+
+def _atomic_write_json(data: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def execute_job(spec: dict[str, Any], *, isolated: bool = True) -> dict[str, Any]:
+    """Train every stage of ``spec`` (see ``runner.job_spec``), evaluate, write and return ``result.json``.
+
+    Args:
+        spec: the job description.
+        isolated: this process runs only this job (then the peak memory is meaningful; otherwise it is None).
+    """
+    from ..train.loop import train
+    from ..train.probe import run_balance_probes
+    from .evaluate import evaluate_model
+
+    directory = Path(spec["dir"])
+    directory.mkdir(parents=True, exist_ok=True)
+    seed = int(spec["seed"])
+    result: dict[str, Any] = {"variant": spec["variant"], "seed": seed, "meta": spec.get("meta", {}), "stages": {}}
+    previous: Path | None = None
+    trained: list[tuple[dict[str, Any], Any, Path]] = []
+    total_train_s = 0.0
+    for stage in spec["stages"]:
+        run_dir = directory / stage["name"]
+        files = list(stage["files"])
+        overrides = list(stage["overrides"]) + [f"seed={seed}", f"run_dir={run_dir}"]
+        if stage["fragment_from_previous"]:
+            if previous is None:
+                raise ValueError(f"stage {stage['name']} takes balance.yaml from a previous stage, but is the first")
+            files.append(str(previous / "balance.yaml"))
+        if stage["init_from_previous"]:
+            if previous is None:
+                raise ValueError(f"stage {stage['name']} starts from a previous stage, but is the first")
+            overrides.append(f"init={previous / 'last'}")
+        cfg = load_config(files, overrides)
+        t0 = time.perf_counter()
+        info: dict[str, Any] = {"steps": cfg.optim.steps if stage["kind"] == "train" else cfg.probe.steps}
+        if stage["kind"] == "probe":
+            probe = run_balance_probes(cfg)
+            info["converged"] = probe.converged
+            info["weights"] = probe.weights
+        else:
+            train(cfg)
+            info.update(_run_stats(run_dir))
+        info["time_s"] = time.perf_counter() - t0
+        info["peak_rss_mb"] = peak_rss_mb() if isolated else None
+        total_train_s += info["time_s"]
+        result["stages"][stage["name"]] = info
+        log.info("%s seed %d: stage %s done in %.1f s", spec["variant"], seed, stage["name"], info["time_s"])
+        if stage["kind"] == "train":
+            trained.append((stage, cfg, run_dir))
+        previous = run_dir
+    result["time_s"] = total_train_s
+    result["peak_rss_mb"] = peak_rss_mb() if isolated else None
+    ev = spec["eval"]
+    metrics: dict[str, Any] = {}
+    for i, (stage, _cfg, run_dir) in enumerate(trained):
+        final = i == len(trained) - 1
+        if not (final or stage["evaluate"]):
+            continue
+        # Every stage is evaluated on the images of the FIRST stage's data config (the same held-out set).
+        data = trained[0][1].data
+        values = evaluate_model(run_dir / "last", data, tasks=list(trained[0][1].eval.tasks), num_eval=ev["num_eval"],
+                                num_probe_train=ev["num_probe_train"], batch_size=ev["batch_size"],
+                                seed=int(spec.get("eval_seed", 0)))  # fmt: skip
+        if final:
+            metrics.update(values)
+        if stage["evaluate"]:
+            metrics.update({f"{stage['name']}/{k}": v for k, v in values.items()})
+    result["metrics"] = metrics
+    _atomic_write_json(result, directory / "result.json")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m qlip.experiments.worker JOB.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spec = json.loads(Path(argv[0]).read_text())
+    execute_job(spec, isolated=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
