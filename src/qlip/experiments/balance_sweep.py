@@ -122,6 +122,7 @@ def run_balance_sweep(settings: Settings) -> dict[str, Any]:
     }
     out = settings.out
     table["done_means"] = done_means_check(rows, default_name)
+    table["done_means"]["label"] = default_row["meta"].get("label", default_name)
     cols = metric_columns(cfg)
     lead = [("a_a : a_r", lambda r: r["meta"].get("label", r["variant"])), ("seeds", lambda r: len(r["seeds"]))]
     md = markdown_table(rows, cols, lead)

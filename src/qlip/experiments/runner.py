@@ -215,4 +215,40 @@ def settings_summary(settings: Settings, cfg: TrainConfig, extra: dict[str, Any]
     """What a table records about how it was made (config, seeds, budget, model, steps, evaluation sizes)."""
     return {"config": settings.config, "seeds": settings.seeds, "budget": settings.budget, "smoke": settings.smoke,
             "model": cfg.model.name, "batch_size": cfg.data.batch_size, "config_steps": cfg.optim.steps,
-            "data": cfg.data.train, "eval": settings.eval, **extra}  # fmt: skip
+            "data": cfg.data.train, "eval": settings.eval, "chance": chance_levels(cfg), "machine": machine_summary(),
+            **extra}  # fmt: skip
+
+
+def chance_levels(cfg: TrainConfig) -> dict[str, float]:
+    """100 / classes of every evaluated shapes task (tasks with one class are not evaluated)."""
+    from ..data.loader import describe_source
+    from ..data.shapes import shapes_tasks
+    from ..train.data import shapes_config
+
+    if describe_source(cfg.data.train) != "shapes":
+        return {}
+    tasks = shapes_tasks(shapes_config(cfg.data, 64))
+    return {t: 100.0 / len(tasks[t].classnames) for t in cfg.eval.tasks if t in tasks and len(tasks[t].classnames) > 1}
+
+
+def machine_summary() -> dict[str, Any]:
+    """Where the numbers were measured (they depend on it: time, memory, and threads)."""
+    import datetime
+    import platform
+
+    import torch
+
+    from .. import __version__
+
+    processor = platform.processor() or platform.machine()
+    try:  # Linux names the CPU model here; platform.processor() often says only "x86_64"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                processor = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "processor": processor,
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "qlip": __version__, "cuda": torch.cuda.is_available(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
