@@ -69,6 +69,7 @@ def _relative(row: dict[str, Any], ref: dict[str, Any], key: str, inverse: bool 
 
 def run_balance_modes(settings: Settings) -> dict[str, Any]:
     """Run (or continue) the four modes; write ``table.json``, ``table.md`` and the plots into ``settings.out``."""
+    settings.freeze()
     cfg = settings.base_config()
     steps = settings.steps(cfg.optim.steps)
     variants = build_variants(settings, steps, cfg.optim.warmup_steps / cfg.optim.steps)

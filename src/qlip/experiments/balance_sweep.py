@@ -98,6 +98,7 @@ def build_variants(settings: Settings, cfg: TrainConfig) -> tuple[list[Variant],
 
 def run_balance_sweep(settings: Settings) -> dict[str, Any]:
     """Run (or continue) the sweep; write ``table.json``, ``table.md`` and the plots into ``settings.out``."""
+    settings.freeze()
     cfg = settings.base_config()
     variants, default_name = build_variants(settings, cfg)
     results = run_variants(settings, variants)

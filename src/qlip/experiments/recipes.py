@@ -23,7 +23,7 @@ from typing import Any
 
 from . import plots
 from .balance_sweep import metric_columns
-from .runner import Settings, Stage, Variant, run_overrides, run_variants, settings_summary
+from .runner import Settings, Stage, Variant, run_overrides, run_variants, settings_summary, snapshot_config
 from .tables import aggregate, markdown_table, write_table
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,10 @@ def build_variants(settings: Settings, stage2_config: str | None) -> tuple[list[
 
 def run_recipes(settings: Settings, stage2_config: str | None = None) -> dict[str, Any]:
     """Run (or continue) the three recipes; write ``table.json``, ``table.md`` and the plots into ``settings.out``."""
-    stage2_config = stage2_config or default_stage2_config(settings.config)
+    stage2_config = stage2_config or default_stage2_config(settings.source_config)
+    settings.freeze()
+    if stage2_config:
+        stage2_config = snapshot_config(stage2_config, settings.out, "stage2-" + Path(stage2_config).name)
     cfg = settings.base_config()
     variants, info = build_variants(settings, stage2_config)
     results = run_variants(settings, variants)

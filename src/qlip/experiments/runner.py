@@ -105,14 +105,20 @@ class Settings:
     isolate: bool = True
     eval: dict[str, int] = field(default_factory=dict)
     threads: int = 0
+    source_config: str = ""
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        self.source_config = self.source_config or self.config
         if not self.seeds:
             raise ValueError("the seed list is empty; pass e.g. --seeds 0,1,2")
         if not 0 < self.budget <= 100:
             raise ValueError(f"budget must be a fraction of the config's steps in (0, 100], got {self.budget}")
         self.eval = {**(SMOKE_EVAL if self.smoke else DEFAULT_EVAL), **self.eval}
+
+    def freeze(self) -> None:
+        """Train every job from a snapshot of the config in ``out/configs/`` (see :func:`snapshot_config`)."""
+        self.config = snapshot_config(self.source_config, self.out, Path(self.source_config).name)
 
     def base_config(self, files: list[str] | None = None) -> TrainConfig:
         """The config the variants start from (smoke overrides applied)."""
@@ -121,6 +127,26 @@ class Settings:
     def steps(self, cfg_steps: int) -> int:
         """A stage's step count under this budget."""
         return SMOKE_STEPS if self.smoke else max(1, round(cfg_steps * self.budget))
+
+
+def snapshot_config(path: str, out: Path, name: str) -> str:
+    """Copy a config into the experiment dir on the first run and use the copy from then on.
+
+    Every job of an experiment (including those run later to continue it) then trains from the same file, even if
+    the original is edited in between; a changed original is reported, not silently mixed in.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    target = out / "configs" / name
+    if target.is_file():
+        if target.read_text() != source.read_text():
+            log.warning("%s changed since this experiment started; continuing with the snapshot %s (use a new --out "
+                        "to run the edited config)", path, target)  # fmt: skip
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(source.read_text())
+    return str(target)
 
 
 def run_overrides(settings: Settings, steps: int, warmup_fraction: float) -> list[str]:
@@ -213,7 +239,8 @@ def run_variants(settings: Settings, variants: list[Variant]) -> list[dict[str, 
 
 def settings_summary(settings: Settings, cfg: TrainConfig, extra: dict[str, Any]) -> dict[str, Any]:
     """What a table records about how it was made (config, seeds, budget, model, steps, evaluation sizes)."""
-    return {"config": settings.config, "seeds": settings.seeds, "budget": settings.budget, "smoke": settings.smoke,
+    return {"config": settings.source_config, "snapshot": settings.config, "seeds": settings.seeds,
+            "budget": settings.budget, "smoke": settings.smoke,
             "model": cfg.model.name, "batch_size": cfg.data.batch_size, "config_steps": cfg.optim.steps,
             "data": cfg.data.train, "eval": settings.eval, "chance": chance_levels(cfg), "machine": machine_summary(),
             **extra}  # fmt: skip
