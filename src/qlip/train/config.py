@@ -65,6 +65,11 @@ class DataSection:
         hflip: random horizontal flip when augmenting (off for shapes: left/right is a label).
         max_bad_fraction: stop when more than this fraction of samples cannot be read.
         shuffle_buffer: shards: block size of the within-slot shuffle.
+        group_by: shapes only: hard-negative batches; part of every batch comes in groups of ``group_size`` images
+            that share these attributes (e.g. ``[color, position]``), so only the others (shape, size) tell the
+            captions of a group apart. Empty = plain batches.
+        group_size: images per group.
+        grouped_fraction: the share of each batch made of groups (the rest is drawn as usual).
     """
 
     train: str = "shapes:easy"
@@ -79,6 +84,9 @@ class DataSection:
     hflip: bool = False
     max_bad_fraction: float = 0.05
     shuffle_buffer: int = 0
+    group_by: list[str] = field(default_factory=list)
+    group_size: int = 8
+    grouped_fraction: float = 0.5
 
 
 @dataclass
@@ -317,6 +325,13 @@ class TrainConfig:
             raise ConfigError(f"checkpoint.ema_decay must lie in [0, 1), got {self.checkpoint.ema_decay}")
         if not 0 < self.probe.tail_fraction <= 1:
             raise ConfigError(f"probe.tail_fraction must lie in (0, 1], got {self.probe.tail_fraction}")
+        if self.data.group_by:
+            if not set(self.data.group_by) <= {"shape", "color", "position", "size"}:
+                raise ConfigError(f"data.group_by={self.data.group_by} may only name shape, color, position, size")
+            if not (self.data.train.startswith("shapes") and 1 <= self.data.group_size <= self.data.batch_size):
+                raise ConfigError("data.group_by needs shapes data and 1 <= data.group_size <= data.batch_size")
+            if not 0 <= self.data.grouped_fraction <= 1:
+                raise ConfigError(f"data.grouped_fraction must lie in [0, 1], got {self.data.grouped_fraction}")
         if self.stop_at is not None and self.stop_at < 1:
             raise ConfigError(f"stop_at must be >= 1 (or null), got {self.stop_at}")
 

@@ -75,7 +75,14 @@ class BatchStream:
         transform = image_transform(image_size, train=data.augment, hflip=data.hflip)
         self.counter = BadSampleCounter(max_bad_fraction=data.max_bad_fraction, name=data.train)
         self.collate = SampleCollator(transform, tokenizer)
-        if self.kind == "shapes":
+        if self.kind == "shapes" and data.group_by:
+            from .grouped import GroupedShapesDataset
+
+            self.dataset = GroupedShapesDataset(shapes_config(data, image_size), seed=seed,
+                                                batch_size=data.batch_size, group_by=data.group_by,
+                                                group_size=data.group_size, grouped_fraction=data.grouped_fraction,
+                                                rank=rank, world_size=world_size)  # fmt: skip
+        elif self.kind == "shapes":
             self.dataset = ShapesDataset(shapes_config(data, image_size), split="train", seed=seed, rank=rank,
                                          world_size=world_size)  # fmt: skip
         else:
