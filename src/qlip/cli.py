@@ -10,6 +10,7 @@
     qlip train CONFIG [a.b=c ...]          qlip balance CONFIG
     qlip eval {zero-shot,linear-probe,recon,all} ...
     qlip tokenize --model M --data SRC --out DIR
+    qlip experiment {balance-sweep,balance-modes,recipes,report} ...
 """
 
 from __future__ import annotations
@@ -412,10 +413,11 @@ def _extra_command_registrars():
     """Command groups that live beside their code (data, train, eval, ...)."""
     from .data.cli import add_data_commands
     from .eval.cli import add_eval_commands
+    from .experiments.cli import add_experiment_commands
     from .tokenize_dataset import add_tokenize_commands
     from .train.cli import add_train_commands
 
-    return [add_data_commands, add_train_commands, add_eval_commands, add_tokenize_commands]
+    return [add_data_commands, add_train_commands, add_eval_commands, add_tokenize_commands, add_experiment_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
