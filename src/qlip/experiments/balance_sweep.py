@@ -148,10 +148,14 @@ def done_means_check(rows: list[dict[str, Any]], default_name: str, zs_points: f
     from .tables import mean
 
     default = next(r for r in rows if r["variant"] == default_name)
-    best_zs = max((mean(r, "zs/mean") for r in rows if math.isfinite(mean(r, "zs/mean"))), default=float("nan"))
-    best_psnr = max((mean(r, "psnr") for r in rows if math.isfinite(mean(r, "psnr"))), default=float("nan"))
+    def best(key: str) -> tuple[float, str | None]:
+        scored = [(mean(r, key), r["variant"]) for r in rows if math.isfinite(mean(r, key))]
+        return max(scored) if scored else (float("nan"), None)
+
+    (best_zs, zs_name), (best_psnr, psnr_name) = best("zs/mean"), best("psnr")
     gap_zs, gap_psnr = best_zs - mean(default, "zs/mean"), best_psnr - mean(default, "psnr")
     return {"default": default_name, "best_zero_shot": best_zs, "best_psnr": best_psnr, "zero_shot_gap": gap_zs,
+            "best_zero_shot_variant": zs_name, "best_psnr_variant": psnr_name,
             "psnr_gap": gap_psnr, "zero_shot_ok": gap_zs <= zs_points, "psnr_ok": gap_psnr <= psnr_db,
             "passed": gap_zs <= zs_points and gap_psnr <= psnr_db}  # fmt: skip
 
