@@ -14,6 +14,8 @@ the model's resolution, so token agreement is measured on images, not noise. Var
 Every variant runs once per round, rounds repeat, medians are reported (robust to a shared machine's load).
 Token agreement: the fraction of token indices (and of bits) equal to the reference's. Decode quality: PSNR of the
 variant's decoded pixels against the reference's (both from the reference tokens), in [0, 1] pixel space.
+``--calibrate-steps N`` first trains the bottleneck's input MLP alone with the BSQ loss on other images (the
+transformer stays random): a stand-in for trained weights, whose bits sit away from zero.
 MFU: analytic matmul FLOPs / measured matmul peak of the variant's dtype on this device (GPU: bf16 peak).
 """
 
@@ -63,6 +65,27 @@ def parse_variant(spec: str) -> dict[str, Any]:
     return {"mode": enc, "decoder_mode": dec or enc, "compile": compile_}
 
 
+def calibrate_bottleneck(model: torch.nn.Module, steps: int, images: torch.Tensor, lr: float = 1e-3) -> dict:
+    """Train only quant_in, for ``steps`` steps, with the BSQ loss on the (frozen, random) encoder's patch features.
+
+    A stand-in for trained weights: the per-sample entropy term of BSQ pushes every bit away from zero, which is
+    what a trained tokenizer's bottleneck does and what decides how many bits reduced precision can flip. The
+    transformer stays random. Calibration images are not the evaluation images.
+    """
+    with torch.no_grad():
+        feats = model.visual(images).patches  # (B, N, W)
+    opt = torch.optim.AdamW(model.quant_in.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = model.quantizer(model.quant_in(feats)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.requires_grad_(False)
+    with torch.no_grad():
+        u = torch.nn.functional.normalize(model.quant_in(feats), dim=-1).abs()
+    return {"steps": steps, "final_loss": float(loss), "median_abs_u": float(u.median()), "min_abs_u": float(u.min())}
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR (dB) between two CLIP-normalized batches, in [0, 1] pixel space."""
     mse = (denormalize(a).clamp(0, 1) - denormalize(b).clamp(0, 1)).pow(2).mean().item()
@@ -73,6 +96,11 @@ def bench_model(name: str, args: argparse.Namespace, peaks: dict[str, float]) ->
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = qlip.create_model(args.model_dir or name, parts=("vision", "quantizer", "decoder"), device=device)
+    calibration = None
+    if args.calibrate_steps:
+        calib_images = shapes_images(args.calibrate_images, model.image_size, seed=1).to(device)
+        calibration = calibrate_bottleneck(model, args.calibrate_steps, calib_images)
+        print(f"# {name}: bottleneck calibrated: {calibration}")
     reference = copy.deepcopy(model).set_attention_impl("reference")
     cfg = model.cfg
     enc_f, dec_f = encoder_flops(cfg), decoder_flops(cfg)
@@ -123,6 +151,7 @@ def bench_model(name: str, args: argparse.Namespace, peaks: dict[str, float]) ->
             row = {
                 "model": name,
                 "batch": bs,
+                "calibrated_bottleneck": calibration,
                 "variant": spec,
                 "enc_img_s": bs / t_enc,
                 "enc_speedup": ref_enc / t_enc if ref_enc else None,
@@ -156,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU targets: 2)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--calibrate-steps", type=int, default=0,
+                   help="train quant_in this many steps with the BSQ loss first (a stand-in for trained weights)")
+    p.add_argument("--calibrate-images", type=int, default=8, help="images (not the evaluation ones) to calibrate on")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/tokenize-<time>.json)")
     args = p.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
