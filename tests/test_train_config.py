@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 def test_defaults_yaml_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("optim: {lr: 1.0e-3, steps: 50}\ndata: {batch_size: 8, shapes: {sizes: [large]}}\n")
+    f.write_text("optim: {lr: 1.0e-3, steps: 50, warmup_steps: 5}\ndata: {batch_size: 8, shapes: {sizes: [large]}}\n")
     frag = tmp_path / "frag.yaml"
     frag.write_text("optim: {steps: 60}\n")
     cfg = load_config([f, frag], ["optim.lr=3e-4", "data.shapes.rotation_deg=5", "init=null", "stage=2"])
@@ -165,3 +165,15 @@ def test_eva_and_hf_layouts_translate():
     assert not report.unplaced
     torch.testing.assert_close(model.visual.class_embedding.detach(), sd["visual.cls_token"].reshape(32))
     assert math.isclose(float(model.visual.pos_embed[3, 5].detach()), float(sd["visual.pos_embed"][0, 3, 5]))
+
+
+def test_qlip_train_cli_reports_config_errors(tmp_path, capsys):
+    from qlip.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim: {steps: 5}\n")
+    assert main(["train", str(cfg), "optim.nosuch=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'optim.nosuch'" in err and "Traceback" not in err
+    assert main(["balance", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
