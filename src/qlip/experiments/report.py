@@ -98,7 +98,9 @@ def _sweep_section(table: Mapping[str, Any], md: str, figs: dict[str, Path], doc
              "Paper (QLIP-B/16, ImageNet zero-shot, rFID, PSNR):", "",
              "| a_a : a_r | zero-shot % | rFID | PSNR dB |", "|---|---|---|---|"]  # fmt: skip
     lines += [f"| {p['label']} | {p['zero_shot']} | {p['rfid']} | {p['psnr']} |" for p in paper.BALANCE_SWEEP]
-    lines += ["", "Ours (shapes held-out split; mean ± std over seeds where several ran):", "", md.strip(), ""]
+    lines += ["", "Ours (shapes held-out split; mean ± std over seeds where several ran; a_q = a_z = 1 throughout, "
+              "0:1 is a_a = 0 with a_r = 1000 so that only the alignment term changes against 1:1000):", "",
+              md.strip(), ""]  # fmt: skip
     lines += [_img(figs[k], doc_dir, k) for k in ("pareto", "vs_ratio") if k in figs]
     lines.append("")
     findings = []
