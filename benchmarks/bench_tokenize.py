@@ -49,10 +49,14 @@ from qlip.transforms import denormalize, image_transform  # noqa: E402
 
 
 def shapes_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    """n shapes-dataset images (hard preset: textures, several shapes) as a CLIP-normalized (n, 3, size, size) batch."""
+    """n shapes-dataset images (hard preset: textures, several shapes) as a CLIP-normalized (n, 3, size, size) batch.
+
+    Shapes are drawn at up to 256 px (the generator's limit) and resized to ``size`` by the eval transform.
+    """
     from qlip.data.shapes import ShapesConfig, ShapesDataset
 
-    ds = ShapesDataset(ShapesConfig.preset("hard", image_size=size), split="val", seed=seed, length=n)
+    config = ShapesConfig.preset("hard", image_size=min(size, 256))
+    ds = ShapesDataset(config, split="val", seed=seed, length=n)
     transform = image_transform(size, train=False)
     return torch.stack([transform(s["image"]) for s in ds])
 
