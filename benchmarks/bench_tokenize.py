@@ -87,7 +87,7 @@ def calibrate_bottleneck(model: torch.nn.Module, steps: int, images: torch.Tenso
     model.requires_grad_(False)
     with torch.no_grad():
         u = torch.nn.functional.normalize(model.quant_in(feats), dim=-1).abs()
-    return {"steps": steps, "final_loss": float(loss), "median_abs_u": float(u.median()), "min_abs_u": float(u.min())}
+    return {"steps": steps, "final_loss": loss.item(), "median_abs_u": float(u.median()), "min_abs_u": float(u.min())}
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
