@@ -80,7 +80,8 @@ def _load_batches(
     bar.close()
 
 
-def _device(name: str | None) -> torch.device:
+def resolve_device(name: str | None) -> torch.device:
+    """``--device`` value -> torch.device (default: cuda if available); a CLIError for unknown/unavailable ones."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -98,14 +99,18 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def _load_model(name: str, device: torch.device, parts: tuple[str, ...] | None = None):
+def load_model(name: str, device: torch.device, parts: tuple[str, ...] | None = None):
+    """create_model with loading problems turned into a CLIError (exit 2, no traceback)."""
     from .checkpoints import CheckpointMismatchError
     from .factory import create_model
 
     try:
-        return create_model(name, parts=parts, device=device)
+        model = create_model(name, parts=parts, device=device)
     except (ValueError, FileNotFoundError, RuntimeError, CheckpointMismatchError) as e:
         raise CLIError(f"cannot load model {name!r}: {e}") from e
+    if getattr(model, "load_report", None) is None:
+        log.warning("%s is a registered architecture: its weights are RANDOM (pass a model directory)", name)
+    return model
 
 
 def _report_bad(errors: list[str]) -> None:
@@ -170,8 +175,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from .transforms import image_transform
 
     files = _expand_images(args.images)
-    device = _device(args.device)
-    model = _load_model(args.model, device, parts=("vision", "quantizer"))
+    device = resolve_device(args.device)
+    model = load_model(args.model, device, parts=("vision", "quantizer"))
     transform = image_transform(model.image_size, train=False)
     tokens, names, bad = [], [], []
     with torch.inference_mode(), _autocast(device):
@@ -229,8 +234,8 @@ def read_token_file(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
 
 def cmd_decode(args: argparse.Namespace) -> int:
     tokens, meta = read_token_file(args.tokens)
-    device = _device(args.device)
-    model = _load_model(args.model, device, parts=("quantizer", "decoder"))
+    device = resolve_device(args.device)
+    model = load_model(args.model, device, parts=("quantizer", "decoder"))
     grid, bits = int(meta.get("grid", -1)), int(meta.get("bits", -1))
     if grid != model.grid_size or bits != model.num_bits:
         raise CLIError(
@@ -264,8 +269,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from .transforms import image_transform, to_uint8
 
     files = _expand_images(args.images)
-    device = _device(args.device)
-    model = _load_model(args.model, device, parts=("vision", "quantizer", "decoder"))
+    device = resolve_device(args.device)
+    model = load_model(args.model, device, parts=("vision", "quantizer", "decoder"))
     transform = image_transform(model.image_size, train=False)
     out_dir = Path(args.out)
     bad, values = [], []
@@ -301,8 +306,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         if "{}" not in t:
             raise CLIError(f"--template {t!r} must contain '{{}}' where the label goes")
     files = _expand_images(args.images)
-    device = _device(args.device)
-    model = _load_model(args.model, device, parts=("vision", "text"))
+    device = resolve_device(args.device)
+    model = load_model(args.model, device, parts=("vision", "text"))
     try:
         tokenizer = get_tokenizer(args.model)
     except (ValueError, FileNotFoundError) as e:

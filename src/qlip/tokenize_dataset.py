@@ -364,15 +364,15 @@ def tokenize_dataset(
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from .cli import CLIError, _device, _load_model
+    from .cli import CLIError, load_model, resolve_device
     from .inference import optimize_for_inference
 
     rank, world_size = _distributed_rank()
-    device = _device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda" and world_size > 1 and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per rank
         torch.cuda.set_device(device)
-    model = _load_model(args.model, device, parts=("vision", "quantizer"))
+    model = load_model(args.model, device, parts=("vision", "quantizer"))
     try:
         fast = optimize_for_inference(model, mode=args.mode, compile=args.compile)
     except ValueError as e:

@@ -22,41 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..cli import CLIError, load_model, resolve_device
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SHAPES_EVAL = 1000  # held-out shapes images when --limit is not given
 DEFAULT_SHAPES_TRAIN = 2000  # shapes training images for the linear probe when --train-limit is not given
 
 
-def _cli_error(message: str) -> Exception:
-    from ..cli import CLIError
-
-    return CLIError(message)
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise _cli_error(f"--device {name!r} is not a device torch knows ({e})") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise _cli_error(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return dev
-
-
 def _load_model(args: argparse.Namespace, parts: tuple[str, ...] | None) -> Any:
-    from ..checkpoints import CheckpointMismatchError
-    from ..factory import create_model
-
-    try:
-        model = create_model(args.model, parts=parts, device=_device(args.device))
-    except (ValueError, FileNotFoundError, RuntimeError, CheckpointMismatchError) as e:
-        raise _cli_error(f"cannot load model {args.model!r}: {e}") from e
-    if getattr(model, "load_report", None) is None:
-        log.warning("%s is a registered architecture: its weights are RANDOM (pass a model directory)", args.model)
-    return model
+    return load_model(args.model, resolve_device(args.device), parts=parts)
 
 
 def _tokenizer(args: argparse.Namespace) -> Any:
@@ -65,7 +40,7 @@ def _tokenizer(args: argparse.Namespace) -> Any:
     try:
         return get_tokenizer(args.model)
     except (ValueError, FileNotFoundError) as e:
-        raise _cli_error(f"zero-shot needs the text tokenizer saved beside the model: {e}") from e
+        raise CLIError(f"zero-shot needs the text tokenizer saved beside the model: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -90,7 +65,7 @@ def open_dataset(data: str, split: str, limit: int | None, image_size: int, *, d
             path = path / split
         dataset = build_dataset(str(path))
     except (FileNotFoundError, ValueError) as e:
-        raise _cli_error(str(e)) from e
+        raise CLIError(str(e)) from e
     if limit is not None and hasattr(dataset, "__len__") and limit < len(dataset):
         # Evenly spaced indices: class folders are sorted by class, so the first N would be a few classes only.
         picks = np.linspace(0, len(dataset) - 1, limit).round().astype(int).tolist()
@@ -142,7 +117,7 @@ def _tasks(dataset: Any, args: argparse.Namespace, model_has_text: bool) -> dict
             wanted = args.task or list(tasks)
             unknown = [t for t in wanted if t not in tasks]
             if unknown:
-                raise _cli_error(f"unknown shapes task(s) {unknown}; choose from {sorted(tasks)}")
+                raise CLIError(f"unknown shapes task(s) {unknown}; choose from {sorted(tasks)}")
             tasks = {t: tasks[t] for t in wanted}
             if args.templates:
                 templates = tuple(load_templates(args.templates))
@@ -157,15 +132,15 @@ def _tasks(dataset: Any, args: argparse.Namespace, model_has_text: bool) -> dict
         elif folder_names:
             names = list(folder_names)
         else:
-            raise _cli_error(f"{args.data} has no class labels; zero-shot and linear probes need a class folder or "
+            raise CLIError(f"{args.data} has no class labels; zero-shot and linear probes need a class folder or "
                              "shapes (captions and shards can only be reconstructed)")  # fmt: skip
         if folder_names and len(names) != len(folder_names):
-            raise _cli_error(f"--classnames gives {len(names)} names but {args.data} has {len(folder_names)} class "
+            raise CLIError(f"--classnames gives {len(names)} names but {args.data} has {len(folder_names)} class "
                              "folders; give one name per folder, in sorted folder order")  # fmt: skip
         templates = load_templates(args.templates or "openai") if model_has_text else ("{}",)
         return {"label": ClassificationTask(tuple(names), tuple(templates), None)}
     except ValueError as e:
-        raise _cli_error(str(e)) from e
+        raise CLIError(str(e)) from e
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -181,7 +156,7 @@ def run_zero_shot(model: Any, args: argparse.Namespace) -> dict[str, Any]:
         return evaluate_zero_shot_tasks(model, tokenizer, batches(dataset, args, model.image_size, args.limit), tasks,
                                         topk=(1, 5), batch_size=max(args.batch_size, 64))  # fmt: skip
     except (ValueError, KeyError) as e:
-        raise _cli_error(str(e)) from e
+        raise CLIError(str(e)) from e
 
 
 def run_linear_probe(model: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -191,7 +166,7 @@ def run_linear_probe(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     test = open_dataset(args.data, args.split, args.limit, size, default_shapes=DEFAULT_SHAPES_EVAL)
     train_source = args.train_data or args.data
     if not _is_shapes(train_source) and not args.train_data and not (Path(args.data) / args.train_split).is_dir():
-        raise _cli_error(f"the linear probe needs a training split: {args.data}/{args.train_split} does not exist; "
+        raise CLIError(f"the linear probe needs a training split: {args.data}/{args.train_split} does not exist; "
                          "pass --train-data DIR (a class folder with the same classes)")  # fmt: skip
     train = open_dataset(train_source, args.train_split, args.train_limit, size, default_shapes=DEFAULT_SHAPES_TRAIN)
     tasks = _tasks(test, args, model_has_text=False)
@@ -208,7 +183,7 @@ def run_linear_probe(model: Any, args: argparse.Namespace) -> dict[str, Any]:
             r = linear_probe(x_tr, y_tr[k], x_te, y_te[k], num_classes=len(task.classnames), seed=args.seed)
             results[task_name] = {"features": args.features, **r}
     except (ValueError, KeyError) as e:
-        raise _cli_error(str(e)) from e
+        raise CLIError(str(e)) from e
     return results
 
 
@@ -226,7 +201,7 @@ def run_recon(model: Any, args: argparse.Namespace) -> tuple[dict[str, Any], tup
             keep_examples=args.num_examples,
         )  # fmt: skip
     except ValueError as e:
-        raise _cli_error(str(e)) from e
+        raise CLIError(str(e)) from e
     return result.metrics, (result.originals, result.reconstructions)
 
 
