@@ -79,8 +79,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def wrap_model(model: nn.Module, runtime: Runtime, strategy: str) -> nn.Module:
-    """DDP (default) or FSDP2 around ``model`` when distributed; the model itself otherwise."""
+def wrap_model(model: nn.Module, runtime: Runtime, strategy: str, find_unused_parameters: bool = False) -> nn.Module:
+    """DDP (default) or FSDP2 around ``model`` when distributed; the model itself otherwise.
+
+    ``find_unused_parameters``: some trainable parameters get no gradient (a loss term switched off, e.g. the
+    single-objective probes of ``qlip balance``); DDP then has to look for them after every backward.
+    """
     if not runtime.distributed:
         return model
     if strategy == "fsdp":
@@ -98,7 +102,7 @@ def wrap_model(model: nn.Module, runtime: Runtime, strategy: str) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
 def all_gather_objects(obj: Any, runtime: Runtime) -> list[Any]:

@@ -133,7 +133,10 @@ class _Trainer:
         self.stream = BatchStream(cfg.data, image_size=self.image_size, tokenizer=self.tokenizer if cfg.stage == 1
                                   else None, seed=cfg.seed, rank=rt.rank, world_size=rt.world_size)  # fmt: skip
         # Wrap before building the optimizer: FSDP2 replaces parameters by sharded ones.
-        self.wrapped = wrap_model(self.model, rt, cfg.distributed.strategy)
+        # A switched-off stage-1 term leaves a whole tower without gradient (text for recon-only, decoder for
+        # align-only); DDP must then be told to expect unused parameters.
+        unused = cfg.stage == 1 and not all(self.balancer.is_active(t) for t in ("align", "recon"))
+        self.wrapped = wrap_model(self.model, rt, cfg.distributed.strategy, find_unused_parameters=unused)
         self.forward_model = torch.compile(self.wrapped) if cfg.model.compile else self.wrapped
         self.optimizer = build_optimizer(param_groups(self.model, cfg.optim), cfg.optim, rt.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
