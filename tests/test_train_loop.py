@@ -141,3 +141,18 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path, caplog):
     # resuming trains from step 2 again
     cfg.optim.steps = 4
     assert train(cfg).step == 4
+
+
+@pytest.mark.parametrize("mode", ["inverse-loss", "grad-norm"])
+def test_online_balancing_modes_log_finite_weights(tmp_path, mode):
+    balance = {"mode": mode, "warmup_steps": 0, "grad_norm_every": 1,
+               "weights": {"align": 1.0, "recon": 1.0, "quant": 1.0, "commit": 1.0}}  # fmt: skip
+    cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "r", optim={"steps": 2, "warmup_steps": 1},
+                                   loss={"balance": balance}))  # fmt: skip
+    train(cfg)
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    for r in recs:
+        weights = {k: v for k, v in r.items() if k.startswith("w/")}
+        assert set(weights) == {"w/align", "w/recon", "w/quant", "w/commit"}
+        assert all(isinstance(v, float) and v > 0 for v in weights.values())
+    assert recs[-1]["w/recon"] != 1.0  # the online rule moved the recon weight away from its base
