@@ -156,6 +156,20 @@ def test_stage2_config_is_found_beside_the_stage1_config(tmp_path):
     assert recipes.default_stage2_config(str(tmp_path / "a.yaml")) == str(tmp_path / "a-stage2.yaml")
 
 
+def test_recipes_scale_stage2_schedule_and_gan_start_with_the_budget(config_file, tmp_path):
+    stage2 = tmp_path / "s2.yaml"
+    stage2.write_text(yaml.safe_dump({"stage": 2, "data": CONFIG["data"], "optim": {"steps": 400, "warmup_steps": 40},
+                                      "loss": {"lpips_weight": 0.0, "gan_start": 200}}))  # fmt: skip
+    settings = Settings(config=str(config_file), out=tmp_path / "out", seeds=[0], budget=0.1, isolate=False)
+    variants, info = recipes.build_variants(settings, str(stage2))
+    assert info["stage1_steps"] == 10 and info["stage2_steps"] == 40 and info["stage2_gan_start"] == 20
+    two = next(v for v in variants if v.name == "two-stage")
+    cfg2 = load_config(two.stages[1].files, two.stages[1].overrides)
+    assert cfg2.stage == 2 and cfg2.optim.steps == 40 and cfg2.loss.gan_start == 20 and cfg2.optim.warmup_steps == 4
+    one = next(v for v in variants if v.name == "one-stage")
+    assert load_config(one.stages[0].files, one.stages[0].overrides).optim.steps == 50
+
+
 # ------------------------------------------------------------------------------------------------ running
 
 

@@ -60,7 +60,9 @@ def build_variants(settings: Settings, stage2_config: str | None) -> tuple[list[
     s2 = settings.steps(cfg2.optim.steps) if stage2_config else max(1, s1 // 2)
     warm2 = cfg2.optim.warmup_steps / cfg2.optim.steps
     base1 = run_overrides(settings, s1, warm1)
-    base2 = run_overrides(settings, s2, warm2) + extra2
+    # The GAN's start step is a step count of the stage-2 schedule: scale it with the budget like the schedule.
+    gan_start = 0 if settings.smoke else round(cfg2.loss.gan_start * s2 / cfg2.optim.steps)
+    base2 = run_overrides(settings, s2, warm2) + extra2 + [f"loss.gan_start={gan_start}"]
 
     def stage1(extra: list[str], steps: int = s1, evaluate: bool = True) -> Stage:
         overrides = base1 if steps == s1 else run_overrides(settings, steps, warm1)
@@ -74,7 +76,8 @@ def build_variants(settings: Settings, stage2_config: str | None) -> tuple[list[
         Variant("one-stage", [stage1([], steps=s1 + s2, evaluate=False)], settings.seeds,
                 {"label": "(3) one stage, all steps", "note": ONE_STAGE_NOTE}),
     ]  # fmt: skip
-    info = {"stage1_steps": s1, "stage2_steps": s2, "stage2_config": stage2_config or "derived: " + " ".join(extra2)}
+    info = {"stage1_steps": s1, "stage2_steps": s2, "stage2_gan_start": gan_start,
+            "stage2_config": stage2_config or "derived: " + " ".join(extra2)}  # fmt: skip
     return variants, info
 
 

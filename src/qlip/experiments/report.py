@@ -9,6 +9,7 @@ Runs made with ``--smoke`` or a reduced ``--budget`` are labelled as such at the
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -117,11 +118,20 @@ def _sweep_section(table: Mapping[str, Any], md: str, figs: dict[str, Path], doc
     if dm:
         verdict = "MET" if dm["passed"] else "NOT MET"
         findings.append(
-            f"* Issue 7 criterion ({verdict}): the default ({dm.get('label', dm['default'])}) is "
+            f"* Issue 7 criterion ({verdict}): the default, {dm.get('label', dm['default'])}, is "
             f"{_fmt(dm['zero_shot_gap'])} points below the best mean zero-shot ({_fmt(dm['best_zero_shot'])}%; "
             f"allowed 5; best: {dm.get('best_zero_shot_variant')}) and {_fmt(dm['psnr_gap'], 2)} dB below the best "
             f"PSNR ({_fmt(dm['best_psnr'], 2)} dB; allowed 1; best: {dm.get('best_psnr_variant')})."
         )
+    chance = table["settings"].get("chance") or {}
+    learned = []
+    for task, level in chance.items():
+        above = [r["meta"].get("label", r["variant"]) for r in rows if mean(r, f"zs/{task}") > level + 10]
+        learned.append(f"{task}: {', '.join(above) if above else 'none'}")
+    if learned:
+        findings.append("* Zero-shot more than 10 points above chance, per task (which ratios learned what): "
+                        + "; ".join(learned) + ". The linear probe on the same CLS features (table) shows how much "
+                        "of each attribute the image side holds regardless of the text side.")  # fmt: skip
     paper_row = _row(rows, "1:1000")
     if paper_row is not None:
         best_zs = max(mean(r, "zs/mean") for r in rows)
@@ -144,7 +154,9 @@ def _modes_section(table: Mapping[str, Any], md: str, figs: dict[str, Path], doc
              "weighting (GradNorm and the like) was avoided because it needs an extra backward through the decoder "
              "to the last shared layer, with a large time and memory cost.", "", md.strip(), ""]  # fmt: skip
     lines += [_img(figs[k], doc_dir, k) for k in ("quality", "cost", "pareto") if k in figs]
-    lines.append("")
+    lines += ["", "Times are wall-clock on the machine named above; where other jobs share its cores (as during the "
+              "recorded runs) they vary by tens of percent between otherwise identical runs, so compare the peak "
+              "memory and the step-time ratios, not single seconds.", ""]  # fmt: skip
     findings = []
     fixed, grad = _row(rows, "fixed"), _row(rows, "grad-norm")
     if fixed and grad:
@@ -178,6 +190,15 @@ def _recipes_section(table: Mapping[str, Any], md: str, figs: dict[str, Path], d
     lines.append("")
     findings = []
     two, after, one = _row(rows, "two-stage"), _row(rows, "quantizer-after"), _row(rows, "one-stage")
+    st = table["settings"]
+    if "stage2_gan_start" in st:
+        findings.append(f"* Stage 2 ran {st['stage2_steps']} steps with the GAN from step {st['stage2_gan_start']} "
+                        f"({st['stage2_config']}).")  # fmt: skip
+    else:
+        findings.append(f"* Stage 2 ran {st.get('stage2_steps')} steps ({st.get('stage2_config')}); this table "
+                        "predates the budget-scaled GAN start, so the stage-2 config's own gan_start applied: when "
+                        "it exceeds the stage-2 steps (200 > 40 for configs/shapes-tiny-stage2.yaml at budget 0.1) "
+                        "the GAN never ran and stage 2 was MSE + BSQ only.")  # fmt: skip
     if two:
         d = mean(two, "psnr") - mean(two, "stage1/psnr")
         dz = mean(two, "zs/mean") - mean(two, "stage1/zs/mean")
@@ -214,6 +235,8 @@ def write_results_page(results: str | Path, doc: str | Path, *, assets: str | Pa
                                 f"modes/ or recipes/); run `qlip experiment balance-sweep --out {results}/balance ...` "
                                 "first")  # fmt: skip
     tables = {k: read_table(d / "table.json") for k, d in found.items()}
+    archs = {json.dumps(t["settings"]["architecture"], sort_keys=True) for t in tables.values()
+             if t["settings"].get("architecture") is not None}  # fmt: skip
     first = next(iter(tables.values()))["settings"]
     default_cmds = [f"qlip experiment {name} --config {first['config']} --out {results / key}"
                     for key, name in EXPERIMENTS]  # fmt: skip
@@ -222,6 +245,9 @@ def write_results_page(results: str | Path, doc: str | Path, *, assets: str | Pa
              "Commands:", "", "```bash", *(commands or default_cmds),
              f"qlip experiment report --results {results} --doc {doc} --assets {assets}", "```", "",
              f"Machine: {_machine(first)}.", "",
+             *(["**Warning: the experiments below used different model architectures** (the registered model "
+                "config changed between them); compare numbers only within one section.", ""] if len(archs) > 1
+               else []),
              "The full set (the commands' defaults: budget 0.3 of the config's steps for every stage-1 run, half "
              "that for the probes and a derived stage 2; seeds 0,1,2 for the sweep's default and extremes, seed 0 "
              "for the modes and recipes: 14 sweep runs, 4 mode runs, 3 recipes with 5 training stages, 2 probe pairs; "

@@ -243,7 +243,19 @@ def settings_summary(settings: Settings, cfg: TrainConfig, extra: dict[str, Any]
             "budget": settings.budget, "smoke": settings.smoke,
             "model": cfg.model.name, "batch_size": cfg.data.batch_size, "config_steps": cfg.optim.steps,
             "data": cfg.data.train, "eval": settings.eval, "chance": chance_levels(cfg), "machine": machine_summary(),
-            **extra}  # fmt: skip
+            "architecture": architecture(cfg), **extra}  # fmt: skip
+
+
+def architecture(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The model config behind ``model.name`` (registered names can change between experiments: record it)."""
+    from ..factory import get_model_config
+
+    try:
+        arch = get_model_config(cfg.model.name)
+    except ValueError:
+        return None
+    return {k: getattr(arch, k).__dict__ if hasattr(getattr(arch, k), "__dict__") else getattr(arch, k)
+            for k in ("vision", "quantizer", "decoder", "text") if getattr(arch, k, None) is not None}  # fmt: skip
 
 
 def chance_levels(cfg: TrainConfig) -> dict[str, float]:
