@@ -53,15 +53,14 @@ def cpu_has_native_bf16() -> bool:
 def resolve_mode(mode: str, device: torch.device) -> str:
     """Turn ``mode`` ("auto" included) into the concrete precision used on ``device``.
 
-    "auto" picks bf16 on CUDA and on CPUs with native bf16, float32 elsewhere. It never picks int8: int8 is the
-    fastest CPU path but flips the most bits (see docs/benchmarks.md), so it is opt-in.
+    "auto" matches ``qlip encode``: bf16 autocast on CUDA, float32 elsewhere, so that on CPU the tokens are the
+    exact float32 ones by default. bf16 (faster on CPUs with native bf16, see :func:`cpu_has_native_bf16`) and int8
+    (the fastest CPU path, but it flips the most bits; see docs/benchmarks.md) are opt-in.
     """
     if mode not in MODES:
         raise ValueError(f"unknown inference mode {mode!r}; choose one of {MODES}")
     if mode == "auto":
-        if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
-            return "bf16"
-        return "fp32"
+        return "bf16" if device.type == "cuda" else "fp32"
     if mode == "int8" and device.type != "cpu":
         raise ValueError(
             f"mode='int8' (dynamic int8 Linear layers) runs on CPU only, but the model is on {device}; "

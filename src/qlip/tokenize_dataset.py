@@ -405,7 +405,8 @@ def add_tokenize_commands(subparsers: Any) -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--shard-size", type=int, default=10_000, help="samples per shard (whole batches)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--mode", default="auto", choices=("auto", "fp32", "bf16", "int8"), help="encoder precision")
+    p.add_argument("--mode", default="auto", choices=("auto", "fp32", "bf16", "int8"),
+                   help="encoder precision; auto = bf16 on CUDA, exact float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (static shapes)")
     p.add_argument("--limit", type=int, default=None, help="at most this many samples (required for shapes)")
     p.add_argument("--caption-template", default=None, help='class folders: caption such as "a photo of a {}."')
