@@ -42,9 +42,10 @@ def test_unknown_keys_name_the_key_and_list_valid_ones():
 def test_type_and_value_errors():
     with pytest.raises(ConfigError, match="data.batch_size must be an integer"):
         load_config(None, ["data.batch_size=abc"])
-    with pytest.raises(ConfigError, match="eval.every=50 cannot be used with distributed.strategy=fsdp"):
+    with pytest.raises(ConfigError, match="eval.every=50 .* cannot be used with distributed.strategy=fsdp"):
         load_config(None, ["distributed.strategy=fsdp", "eval.every=50"])
-    assert load_config(None, ["distributed.strategy=fsdp", "eval.every=0"]).distributed.strategy == "fsdp"
+    fsdp = ["distributed.strategy=fsdp", "eval.every=0", "eval.at_end=false"]
+    assert load_config(None, fsdp).distributed.strategy == "fsdp"
     with pytest.raises(ConfigError, match="optim.name='sgd'"):
         load_config(None, ["optim.name=sgd"])
     with pytest.raises(ConfigError, match="warmup_steps"):

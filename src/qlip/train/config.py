@@ -334,11 +334,12 @@ class TrainConfig:
                 raise ConfigError(f"data.grouped_fraction must lie in [0, 1], got {self.data.grouped_fraction}")
         if self.stop_at is not None and self.stop_at < 1:
             raise ConfigError(f"stop_at must be >= 1 (or null), got {self.stop_at}")
-        if self.distributed.strategy == "fsdp" and self.eval.every:
-            # The periodic checks run a forward on rank 0 alone; sharded parameters need every rank in it.
+        if self.distributed.strategy == "fsdp" and (self.eval.every or self.eval.at_end):
+            # The in-training checks run a forward on rank 0 alone; sharded parameters need every rank in it.
             raise ConfigError(
-                f"eval.every={self.eval.every} cannot be used with distributed.strategy=fsdp (the in-training checks "
-                "run on rank 0 only and would hang): set eval.every=0 and run `qlip eval` on run_dir/last afterwards"
+                f"eval.every={self.eval.every} / eval.at_end={self.eval.at_end} cannot be used with "
+                "distributed.strategy=fsdp (the in-training checks run on rank 0 only and would hang): set "
+                "eval.every=0 eval.at_end=false and run `qlip eval` on run_dir/last afterwards"
             )
 
     # --- conversions ---------------------------------------------------------------------------------------------
