@@ -219,23 +219,3 @@ def test_quantizer_bypass_feeds_continuous_latents_to_the_decoder(tiny):
     assert not torch.allclose(bypassed["reconstruction"], quantized["reconstruction"])
     tiny.set_quantizer_bypass(False)
     torch.testing.assert_close(tiny(x)["reconstruction"], quantized["reconstruction"])
-
-
-def test_conv_stem_option_builds_trains_and_is_validated():
-    from qlip.config import QLIPConfig
-
-    cfg = get_model_config("qlip-tiny")
-    cfg.vision.stem = "conv"
-    model = QLIP(QLIPConfig.from_dict(cfg.to_dict()))
-    x = torch.randn(2, 3, 32, 32)
-    out = model(x)
-    assert model.encode(x).shape == (2, 4, 4)
-    out["reconstruction"].square().mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.visual.patch_embed.parameters())
-    bad = cfg.to_dict()
-    bad["vision"] = {**bad["vision"], "patch_size": 6, "image_size": 36}
-    bad["decoder"] = {**bad["decoder"], "patch_size": 6, "image_size": 36}
-    with pytest.raises(ValueError, match="power-of-two"):
-        QLIPConfig.from_dict(bad)
-    with pytest.raises(ValueError, match="stem"):
-        QLIPConfig.from_dict({**cfg.to_dict(), "vision": {**cfg.to_dict()["vision"], "stem": "resnet"}})

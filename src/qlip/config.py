@@ -43,10 +43,6 @@ class VisionConfig(ViTConfig):
     """The image encoder (spec section 2); its CLS token feeds the contrastive projection."""
 
     proj_bias: bool = True  # the visual projection has a bias in the released models
-    # "patch": one p x p stride-p convolution (EVA02, the released models). "conv": stride-2 3x3 convolutions down to
-    # the patch grid, then a 1x1 projection ("early convolutions", Xiao et al. 2021): helps small ViTs trained from
-    # scratch pick up local shape; needs a power-of-two patch size.
-    stem: str = "patch"
 
 
 @dataclass
@@ -130,12 +126,6 @@ class QLIPConfig:
                 raise ValueError(
                     f"{self.name}: {part} head dim {cfg.width // cfg.heads} must be a multiple of 4 for 2-D RoPE"
                 )
-        if self.vision is not None:
-            v = self.vision
-            if v.stem not in ("patch", "conv"):
-                raise ValueError(f"{self.name}: vision.stem must be 'patch' or 'conv', got {v.stem!r}")
-            if v.stem == "conv" and (v.patch_size < 2 or v.patch_size & (v.patch_size - 1)):
-                raise ValueError(f"{self.name}: vision.stem 'conv' needs a power-of-two patch size, got {v.patch_size}")
         if self.text is not None and self.text.width % self.text.heads:
             raise ValueError(f"{self.name}: text.width {self.text.width} is not divisible by heads {self.text.heads}")
         if self.decoder is not None and self.quantizer is not None and self.quant_post_width != self.decoder.width:

@@ -20,23 +20,6 @@ class VisionOutput:
     layers: list[Tensor]  # (B, 1 + N, width) outputs of the blocks asked for with ``return_layers``
 
 
-class ConvStem(nn.Module):
-    """log2(p) stride-2 3x3 convolutions (BatchNorm-free: GroupNorm + GELU), then a 1x1 projection to the width."""
-
-    def __init__(self, patch_size: int, width: int):
-        super().__init__()
-        layers: list[nn.Module] = []
-        ch_in, ch = 3, max(width // 2 ** (patch_size.bit_length() - 1), 16)
-        for _ in range(patch_size.bit_length() - 1):
-            layers += [nn.Conv2d(ch_in, ch, 3, stride=2, padding=1), nn.GroupNorm(1, ch), nn.GELU()]
-            ch_in, ch = ch, min(ch * 2, width)
-        self.convs = nn.Sequential(*layers)
-        self.proj = nn.Conv2d(ch_in, width, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(self.convs(x))  # (B, W, g, g)
-
-
 class VisionEncoder(nn.Module):
     """Patch embedding, CLS token, absolute positions, RoPE blocks; ``embed`` maps CLS to the contrastive space."""
 
@@ -44,10 +27,7 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         w, g = cfg.width, cfg.grid_size
-        if cfg.stem == "conv":
-            self.patch_embed = ConvStem(cfg.patch_size, w)
-        else:
-            self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.class_embedding = nn.Parameter(torch.randn(w) * w**-0.5)
         self.pos_embed = nn.Parameter(torch.randn(g * g + 1, w) * 0.02)
         # The CLS token (position 0) is not rotated: rope shift 1.
