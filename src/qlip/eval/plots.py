@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 _DPI = 110
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG (creating folders) and close it; every qlip picture goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=_DPI, bbox_inches="tight")
@@ -82,7 +83,7 @@ def plot_reconstruction_grid(
         axes[2 * r + 1, 0].set_title("reconstruction", fontsize=8, loc="left")
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bit_usage(
@@ -106,7 +107,7 @@ def plot_bit_usage(
     ax.set_ylim(0, 1.1)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title or "per-bit usage", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(
@@ -135,7 +136,7 @@ def plot_confusion_matrix(
                     ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=6,
                             color="white" if rows[i, j] > 0.5 else "black")  # fmt: skip
     ax.set_title(title or "confusion matrix", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -232,4 +233,4 @@ def plot_loss_curves(run_dir: str | Path, path: str | Path, *, title: str = "") 
         ax.legend(fontsize=7, ncol=2)
     axes[-1, 0].set_xlabel("step")
     fig.suptitle(title or run_dir.name, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -14,21 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")  # headless
-
-import matplotlib.pyplot as plt  # noqa: E402
-
-_DPI = 110
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
-    plt.close(fig)
-    return path
+from ..eval.plots import save_figure  # also selects the headless Agg backend
 
 
 def _stat(row: Mapping[str, Any], key: str) -> tuple[float, float]:
@@ -76,7 +64,7 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | Path, *, x: str =
     ax.set_ylabel("mean zero-shot top-1 (%)" if y == "zs/mean" else y)
     ax.set_title(title or "zero-shot vs reconstruction")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def ratio_positions(ratios: Sequence[float]) -> tuple[list[float], list[float], list[str]]:
@@ -120,7 +108,7 @@ def plot_metrics_vs_ratio(rows: Sequence[Mapping[str, Any]], path: str | Path, m
         fig.legend(handles, names, loc="upper right", fontsize=8)
     fig.suptitle(title or "metrics against a_a : a_r")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bars(rows: Sequence[Mapping[str, Any]], path: str | Path, metrics: Sequence[tuple[str, str]],
@@ -143,4 +131,4 @@ def plot_bars(rows: Sequence[Mapping[str, Any]], path: str | Path, metrics: Sequ
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
