@@ -156,3 +156,17 @@ def test_online_balancing_modes_log_finite_weights(tmp_path, mode):
         assert set(weights) == {"w/align", "w/recon", "w/quant", "w/commit"}
         assert all(isinstance(v, float) and v > 0 for v in weights.values())
     assert recs[-1]["w/recon"] != 1.0  # the online rule moved the recon weight away from its base
+
+
+def test_one_stage_recipe_trains_the_gan_in_stage_1(tmp_path):
+    """Stage-1 weights may list gan (the "all losses at once" recipe): the discriminator is built and trained."""
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "run", checkpoint={"every": 0, "export": False},
+                       loss={"gan_start": 0, "balance": {"weights": {"align": 1.0, "recon": 1000.0, "quant": 1.0,
+                                                                      "commit": 1.0, "gan": 0.1}}})
+    result = train(load_config(cfg, None))
+    assert result.step == 3
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["kind"] == "train"][-1]
+    assert isinstance(last["loss/gan"], float) and isinstance(last["loss/align"], float)
+    assert last["w/gan"] == pytest.approx(0.1)
+    assert any(k.startswith("loss/disc") for k in last), sorted(last)  # the discriminator stepped too

@@ -86,12 +86,13 @@ def build_balancer(cfg: TrainConfig) -> LossBalancer:
 
 
 def build_lpips(cfg: TrainConfig, balancer: LossBalancer, device: torch.device) -> nn.Module | None:
-    """The LPIPS network for stage 2, from local files; a clear start-up error when it is wanted but absent."""
-    if cfg.stage != 2 or not balancer.is_active("lpips"):
+    """The LPIPS network when its weight is active (stage 2 by default; stage 1 when loss.balance.weights lists
+    it, e.g. the one-stage recipe), from local files; a clear start-up error when it is wanted but absent."""
+    if "lpips" not in balancer.active_terms:
         return None
     if not (cfg.loss.lpips_vgg and cfg.loss.lpips_lin):
         raise ConfigError(
-            "stage 2 uses LPIPS (weight > 0) but no weight files are configured: set loss.lpips_vgg=PATH/"
+            f"stage {cfg.stage} uses LPIPS (weight > 0) but no weight files are configured: set loss.lpips_vgg=PATH/"
             "vgg16-397923af.pth and loss.lpips_lin=PATH/vgg.pth (nothing is downloaded), or turn it off with "
             "loss.lpips_weight=0"
         )
@@ -101,7 +102,8 @@ def build_lpips(cfg: TrainConfig, balancer: LossBalancer, device: torch.device) 
 
 
 def build_gan(cfg: TrainConfig, balancer: LossBalancer, image_size: int, device: torch.device) -> nn.Module | None:
-    if cfg.stage != 2 or not balancer.is_active("gan"):
+    """The discriminator when the GAN weight is active (stage 2 by default, or listed in stage-1 weights)."""
+    if "gan" not in balancer.active_terms:
         return None
     return build_discriminator(cfg.loss.disc, image_size, width=cfg.loss.disc_width,
                                layers=cfg.loss.disc_layers).to(device)  # fmt: skip
