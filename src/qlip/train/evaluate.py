@@ -15,21 +15,17 @@ from PIL import Image
 from ..eval.metrics import psnr
 from ..models.qlip import QLIP
 from ..quantizers.bsq import usage_stats
-from ..transforms import denormalize
+from ..transforms import to_uint8
 
 log = logging.getLogger(__name__)
 
 USED_BIT_ENTROPY = 0.9  # a bit counts as used when its usage entropy over the held-out set exceeds this (bits)
 
 
-def _to_uint8_chw(x: torch.Tensor) -> torch.Tensor:
-    return denormalize(x.float()).mul(255.0).round().to(torch.uint8).cpu()  # (B, 3, H, W)
-
-
 def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | Path) -> Path:
     """Two rows: originals on top, reconstructions below (CLIP-normalized inputs)."""
-    top = _to_uint8_chw(originals).permute(0, 2, 3, 1).numpy()  # (n, H, W, 3)
-    bottom = _to_uint8_chw(recons).permute(0, 2, 3, 1).numpy()
+    top = to_uint8(originals).permute(0, 2, 3, 1).numpy()  # (n, H, W, 3)
+    bottom = to_uint8(recons).permute(0, 2, 3, 1).numpy()
     grid = np.concatenate([np.concatenate(list(top), axis=1), np.concatenate(list(bottom), axis=1)], axis=0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +57,7 @@ def evaluate(model: QLIP, batches: Sequence[Mapping[str, Any]], *, tokenizer: An
             with autocast:
                 recon = model.reconstruct(images).float()
                 all_indices.append(model.encode(images, output="indices").reshape(-1).cpu())
-            scores.append(psnr(_to_uint8_chw(images), _to_uint8_chw(recon)))
+            scores.append(psnr(to_uint8(images), to_uint8(recon)))
             if first is None:
                 first = (images[:grid_images].cpu(), recon[:grid_images].cpu())
         values = torch.cat(scores)
