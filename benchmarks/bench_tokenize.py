@@ -100,6 +100,7 @@ def bench_model(name: str, args: argparse.Namespace, peaks: dict[str, float]) ->
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = qlip.create_model(args.model_dir or name, parts=("vision", "quantizer", "decoder"), device=device)
+    name = model.cfg.name  # with --model-dir, the loaded model's own name (not the --models default)
     calibration = None
     if args.calibrate_steps:
         calib_images = shapes_images(args.calibrate_images, model.image_size, seed=1).to(device)
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if torch.device(args.device).type == "cuda" or qlip.inference.cpu_has_native_bf16():
         peaks["bf16"] = measure_matmul_peak(args.device, torch.bfloat16)
     rows = []
-    for name in args.models.split(","):
+    for name in [args.model_dir] if args.model_dir else args.models.split(","):
         rows.extend(bench_model(name.strip(), args, peaks))
     # Measured again at the end and the best kept: a neighbour's burst during one measurement would inflate MFU.
     peaks = {k: max(v, measure_matmul_peak(args.device, {"fp32": torch.float32, "bf16": torch.bfloat16}[k]))

@@ -110,6 +110,26 @@ def test_reduced_precision_flips_few_bits(model: qlip.QLIP, images: torch.Tensor
     assert (pixels - model.decode(model.encode(images))).abs().max().item() < 0.5
 
 
+def test_bf16_keeps_float32_where_bits_are_decided(model: qlip.QLIP, images: torch.Tensor) -> None:
+    """bf16 runs the matmuls in bf16 but keeps the residual streams in float32, and the fast encoder's patch
+    embedding (raw pixels) fully in float32: the two largest sources of flipped bits (docs/benchmarks.md 2.5)."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.visual(images).patches.dtype == torch.float32
+        seen = []
+        hook = model.decoder.transformer.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+        model.decode(model.encode(images))
+        hook.remove()
+    assert seen == [torch.float32]
+    fast = optimize_for_inference(model, mode="bf16")
+    embedded = []
+    hook = fast.model.visual.patch_embed.register_forward_hook(lambda m, args, out: embedded.append(out))
+    fast.encode(images)
+    hook.remove()
+    with torch.no_grad():
+        expected = model.visual.patch_embed(images)
+    assert embedded[0].dtype == torch.float32 and torch.equal(embedded[0], expected)
+
+
 def test_model_left_untouched(model: qlip.QLIP, images: torch.Tensor) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fast = optimize_for_inference(model, mode="int8", decoder_mode="int8")

@@ -113,6 +113,23 @@ class InferencePlan:
     refine_margin: float | None
 
 
+class Float32Island(nn.Module):
+    """Runs ``inner`` in float32 with autocast off, whatever the surrounding precision (inputs cast to float32).
+
+    Used for the encoder's patch embedding in the bf16 path: it is a conv on the raw pixels (<1% of the encoder's
+    FLOPs), and rounding those pixels and its weights to bf16 is the largest single source of flipped token bits
+    (docs/benchmarks.md, section 2.5).
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.inner(x.float())
+
+
 def _quantize_linears_int8(module: nn.Module) -> nn.Module:
     """Dynamic int8 quantization of every nn.Linear (weights int8 per tensor, activations quantized on the fly)."""
     import warnings
@@ -182,9 +199,14 @@ class FastQLIP:
             return self.model.quant_in(patches).float()  # (B, N, d)
 
     def _decode_codes(self, codes: Tensor) -> Tensor:
-        """Codes (B, N, d) -> pixels (B, 3, S, S) float32, CLIP-normalized."""
-        with self._autocast(self.plan.decoder_mode):
-            return self.model.decoder(self.model.quant_out(codes)).float()
+        """Codes (B, N, d) -> pixels (B, 3, S, S) float32, CLIP-normalized.
+
+        A bf16 decoder holds its weights in bf16 and runs without autocast (no per-call weight casts): no token can
+        flip on this side, and the pixels stay within ~60 dB of the float32 decoder's (docs/benchmarks.md).
+        """
+        dtype = torch.bfloat16 if self.plan.decoder_mode == "bf16" else torch.float32
+        with torch.autocast(self.device.type, enabled=False):
+            return self.model.decoder(self.model.quant_out(codes.to(dtype))).float()
 
     # --- token API --------------------------------------------------------------------------------------------
     def latents(self, images: Tensor) -> Tensor:
@@ -304,9 +326,14 @@ def optimize_for_inference(
     if refine_margin is not None and enc_mode != "fp32" and fast.visual is not None:
         reference = _token_parts(fast)  # float32 encoder kept beside the reduced-precision one
         reference.decoder = reference.quant_out = None
+    if enc_mode == "bf16" and fast.visual is not None:
+        fast.visual.patch_embed = Float32Island(fast.visual.patch_embed)
     if enc_mode == "int8" and fast.visual is not None:
         _quantize_linears_int8(fast.visual)
         _quantize_linears_int8(fast.quant_in)
+    if dec_mode == "bf16" and fast.decoder is not None and fast.quant_out is not None:
+        fast.decoder.to(torch.bfloat16)
+        fast.quant_out.to(torch.bfloat16)
     if dec_mode == "int8" and fast.decoder is not None:
         _quantize_linears_int8(fast.decoder)
         _quantize_linears_int8(fast.quant_out)

@@ -41,9 +41,11 @@ class VisionEncoder(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (size, size):
             raise ValueError(f"expected images of shape (B, 3, {size}, {size}), got {tuple(images.shape)}")
         x = self.patch_embed(images)  # (B, W, g, g)
-        x = rearrange(x, "b c h w -> b (h w) c")  # (B, N, W), row-major patches
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, W)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)  # (B, 1 + N, W)
+        # The residual stream keeps the parameters' precision: float32 under bf16 autocast (only the matmuls run in
+        # bf16), bf16 only if the model itself was cast. A bf16 stream flips ~3x more token bits (docs/benchmarks.md).
+        x = rearrange(x, "b c h w -> b (h w) c").to(self.pos_embed.dtype)  # (B, N, W), row-major patches
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)  # (B, 1, W)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1 + N, W)
         out = self.transformer(x, self.rope, return_layers=return_layers)
         x, layers = out if return_layers else (out, [])
         return VisionOutput(cls=x[:, 0], patches=x[:, 1:], layers=layers)
