@@ -130,6 +130,24 @@ class Float32Island(nn.Module):
             return self.inner(x.float())
 
 
+def _fuse_projections(module: nn.Module) -> None:
+    """Fuse q/k/v and SwiGLU's w1/w2 into single matmuls everywhere under ``module`` (reduced-precision copies)."""
+    for m in list(module.modules()):
+        if hasattr(m, "fuse_projections"):
+            m.fuse_projections()
+
+
+def _linears_to_bf16(module: nn.Module) -> None:
+    """Store every Linear's weights in bf16, so that autocast finds them cast already (it would recast per call).
+
+    Autocast rounds weights to bf16 the same way, so the outputs are unchanged; LayerNorms, embeddings and the
+    residual stream keep float32.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            m.to(torch.bfloat16)
+
+
 def _quantize_linears_int8(module: nn.Module) -> nn.Module:
     """Dynamic int8 quantization of every nn.Linear (weights int8 per tensor, activations quantized on the fly)."""
     import warnings
@@ -328,10 +346,14 @@ def optimize_for_inference(
         reference.decoder = reference.quant_out = None
     if enc_mode == "bf16" and fast.visual is not None:
         fast.visual.patch_embed = Float32Island(fast.visual.patch_embed)
+        _fuse_projections(fast.visual)
+        _linears_to_bf16(fast.visual)
+        _linears_to_bf16(fast.quant_in)
     if enc_mode == "int8" and fast.visual is not None:
         _quantize_linears_int8(fast.visual)
         _quantize_linears_int8(fast.quant_in)
     if dec_mode == "bf16" and fast.decoder is not None and fast.quant_out is not None:
+        _fuse_projections(fast.decoder)
         fast.decoder.to(torch.bfloat16)
         fast.quant_out.to(torch.bfloat16)
     if dec_mode == "int8" and fast.decoder is not None:

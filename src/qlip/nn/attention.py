@@ -47,9 +47,28 @@ class Attention(nn.Module):
         self.v = nn.Linear(width, width)
         self.inner_norm = nn.LayerNorm(width, eps=eps) if subln else nn.Identity()
         self.proj = nn.Linear(width, width)
+        self.qkv: nn.Linear | None = None  # set by fuse_projections() (inference copies only)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Replace q, k, v by one (width -> 3 width) Linear: one matmul and one input cast instead of three.
+
+        For inference copies (the fast paths of qlip.inference): the state dict changes shape. Same math, but a
+        differently blocked matmul rounds differently, so the exact float32 paths do not use it.
+        """
+        q, k, v = self.q, self.k, self.v
+        fused = nn.Linear(q.in_features, 3 * q.out_features, device=q.weight.device, dtype=q.weight.dtype)
+        fused.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+        k_bias = k.bias if k.bias is not None else torch.zeros_like(q.bias)
+        fused.bias.copy_(torch.cat([q.bias, k_bias, v.bias]))
+        self.qkv = fused
+        del self.q, self.k, self.v
 
     def forward(self, x: Tensor, rope: nn.Module | None = None) -> Tensor:
-        q, k, v = (rearrange(f(x), "b n (h d) -> b h n d", h=self.heads) for f in (self.q, self.k, self.v))
+        if self.qkv is not None:
+            q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        else:
+            q, k, v = (rearrange(f(x), "b n (h d) -> b h n d", h=self.heads) for f in (self.q, self.k, self.v))
         if rope is not None:
             q, k = rope(q), rope(k)
         if self.impl == "sdpa":

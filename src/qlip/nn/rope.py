@@ -52,9 +52,13 @@ class Rope2D(torch.nn.Module):
     def __init__(self, head_dim: int, grid: int, pretrain_grid: int = 16, shift: int = 0):
         super().__init__()
         cos, sin = rope_2d_tables(head_dim, grid, pretrain_grid)
+        # The ``shift`` leading tokens (the CLS token) are left unrotated by identity rows (cos 1, sin 0) in front of
+        # the tables: x * 1 + rotated * 0 is exactly x, with no split and concatenation of the sequence per call.
+        cos = torch.cat([torch.ones(shift, head_dim), cos])
+        sin = torch.cat([torch.zeros(shift, head_dim), sin])
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        self.shift = shift  # number of leading tokens (the CLS token) left unrotated
+        self.shift = shift
 
     def forward(self, x: Tensor) -> Tensor:
-        return apply_rope(x, self.cos, self.sin, self.shift)
+        return apply_rope(x, self.cos, self.sin)
