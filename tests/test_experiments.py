@@ -262,7 +262,9 @@ def test_results_page_from_tables(recipes_out, tmp_path):
     text = page.read_text()
     assert "REDUCED BUDGET" in text and "SMOKE RUN" in text  # each section says how it was run
     assert "| 1:1000 | 74.3 | 35.3 | 24.5 |" in text  # the paper's Table 3a beside ours
-    assert "Issue 7 criterion (NOT MET)" in text  # 1:1000: 3 points below the best zero-shot but 1.4 dB below PSNR
+    assert "Issue 7 criterion (NOT MET)" in text  # 1:1000: 3 points below the best zero-shot but 1.2 dB below PSNR
+    assert "PSNR gap of the default to 0:1: +1.20 dB" in text  # the page says why, with the numbers
+    assert "meet both conditions themselves: none" in text
     assert "+48.00 pts (clear" in text  # 1:0 vs 0:1 zero-shot, spread 1.41 over two seeds
     assert "1:3" in text and "shape 12.5%" in text
     assert (tmp_path / "docs" / "results" / "recipes_quality.png").is_file()
