@@ -38,7 +38,7 @@ class VisionDecoder(nn.Module):
         g, p = self.cfg.grid_size, self.cfg.patch_size
         if latents.ndim != 3 or latents.shape[1] != g * g:
             raise ValueError(f"expected decoder latents (B, {g * g}, {self.cfg.width}), got {tuple(latents.shape)}")
-        x = latents.to(self.pos_embed.dtype) + self.pos_embed  # (B, N, W); float32 stream under autocast, as the encoder
+        x = latents.to(self.pos_embed.dtype) + self.pos_embed  # (B, N, W); float32 stream under autocast, as encoder
         x = self.transformer(x, self.rope)
         x = self.head(self.norm(x))  # (B, N, 3 p p), each token ordered (channel, row, col)
         return rearrange(x, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=g, w=g, c=3, p1=p, p2=p)
