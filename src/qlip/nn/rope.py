@@ -37,11 +37,8 @@ def rotate_pairs(x: Tensor) -> Tensor:
     return torch.stack((-x1, x0), dim=-1).flatten(-2)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, shift: int = 0) -> Tensor:
-    """Rotate the tokens ``shift:`` of x (B, H, N, Dh) by the tables (N - shift, Dh); tokens before stay as they are."""
-    if shift:
-        head, tail = x[:, :, :shift], x[:, :, shift:]
-        return torch.cat([head, apply_rope(tail, cos, sin)], dim=2)
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate every token of x (B, H, N, Dh) by its row of the tables (N, Dh); an identity row leaves it as it is."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_pairs(x) * sin
 
@@ -58,7 +55,6 @@ class Rope2D(torch.nn.Module):
         sin = torch.cat([torch.zeros(shift, head_dim), sin])
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        self.shift = shift
 
     def forward(self, x: Tensor) -> Tensor:
         return apply_rope(x, self.cos, self.sin)
