@@ -19,7 +19,7 @@ from ..train.build import balance_config
 from ..train.config import TrainConfig
 from . import plots
 from .runner import Settings, Stage, Variant, run_overrides, run_variants, settings_summary
-from .tables import aggregate, markdown_table, write_table
+from .tables import CRITERION_PSNR_DB, CRITERION_ZS_POINTS, aggregate, markdown_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,8 @@ def run_balance_sweep(settings: Settings) -> dict[str, Any]:
     return table
 
 
-def done_means_check(rows: list[dict[str, Any]], default_name: str, zs_points: float = 5.0,
-                     psnr_db: float = 1.0) -> dict[str, Any]:  # fmt: skip
+def done_means_check(rows: list[dict[str, Any]], default_name: str, zs_points: float = CRITERION_ZS_POINTS,
+                     psnr_db: float = CRITERION_PSNR_DB) -> dict[str, Any]:  # fmt: skip
     """Issue 7's criterion: the default within ``zs_points`` of the best zero-shot AND ``psnr_db`` of the best PSNR."""
     from .tables import mean
 

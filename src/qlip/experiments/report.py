@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paper, plots
-from .tables import mean, read_table
+from .tables import mean, read_table, within_criterion
 
 EXPERIMENTS = (("balance", "balance-sweep"), ("modes", "balance-modes"), ("recipes", "recipes"))
 FULL_BUDGET = 0.3  # the commands' default budget: the full set of issue 7 (about 2 h on a 2-core CPU)
@@ -165,8 +165,7 @@ def _criterion_gap(rows: Sequence[Mapping[str, Any]], dm: Mapping[str, Any],
     if not dm["psnr_ok"] and default is not None:
         _, noise_txt = compare(_row(rows, dm["best_psnr_variant"]), default, "psnr", rows, " dB")
         out.append(f"* PSNR gap of the default to {dm['best_psnr_variant']}: {noise_txt}.")
-    meets = [r["meta"].get("label", r["variant"]) for r in rows
-             if dm["best_zero_shot"] - mean(r, "zs/mean") <= 5.0 and dm["best_psnr"] - mean(r, "psnr") <= 1.0]
+    meets = within_criterion(rows, dm["best_zero_shot"], dm["best_psnr"])
     out.append("* Ratios of this sweep that meet both conditions themselves: "
                + (", ".join(meets) if meets else "none") + ".")  # fmt: skip
     return out
@@ -194,10 +193,7 @@ def _sweep_agreement(table: Mapping[str, Any]) -> list[str]:
         first = collapsed[0]["meta"]["ratio"] if collapsed else None
         where = f"from 1:{first:g} on" if first is not None else "at no finite ratio"
         same = first is not None and first >= 1e4
-        best_zs = max(mean(r, "zs/mean") for r in rows)
-        top_psnr = max(mean(r, "psnr") for r in rows)
-        both = [r["meta"]["label"] for r in rows
-                if best_zs - mean(r, "zs/mean") <= 5 and top_psnr - mean(r, "psnr") <= 1]  # fmt: skip
+        both = within_criterion(rows, max(mean(r, "zs/mean") for r in rows), max(mean(r, "psnr") for r in rows))
         keeps = (f"ratios within 5 points of the best zero-shot and 1 dB of the best PSNR: {', '.join(both)}"
                  if both else "no ratio is within 5 points of the best zero-shot and 1 dB of the best PSNR")
         out.append(f"* {'Agrees' if same else 'Differs'}: zero-shot is at chance {where} (paper: only from 1:10^4; "

@@ -82,6 +82,18 @@ def mean(row: Mapping[str, Any], key: str) -> float:
     return m["mean"] if m is not None else float("nan")
 
 
+# Issue 7's criterion: within this many zero-shot points of the sweep's best AND this many dB of its best PSNR.
+CRITERION_ZS_POINTS = 5.0
+CRITERION_PSNR_DB = 1.0
+
+
+def within_criterion(rows: Sequence[Mapping[str, Any]], best_zs: float, best_psnr: float) -> list[str]:
+    """Labels of the rows within CRITERION_ZS_POINTS of ``best_zs`` and CRITERION_PSNR_DB of ``best_psnr``."""
+    return [r["meta"].get("label", r["variant"]) for r in rows
+            if best_zs - mean(r, "zs/mean") <= CRITERION_ZS_POINTS
+            and best_psnr - mean(r, "psnr") <= CRITERION_PSNR_DB]  # fmt: skip
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, int]],
                    lead: Sequence[tuple[str, Any]] = ()) -> str:  # fmt: skip
     """A Markdown table: ``lead`` columns (header, row -> text) then metric ``columns`` (header, key, digits)."""
