@@ -261,8 +261,7 @@ def _recipes_section(table: Mapping[str, Any], md: str, figs: dict[str, Path], d
     else:
         findings.append(f"* Stage 2 ran {st.get('stage2_steps')} steps ({st.get('stage2_config')}); this table "
                         "predates the budget-scaled GAN start, so the stage-2 config's own gan_start applied: when "
-                        "it exceeds the stage-2 steps (200 > 40 for configs/shapes-tiny-stage2.yaml at budget 0.1) "
-                        "the GAN never ran and stage 2 was MSE + BSQ only.")  # fmt: skip
+                        "it exceeds the stage-2 steps the GAN never ran and stage 2 was MSE + BSQ only.")  # fmt: skip
     if two:
         d = mean(two, "psnr") - mean(two, "stage1/psnr")
         dz = mean(two, "zs/mean") - mean(two, "stage1/zs/mean")
