@@ -41,6 +41,24 @@ def test_every_registered_config_builds(name):
     assert model.decoder(torch.empty(1, n, cfg.decoder.width, device="meta")).shape == x.shape
 
 
+@pytest.mark.parametrize("k_bias", [False, True])
+def test_fused_projections_compute_the_same(k_bias):
+    """fuse_projections (inference copies) keeps the math of separate q/k/v and w1/w2, k-bias-free heads included."""
+    import copy
+
+    from qlip.nn.mlp import SwiGLU
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    attn, mlp = Attention(32, 2, k_bias=k_bias, subln=True), SwiGLU(32, 48)
+    for module, args in ((attn, (x, Rope2D(16, 2, shift=1))), (mlp, (x,))):
+        randomize_(module)
+        fused = copy.deepcopy(module)
+        fused.fuse_projections()
+        assert not hasattr(fused, "q") and not hasattr(fused, "w1")  # the separate layers are gone
+        torch.testing.assert_close(fused(*args), module(*args), atol=1e-5, rtol=1e-5)
+
+
 def test_sdpa_equals_reference_attention():
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 2, 4, 10, 16).unbind(0)
