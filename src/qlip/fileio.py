@@ -1,0 +1,96 @@
+"""How every qlip command writes a file: atomically, with the permissions the user's umask gives.
+
+A file is written under a temporary name in its own folder and renamed into place, so a crash or a kill leaves
+either the old file or the new complete one. ``tempfile.mkstemp`` / ``mkdtemp`` create 0600 files and 0700
+folders whatever the umask; the helpers here set the mode the user would get from ``open()`` / ``mkdir`` instead,
+so colleagues can read model directories, token files and checkpoints like any other output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it for longer than one call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """The mode ``mkdir`` would give a new folder."""
+    return 0o777 & ~current_umask()
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename inside ``directory`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any], durable: bool = False) -> Path:
+    """Call ``write(tmp)`` to fill a temporary file beside ``path``, then rename it over ``path``.
+
+    Args:
+        path: the final file.
+        write: writes the content to the path it is given (safetensors ``save_file``, ``torch.save``, ...).
+        durable: fsync the file and its folder, so the rename survives a power cut (checkpoints).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, file_mode())
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if durable:
+            fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, durable: bool = False) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), durable=durable)
+
+
+def write_text_atomic(path: str | Path, text: str, durable: bool = False) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable=durable)
+
+
+def write_json_atomic(path: str | Path, payload: Any, durable: bool = False) -> Path:
+    return write_text_atomic(path, json.dumps(payload, indent=1) + "\n", durable=durable)
+
+
+def make_temp_dir(parent: str | Path, prefix: str) -> Path:
+    """A new temporary folder inside ``parent`` with the umask's permissions (``mkdtemp`` gives 0700)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, dir_mode())
+    return tmp

@@ -1,0 +1,47 @@
+"""fileio: atomic writes that follow the umask (mkstemp/mkdtemp alone give 0600 / 0700)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from qlip.fileio import atomic_write, make_temp_dir, write_json_atomic, write_text_atomic
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def _mode(p) -> int:
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_files_follow_umask(tmp_path, umask_022):
+    p = write_text_atomic(tmp_path / "a" / "x.txt", "hi")
+    assert p.read_text() == "hi" and _mode(p) == 0o644
+    os.umask(0o077)
+    q = write_json_atomic(tmp_path / "y.json", {"a": 1})
+    assert _mode(q) == 0o600
+    d = make_temp_dir(tmp_path, ".t-")
+    assert _mode(d) == 0o700
+    os.umask(0o022)
+    assert _mode(make_temp_dir(tmp_path, ".t-")) == 0o755
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "x.bin"
+    target.write_bytes(b"old")
+
+    def boom(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(target, boom, durable=True)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
