@@ -8,8 +8,17 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from qlip.cli import main, read_token_file
+from qlip.cli import main
 from qlip.factory import create_model
+from qlip.tokenfile import read_token_file
+
+
+def _raw(path):
+    """(tensors, metadata) of a safetensors file as stored."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +45,10 @@ def test_encode_decode_round_trip_over_real_images(model_dir, image_files, tmp_p
     captured = capsys.readouterr()
     assert rc == 1  # the corrupt file is reported and the run exits non-zero, the good ones are still written
     assert "corrupt.jpg" in captured.err
-    tokens, meta = read_token_file(out)
-    assert tokens.shape == (4, 4, 4) and meta["bits"] == "8" and meta["grid"] == "4"
-    assert json.loads(meta["files"]) == [str(p) for p in good]
-    assert int(tokens.max()) < 2**8
+    tf = read_token_file(out)
+    assert tf.tokens.shape == (4, 4, 4) and tf.spec.bits == 8 and tf.spec.grid == 4
+    assert tf.keys == [p.name for p in good]
+    assert int(tf.tokens.max()) < 2**8
 
     assert main(["decode", str(out), "--model", model_dir, "--out", str(tmp_path / "dec")]) == 0
     pngs = sorted(p.name for p in (tmp_path / "dec").iterdir())
@@ -57,15 +66,16 @@ def test_encode_decode_round_trip_over_real_images(model_dir, image_files, tmp_p
 def test_encode_bits_and_decode_them(model_dir, image_files, tmp_path):
     out = tmp_path / "bits.safetensors"
     assert main(["encode", str(image_files["rgb"]), "--model", model_dir, "--out", str(out), "--output", "bits"]) == 0
-    bits, meta = read_token_file(out)
-    assert bits.shape == (1, 4, 4, 8) and meta["kind"] == "bits"
+    tf = read_token_file(out)
+    assert tf.tokens.shape == (1, 4, 4, 8) and tf.kind == "bits"
     assert main(["decode", str(out), "--model", model_dir, "--out", str(tmp_path / "d")]) == 0
 
 
 def test_decode_rejects_wrong_grid_and_out_of_range_indices(model_dir, image_files, tmp_path, capsys):
     out = tmp_path / "t.safetensors"
     main(["encode", str(image_files["rgb"]), "--model", model_dir, "--out", str(out)])
-    tokens, meta = read_token_file(out)
+    tensors, meta = _raw(out)
+    tokens = tensors["indices"]
     bad = tmp_path / "bad.safetensors"
     save_file({"indices": tokens + 256}, str(bad), metadata=meta)
     assert main(["decode", str(bad), "--model", model_dir, "--out", str(tmp_path / "x")]) == 2

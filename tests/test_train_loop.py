@@ -10,7 +10,7 @@ import torch
 
 import qlip
 from qlip.train.checkpoint import find_resume_checkpoint
-from qlip.train.cli import main
+from qlip.cli import main
 from qlip.train.config import load_config
 from qlip.train.loop import NonFiniteLossError, train
 from train_helpers import load_ckpt, write_config
@@ -20,11 +20,11 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def stage1_run(tmp_path_factory):
-    """3 steps of stage 1 through `python -m qlip.train`'s main(), exporting run_dir/last."""
+    """3 steps of stage 1 through `qlip train` (what `python -m qlip.train` runs), exporting run_dir/last."""
     tmp = tmp_path_factory.mktemp("s1")
     cfg = write_config(tmp / "s1.yaml", tmp / "run", checkpoint={"every": 2, "export": True},
                        eval={"at_end": True, "num_samples": 8, "batch_size": 4})
-    assert main([str(cfg)]) == 0
+    assert main(["train", str(cfg)]) == 0
     return tmp / "run"
 
 
@@ -51,7 +51,7 @@ def test_stage2_freezes_visual_encoder_bit_identically(stage1_run, tmp_path):
                        loss={"lpips_weight": 0.0, "gan_weight": 0.1, "gan_start": 1, "disc_layers": 2,
                              "disc_width": 8, "r1_weight": 1.0, "r1_every": 2},
                        checkpoint={"every": 0, "export": True})
-    assert main([str(cfg)]) == 0
+    assert main(["train", str(cfg)]) == 0
     before = qlip.create_model(str(stage1_run / "last")).state_dict()
     after = qlip.create_model(str(tmp_path / "run2" / "last")).state_dict()  # full model: stage-1 text tower kept
     assert set(before) == set(after)

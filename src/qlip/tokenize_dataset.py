@@ -1,4 +1,4 @@
-"""`qlip tokenize`: a whole dataset -> token shards, resumable, one set of shards per rank (issue 6, section 3).
+"""A whole dataset -> token shards, resumable, one set of shards per rank (``qlip tokenize``).
 
     qlip tokenize --model DIR --data SRC --out tokens/ [--batch-size 64 --workers 4 --shard-size 10000]
     torchrun --nproc-per-node 8 -m qlip.cli tokenize --model DIR --data SRC --out tokens/
@@ -6,8 +6,8 @@
 Any source :func:`qlip.data.loader.build_dataset` accepts. Output, per rank ``r``::
 
     tokens/manifest-r000.json                 what this rank finished (written atomically after each shard)
-    tokens/tokens-r000-000000.safetensors     "indices" (n, h, w) int32 (d <= 31 bits), "label" (n,) int64;
-                                              metadata: "keys" and "captions" as JSON lists, model, grid, bits
+    tokens/tokens-r000-000000.safetensors     a token file (:mod:`qlip.tokenfile`): indices, labels, keys,
+                                              captions and the tokenizer's spec
 
 A shard is written to a temporary name, renamed, and only then recorded in the manifest, so a shard named in the
 manifest is always complete. Shards hold whole batches (a shard closes at the first batch boundary at or past
@@ -18,7 +18,6 @@ finished shard and redoes nothing. :func:`read_token_shards` reads everything ba
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -27,12 +26,15 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, Subset
+
+from .fileio import write_json_atomic
+from .tokenfile import TokenFile, TokenSpec, iter_token_files, write_token_file
 
 log = logging.getLogger(__name__)
 
@@ -52,42 +54,10 @@ def shard_name(rank: int, index: int) -> str:
     return f"tokens-r{rank:03d}-{index:06d}.safetensors"
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def write_shard(path: Path, indices: torch.Tensor, labels: torch.Tensor, keys: list[str], captions: list[Any],
-                meta: dict[str, str]) -> None:  # fmt: skip
-    """One shard, atomically: written under a temporary name, then renamed."""
-    from safetensors.torch import save_file
-
-    metadata = {**meta, "keys": json.dumps(keys), "captions": json.dumps(captions)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"indices": indices.contiguous(), "label": labels.contiguous()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-@dataclass
-class TokenShard:
-    """One shard read back: int64 indices (n, h, w), labels (n,) (-1 unknown), keys, captions (None if absent)."""
-
-    indices: torch.Tensor
-    labels: torch.Tensor
-    keys: list[str]
-    captions: list[str | None]
-    meta: dict[str, str] = field(default_factory=dict)
-
-
-def read_shard(path: str | Path) -> TokenShard:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        indices, labels = f.get_tensor("indices").to(torch.int64), f.get_tensor("label")
-    keys, captions = json.loads(meta.pop("keys")), json.loads(meta.pop("captions"))
-    return TokenShard(indices, labels, keys, captions, meta)
+                spec: TokenSpec) -> None:  # fmt: skip
+    """One shard: a token file, written atomically."""
+    write_token_file(path, indices, spec, keys=keys, captions=captions, labels=labels)
 
 
 def load_manifests(out: str | Path) -> list[dict[str, Any]]:
@@ -99,12 +69,9 @@ def load_manifests(out: str | Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in paths]
 
 
-def read_token_shards(out: str | Path) -> Iterator[TokenShard]:
+def read_token_shards(out: str | Path) -> Iterator[TokenFile]:
     """The finished shards of every rank, rank by rank, in the order they were written."""
-    out = Path(out)
-    for manifest in load_manifests(out):
-        for entry in manifest["shards"]:
-            yield read_shard(out / entry["file"])
+    return iter_token_files(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -129,7 +96,7 @@ class TokenizeResult:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def _distributed_rank() -> tuple[int, int]:
+def distributed_rank() -> tuple[int, int]:
     """(rank, world_size) from torchrun's environment; (0, 1) when run alone."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
@@ -224,11 +191,7 @@ def tokenize_dataset(
 
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be positive, got {batch_size} and {shard_size}")
-    if model.num_bits > 31:
-        raise ValueError(
-            f"token shards store indices as int32, which holds at most 31 bits; this model has {model.num_bits}"
-        )
-    env_rank, env_world = _distributed_rank()
+    env_rank, env_world = distributed_rank()
     rank = env_rank if rank is None else rank
     world_size = env_world if world_size is None else world_size
     options = dict(source_options or {})
@@ -274,8 +237,7 @@ def tokenize_dataset(
     transform = image_transform(model.image_size, train=False)
     loader = build_dataloader(dataset, batch_size=batch_size, transform=transform, num_workers=num_workers,
                               pin_memory=model.device.type == "cuda", max_bad_fraction=1.0)  # fmt: skip
-    meta = {"format": MANIFEST_FORMAT, "model": model.cfg.name, "grid": str(model.grid_size),
-            "bits": str(model.num_bits)}  # fmt: skip
+    spec = TokenSpec.of(model)
 
     # Shards are written by a background thread so the model never waits for the disk.
     writes: queue.Queue = queue.Queue(maxsize=2)
@@ -285,9 +247,9 @@ def tokenize_dataset(
         while (job := writes.get()) is not None:
             try:
                 path, arrays, entry = job
-                write_shard(path, *arrays, meta)
+                write_shard(path, *arrays, spec)
                 manifest["shards"].append(entry)
-                _write_json_atomic(mpath, manifest)
+                write_json_atomic(mpath, manifest)
             except BaseException as e:  # re-raised in the main thread
                 errors.append(e)
 
@@ -309,7 +271,7 @@ def tokenize_dataset(
         nonlocal written, next_index, buf_idx, buf_lab, buf_keys, buf_caps, shard_bad
         if errors:
             raise errors[0]
-        indices = torch.cat(buf_idx) if buf_idx else torch.empty(0, model.grid_size, model.grid_size, dtype=torch.int32)
+        indices = torch.cat(buf_idx) if buf_idx else torch.empty(0, model.grid_size, model.grid_size, dtype=torch.int64)
         labels = torch.cat(buf_lab) if buf_lab else torch.empty(0, dtype=torch.int64)
         end = tracker.state_dict() if streaming else {"items": consumed}
         entry = {"file": shard_name(rank, next_index), "num_samples": len(buf_keys), "bad": shard_bad, "end": end}
@@ -324,7 +286,7 @@ def tokenize_dataset(
             n = len(batch["key"])
             if n:
                 tokens = model.encode(batch["image"].to(model.device, non_blocking=True))  # (B, h, w) int64
-                buf_idx.append(tokens.to(torch.int32).cpu())
+                buf_idx.append(tokens.cpu())
                 buf_lab.append(batch["label"])
                 buf_keys.extend(batch["key"])
                 buf_caps.extend(batch["caption"])
@@ -350,66 +312,9 @@ def tokenize_dataset(
         raise errors[0]
     if not stopped:
         manifest["complete"] = True
-        _write_json_atomic(mpath, manifest)
+        write_json_atomic(mpath, manifest)
     seconds = time.perf_counter() - t0
     result = TokenizeResult(out, written, len(done), encoded, seconds, bad_now, not stopped)
     log.info("tokenized %d images into %d new shard(s) in %.1f s (%.1f images/s)", encoded, written, seconds,
              result.images_per_s)  # fmt: skip
     return result
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def cmd_tokenize(args: argparse.Namespace) -> int:
-    from .cli import CLIError, load_model, resolve_device
-    from .inference import optimize_for_inference
-
-    rank, world_size = _distributed_rank()
-    device = resolve_device(args.device)
-    if device.type == "cuda" and world_size > 1 and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per rank
-        torch.cuda.set_device(device)
-    model = load_model(args.model, device, parts=("vision", "quantizer"))
-    try:
-        fast = optimize_for_inference(model, mode=args.mode, compile=args.compile)
-    except ValueError as e:
-        raise CLIError(str(e)) from e
-    options: dict[str, Any] = {}
-    if args.caption_template:
-        options["caption_template"] = args.caption_template
-    if args.allow_missing_caption:
-        options["require_caption"] = False
-    try:
-        result = tokenize_dataset(fast, args.data, args.out, batch_size=args.batch_size, num_workers=args.workers,
-                                  shard_size=args.shard_size, limit=args.limit, progress=not args.quiet,
-                                  source_options=options)  # fmt: skip
-    except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from e
-    bad = ", ".join(f"{k}={v}" for k, v in sorted(result.bad.items())) or "none"
-    print(f"rank {rank}/{world_size}: {result.images} images -> {result.shards_written} new shard(s) "
-          f"({result.shards_skipped} already done) in {result.out} at {result.images_per_s:.1f} images/s; "
-          f"bad samples: {bad}")  # fmt: skip
-    return 0
-
-
-def add_tokenize_commands(subparsers: Any) -> None:
-    """Add ``qlip tokenize`` to the main parser's subcommands."""
-    p = subparsers.add_parser("tokenize", help="a whole dataset -> token shards (resumable; torchrun for many GPUs)")
-    p.add_argument("--model", required=True, help="model directory, registered name or hf-hub:ORG/NAME")
-    p.add_argument("--data", required=True, help="shapes[:preset], a class folder, a .csv/.tsv/.jsonl list, or shards")
-    p.add_argument("--out", required=True, help="output directory (rerun with the same settings to resume)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--shard-size", type=int, default=10_000, help="samples per shard (whole batches)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--mode", default="auto", choices=("auto", "fp32", "bf16", "int8"),
-                   help="encoder precision; auto = bf16 on CUDA, exact float32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (static shapes)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many samples (required for shapes)")
-    p.add_argument("--caption-template", default=None, help='class folders: caption such as "a photo of a {}."')
-    p.add_argument("--allow-missing-caption", action="store_true", help="shards: keep samples without a caption")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_tokenize)

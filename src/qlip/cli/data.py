@@ -1,26 +1,19 @@
-"""`qlip data ...`: write tar shards from any source, check a source for bad files, preview `shapes` (issue 3).
-
-The main ``qlip`` command calls :func:`add_data_commands` on its subparsers and then ``args.func(args)``.
-Standalone: ``python -m qlip.data.cli data check PATH``.
-"""
+"""``qlip data ...``: write tar shards from any source, check a source for bad files, preview ``shapes``."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
-import sys
-import textwrap
 import time
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
-
-from .loader import build_dataset, describe_source, iter_samples
-from .sample import BAD_REASONS, BadSampleCounter, is_bad
-from .shapes import ShapesConfig, generate_shapes_sample
-from .shards import ShardWriter
+from ..data.loader import build_dataset, describe_source, iter_samples
+from ..data.preview import render_preview
+from ..data.sample import BAD_REASONS, BadSampleCounter, is_bad
+from ..data.shapes import ShapesConfig
+from ..data.shards import ShardWriter
+from .common import EXIT_BAD_DATA, CLIError
 
 
 def _source_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -28,7 +21,7 @@ def _source_options(args: argparse.Namespace) -> dict[str, Any]:
     kind = describe_source(args.source)
     if kind == "shapes":
         if args.count is None:
-            raise SystemExit(f"error: {args.source} is endless; give --count N to say how many samples to use")
+            raise CLIError(f"{args.source} is endless; give --count N to say how many samples to use")
         options.update(split=args.split, seed=args.seed, length=args.count, image_size=args.image_size)
         options.pop("min_size")
     elif kind == "captions":
@@ -102,31 +95,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                   "widths": widths, "heights": heights}  # fmt: skip
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1)
-    if bad:
-        raise SystemExit(1)
-    return 0
-
-
-def render_preview(n: int = 16, *, cols: int = 4, config: ShapesConfig | None = None, split: str = "train",
-                   seed: int = 0, scale: int = 2) -> Image.Image:  # fmt: skip
-    """A grid of ``n`` shapes samples, each with its caption written underneath."""
-    cfg = config or ShapesConfig()
-    side = cfg.image_size * scale
-    font = ImageFont.load_default()
-    chars = max(12, side // 6)
-    samples = [generate_shapes_sample(i, cfg, split=split, seed=seed) for i in range(n)]
-    wrapped = [textwrap.wrap(s["caption"], chars) for s in samples]
-    text_h = 12 * max(len(w) for w in wrapped) + 6
-    rows = (n + cols - 1) // cols
-    grid = Image.new("RGB", (cols * (side + 8) + 8, rows * (side + text_h + 8) + 8), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (sample, lines) in enumerate(zip(samples, wrapped)):
-        x = 8 + (i % cols) * (side + 8)
-        y = 8 + (i // cols) * (side + text_h + 8)
-        grid.paste(sample["image"].resize((side, side), Image.Resampling.NEAREST), (x, y))
-        for j, line in enumerate(lines):
-            draw.text((x, y + side + 3 + 12 * j), line, fill="black", font=font)
-    return grid
+    return EXIT_BAD_DATA if bad else 0
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
@@ -139,7 +108,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``data`` with ``write-shards``, ``check`` and ``preview`` to a CLI; each sets ``args.func``."""
     data = subparsers.add_parser("data", help="datasets: write tar shards, check a source, preview shapes")
     sub = data.add_subparsers(dest="data_command", required=True)
@@ -169,16 +138,3 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     preview.add_argument("--out", default="shapes_preview.png", help="output PNG")
     preview.set_defaults(func=cmd_preview)
     return data
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m qlip.data.cli data ...``."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="qlip")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""``qlip eval ...``: zero-shot, linear probe, reconstruction, or all three with a report (issue 5).
+"""``qlip eval ...``: zero-shot, linear probe, reconstruction, or all three with a report.
 
     qlip eval zero-shot    --model M --data PATH_OR_shapes [--task shape] [--classnames imagenet] [--templates openai]
     qlip eval linear-probe --model M --data ... [--features cls|patch-mean|codes] [--train-data PATH]
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cli import CLIError, load_model, resolve_device
+from .common import CLIError, load_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def dataset_name(args: argparse.Namespace, split: str, limit: int | None) -> str
 
 def _tasks(dataset: Any, args: argparse.Namespace, model_has_text: bool) -> dict[str, Any]:
     """The classification tasks of a dataset: shapes tasks, or one task over the folder's labels."""
-    from .zero_shot import ClassificationTask, load_classnames, load_templates
+    from ..eval.zero_shot import ClassificationTask, load_classnames, load_templates
 
     try:
         if _is_shapes(args.data):
@@ -147,7 +147,7 @@ def _tasks(dataset: Any, args: argparse.Namespace, model_has_text: bool) -> dict
 
 
 def run_zero_shot(model: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from .zero_shot import evaluate_zero_shot_tasks
+    from ..eval.zero_shot import evaluate_zero_shot_tasks
 
     tokenizer = _tokenizer(args)
     dataset = open_dataset(args.data, args.split, args.limit, model.image_size, default_shapes=DEFAULT_SHAPES_EVAL)
@@ -160,7 +160,7 @@ def run_zero_shot(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_linear_probe(model: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from .linear_probe import extract_features_multi, linear_probe
+    from ..eval.linear_probe import extract_features_multi, linear_probe
 
     size = model.image_size
     test = open_dataset(args.data, args.split, args.limit, size, default_shapes=DEFAULT_SHAPES_EVAL)
@@ -188,8 +188,8 @@ def run_linear_probe(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_recon(model: Any, args: argparse.Namespace) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
-    from .fid import load_fid_network
-    from .recon import evaluate_reconstruction, resolve_lpips_weights
+    from ..eval.fid import load_fid_network
+    from ..eval.recon import evaluate_reconstruction, resolve_lpips_weights
 
     dataset = open_dataset(args.data, args.split, args.limit, model.image_size, default_shapes=DEFAULT_SHAPES_EVAL)
     fid = load_fid_network(Path(args.inception_weights).expanduser() if args.inception_weights else None)
@@ -219,7 +219,7 @@ def _base_report(args: argparse.Namespace, model: Any) -> dict[str, Any]:
 
 
 def _finish(report: dict[str, Any], args: argparse.Namespace, examples: Any = None, run_dir: Any = None) -> None:
-    from .report import format_table, linear_probe_rows, recon_rows, write_report, zero_shot_rows
+    from ..eval.report import format_table, linear_probe_rows, recon_rows, write_report, zero_shot_rows
 
     if report.get("zero_shot"):
         print("zero-shot\n" + format_table(zero_shot_rows(report["zero_shot"])) + "\n")
@@ -264,7 +264,6 @@ def cmd_recon(args: argparse.Namespace) -> int:
 def cmd_all(args: argparse.Namespace) -> int:
     model = _load_model(args, parts=None)
     report = _base_report(args, model)
-    from ..cli import CLIError
 
     skipped: dict[str, str] = {}
     if model.text is None:
@@ -328,7 +327,7 @@ def _recon_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-examples", type=int, default=8, help="images in the reconstruction grid")
 
 
-def add_eval_commands(subparsers: Any) -> None:
+def register(subparsers: Any) -> None:
     """Register ``qlip eval {zero-shot,linear-probe,recon,all}`` on the top-level subparsers."""
     p = subparsers.add_parser("eval", help="evaluate a model: zero-shot, linear probe, reconstruction, reports")
     sub = p.add_subparsers(dest="eval_command", required=True, metavar="SUBCOMMAND")

@@ -1,4 +1,4 @@
-"""``qlip experiment balance-sweep | balance-modes | recipes | report`` (issue 7).
+"""``qlip experiment balance-sweep | balance-modes | recipes | report``: the paper's findings at laptop scale.
 
 Each experiment command runs its variants (resuming: finished (variant, seed) jobs are skipped), then writes
 ``OUT/table.json``, ``OUT/table.md`` and PNG plots. ``report`` gathers the experiments' outputs into
@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 from typing import Any
+
+from .common import CLIError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from .runner import Settings
+    from ..experiments.runner import Settings
 
     ev = {k: v for k, v in (("num_eval", args.eval_images), ("num_probe_train", args.probe_images)) if v}
     return Settings(config=args.config, out=args.out, seeds=_seeds(args.seeds), budget=args.budget, smoke=args.smoke,
@@ -35,21 +37,20 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..cli import CLIError
     from ..train.config import ConfigError
 
     try:
         settings = _settings(args)
         if args.experiment == "balance-sweep":
-            from .balance_sweep import run_balance_sweep
+            from ..experiments.balance_sweep import run_balance_sweep
 
             table = run_balance_sweep(settings)
         elif args.experiment == "balance-modes":
-            from .balance_modes import run_balance_modes
+            from ..experiments.balance_modes import run_balance_modes
 
             table = run_balance_modes(settings)
         else:
-            from .recipes import run_recipes
+            from ..experiments.recipes import run_recipes
 
             table = run_recipes(settings, args.stage2_config)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
@@ -61,8 +62,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from ..cli import CLIError
-    from .report import write_results_page
+    from ..experiments.report import write_results_page
 
     try:
         page = write_results_page(args.results, args.doc, assets=args.assets, commands=args.command_line)
@@ -72,7 +72,7 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_experiment_commands(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``experiment`` with its sub-commands to the ``qlip`` command line."""
     p = subparsers.add_parser("experiment", help="reproduce the paper's findings at laptop scale (tables + plots)",
                               description="Balance sweep (Table 3a), balancing modes, recipes (Table 3c) on shapes; "

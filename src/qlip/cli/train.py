@@ -1,14 +1,14 @@
-"""Command line: ``qlip train CONFIG [a.b=c ...]`` and ``qlip balance CONFIG`` (issue 4, parts 1, 3 and 6)."""
+"""``qlip train CONFIG [a.b=c ...]`` and ``qlip balance CONFIG``; under torchrun: ``torchrun ... -m qlip.cli train``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import sys
-from collections.abc import Sequence
+import signal
 
-from .config import ConfigError, TrainConfig, load_config, split_cli_args
+from ..train.config import ConfigError, TrainConfig, load_config, split_cli_args
+from .common import CLIError
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +21,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from ..cli import CLIError
-    from .loop import NonFiniteLossError, train
+    from ..train.loop import NonFiniteLossError, train
 
     try:
         cfg = _config_from_args(args)
@@ -39,12 +38,13 @@ def _run_train(args: argparse.Namespace) -> int:
             print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
         if result.export_dir:
             print(f"model: {result.export_dir}")
-    return 130 if result.interrupted else 0
+    if not result.interrupted:
+        return 0
+    return 143 if getattr(result, "signal", None) == signal.SIGTERM else 130
 
 
 def _run_balance(args: argparse.Namespace) -> int:
-    from ..cli import CLIError
-    from .probe import run_balance_probes
+    from ..train.probe import run_balance_probes
 
     try:
         cfg = _config_from_args(args)
@@ -57,7 +57,7 @@ def _run_balance(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train`` and ``balance`` to the ``qlip`` command line."""
     p = subparsers.add_parser(
         "train",
@@ -74,21 +74,3 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("config", help="YAML config file")
     b.add_argument("overrides", nargs="*", help=_ARGS_HELP)
     b.set_defaults(func=_run_balance)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m qlip.train CONFIG [...]``: the same as ``qlip train``."""
-    from ..cli import CLIError
-
-    parser = argparse.ArgumentParser(prog="python -m qlip.train", description="Train QLIP from a YAML config.")
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*", help=_ARGS_HELP)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
-    try:
-        return _run_train(args)
-    except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2

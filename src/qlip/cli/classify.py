@@ -1,0 +1,81 @@
+"""``qlip classify IMAGES --model M --labels "a dog,a cat"``: zero-shot classification against typed labels."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .common import (
+    EXIT_BAD_DATA,
+    CLIError,
+    add_model_options,
+    autocast,
+    expand_images,
+    load_batches,
+    load_model,
+    positive_int,
+    report_bad,
+    resolve_device,
+)
+
+
+def _text_tokenizer(args: argparse.Namespace):
+    from ..factory import get_tokenizer
+
+    source = args.tokenizer or args.model
+    try:
+        return get_tokenizer(source)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise CLIError(f"no text tokenizer for {source!r} ({e}); pass --tokenizer DIR") from e
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from ..transforms import image_transform
+
+    labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+    if len(labels) < 2:
+        raise CLIError(f"--labels needs at least two comma-separated labels, got {args.labels!r}")
+    templates = args.template or ["{}"]
+    for t in templates:
+        try:
+            if t.format("x") == t:
+                raise CLIError(f"--template {t!r} must contain '{{}}' where the label goes")
+        except (IndexError, KeyError, ValueError) as e:
+            raise CLIError(f"--template {t!r} is not a template with one '{{}}' ({type(e).__name__}: {e}); "
+                           "write braces that are not the label as '{{' and '}}'") from e  # fmt: skip
+    files = [f for f, _ in expand_images(args.images)]
+    device = resolve_device(args.device)
+    model = load_model(args.model, device, parts=("vision", "text"))
+    tokenizer = _text_tokenizer(args)
+    transform = image_transform(model.image_size, train=False)
+    bad = []
+    with torch.inference_mode(), autocast(device):
+        prompts = [t.format(label) for label in labels for t in templates]
+        emb = torch.cat([model.encode_text(tokenizer(prompts[i : i + args.batch_size]).to(device), normalize=True)
+                         for i in range(0, len(prompts), args.batch_size)]).float()  # fmt: skip
+        classifier = torch.nn.functional.normalize(emb.view(len(labels), len(templates), -1).mean(dim=1), dim=-1)
+        scale = model.logit_scale.exp().float()
+        for good, batch, errors in load_batches(files, transform, args.batch_size, not args.quiet):
+            bad.extend(errors)
+            if batch is None:
+                continue
+            img = model.encode_image(batch.to(device), normalize=True).float()
+            probs = (scale * img @ classifier.T).softmax(dim=-1).cpu()
+            for i, p in zip(good, probs):
+                top = p.argsort(descending=True)[: args.top]
+                shown = ", ".join(f"{labels[j]} {p[j]:.1%}" for j in top)
+                print(f"{files[i]}\t{shown}")
+    report_bad(bad)
+    return EXIT_BAD_DATA if bad else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classify", help="zero-shot classification of images against text labels")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--labels", required=True, help='comma-separated labels, e.g. "a dog,a cat"')
+    p.add_argument("--template", action="append", help='prompt template with {} (repeatable), e.g. "a photo of {}."')
+    p.add_argument("--top", type=positive_int, default=3, help="labels shown per image (default 3)")
+    p.add_argument("--tokenizer", default=None, help="text tokenizer directory (default: the one beside --model)")
+    add_model_options(p)
+    p.set_defaults(func=cmd_classify)
