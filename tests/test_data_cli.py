@@ -2,12 +2,11 @@
 
 import json
 
-import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from qlip.data import ShardDataset, generate_shapes_sample
 from qlip.cli import build_parser, main
+from qlip.data import ShardDataset, generate_shapes_sample
 from qlip.data.shapes import ShapesConfig
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import qlip
-from qlip.train.checkpoint import find_resume_checkpoint
 from qlip.cli import main
+from qlip.train.checkpoint import find_resume_checkpoint
 from qlip.train.config import load_config
 from qlip.train.loop import NonFiniteLossError, train
 from train_helpers import load_ckpt, write_config
