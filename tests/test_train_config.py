@@ -9,8 +9,8 @@ import torch
 
 from qlip import create_model
 from qlip.train.config import ConfigError, TrainConfig, load_config, parse_override, split_cli_args
-from qlip.train.init import load_clip_towers, translate_clip_key
 from qlip.train.optim import LAMB, lr_factor, param_groups
+from qlip.weights import load_clip_towers, translate_clip_key
 
 torch.set_num_threads(1)
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import LoadReport, load_state_dict_into, read_config, read_weights
+from .checkpoints import read_config, read_weights
 from .config import QLIPConfig
 from .models.qlip import QLIP
+from .weights import IDENTITY, RELEASED_KEYS, LoadReport, load_into
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def create_model(
         cfg, released = read_config(directory)
         cfg = _select_parts(cfg, parts)
         model = QLIP(cfg)
-        report: LoadReport = load_state_dict_into(model, read_weights(directory), released=released, strict=strict)
+        key_map = RELEASED_KEYS if released else IDENTITY
+        report: LoadReport = load_into(model, read_weights(directory), key_map, strict=strict)
         model.load_report = report
         log.info("loaded %s from %s (%s layout)", cfg.name, directory, "released" if released else "qlip")
     model.eval()

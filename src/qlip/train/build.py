@@ -18,8 +18,8 @@ from ..factory import create_model
 from ..losses.adversarial import build_discriminator
 from ..losses.balance import BalanceConfig, LossBalancer
 from ..models.qlip import QLIP
+from ..weights import load_clip_towers, read_weight_file
 from .config import ConfigError, TrainConfig
-from .init import load_clip_towers, read_state_dict_file
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def build_model(cfg: TrainConfig) -> QLIP:
     model = create_model(source, parts=parts)
     if cfg.model.pretrained_clip:
         towers = [p for p in cfg.model.pretrained_clip_parts if getattr(model, p, None) is not None]
-        report = load_clip_towers(model, read_state_dict_file(cfg.model.pretrained_clip), parts=towers)
+        report = load_clip_towers(model, read_weight_file(cfg.model.pretrained_clip), parts=towers)
         model.init_report = report
     if cfg.stage == 1:
         missing = [p for p in ("visual", "quantizer", "decoder", "text") if getattr(model, p) is None]
