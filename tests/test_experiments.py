@@ -127,7 +127,8 @@ def test_sweep_variants_carry_the_ratios_and_seed_policy(config_file, tmp_path):
 
 def test_sweep_marks_a_listed_config_ratio_as_default(tmp_path):
     path = tmp_path / "c.yaml"
-    cfg = dict(CONFIG, loss={"balance": {"mode": "fixed", "weights": {"align": 1.0, "recon": 1000.0}}})
+    cfg = dict(CONFIG, loss={"balance": {"mode": "fixed", "weights": {"align": 1.0, "recon": 1000.0, "quant": 1.0,
+                                                                       "commit": 1.0}}})
     path.write_text(yaml.safe_dump(cfg))
     settings = smoke(path, tmp_path / "out", seeds=(0, 1, 2))
     variants, default = balance_sweep.build_variants(settings, settings.base_config())

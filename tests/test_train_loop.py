@@ -159,10 +159,10 @@ def test_online_balancing_modes_log_finite_weights(tmp_path, mode):
 
 
 def test_one_stage_recipe_trains_the_gan_in_stage_1(tmp_path):
-    """Stage-1 weights may list gan (the "all losses at once" recipe): the discriminator is built and trained."""
+    """Stage 1 may weigh the GAN (the "all losses at once" recipe): the discriminator is built and trained."""
     cfg = write_config(tmp_path / "c.yaml", tmp_path / "run", checkpoint={"every": 0, "export": False},
-                       loss={"gan_start": 0, "balance": {"weights": {"align": 1.0, "recon": 1000.0, "quant": 1.0,
-                                                                      "commit": 1.0, "gan": 0.1}}})
+                       loss={"gan_start": 0, "gan_weight": 0.1,
+                             "balance": {"weights": {"align": 1.0, "recon": 1000.0, "quant": 1.0, "commit": 1.0}}})
     result = train(load_config(cfg, None))
     assert result.step == 3
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
