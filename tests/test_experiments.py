@@ -136,6 +136,19 @@ def test_sweep_marks_a_listed_config_ratio_as_default(tmp_path):
     assert next(v for v in variants if v.name == "1:1000").seeds == [0, 1, 2]
 
 
+def test_sweep_and_mode_variants_weigh_every_term_of_a_config_without_weights(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(dict(CONFIG, loss={})))  # the stage-1 default weights 1 : 1000 : 1 : 1
+    settings = smoke(path, tmp_path / "out")
+    sweep, _ = balance_sweep.build_variants(settings, settings.base_config())
+    modes = balance_modes.build_variants(settings, 100, 0.1)
+    stages = [v.stages[0] for v in sweep if v.name == "1:10"] + [v.stages[-1] for v in modes if v.name != "posthoc"]
+    assert len(stages) == 4
+    for stage in stages:
+        w = balance_config(load_config(stage.files, stage.overrides)).weights
+        assert w["quant"] == 1.0 and w["commit"] == 1.0 and w["align"] == 1.0  # nothing dropped
+
+
 def test_mode_variants(config_file, tmp_path):
     settings = smoke(config_file, tmp_path)
     variants = {v.name: v for v in balance_modes.build_variants(settings, 100, 0.1)}

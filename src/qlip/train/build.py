@@ -7,6 +7,7 @@ decoder with MSE + BSQ + LPIPS + GAN.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import fields
 from typing import Any
@@ -75,6 +76,11 @@ def stage_weights(cfg: TrainConfig) -> dict[str, float]:
     if "weights" in cfg.loss.balance:
         return dict(cfg.loss.balance["weights"])
     return dict(BalanceConfig().weights) if cfg.stage == 1 else {"recon": 1.0, "quant": 1.0, "commit": 0.0}
+
+
+def weights_override(cfg: TrainConfig, **changes: float) -> str:
+    """A ``loss.balance.weights=...`` override naming every term of the stage: ``cfg``'s weights with ``changes``."""
+    return f"loss.balance.weights={json.dumps({**stage_weights(cfg), **changes})}"
 
 
 def balance_config(cfg: TrainConfig) -> BalanceConfig:
