@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import reference_qlip as ref
-from qlip.checkpoints import CheckpointMismatchError, qlip_to_released_key, released_to_qlip_key
 from qlip.config import QLIPConfig, config_from_released
 from qlip.factory import create_model, get_model_config, get_tokenizer
 from qlip.models.qlip import QLIP
+from qlip.weights import WeightsMismatchError, qlip_to_released_key, released_to_qlip_key
 from qlip_testing import TINY_RELEASED_CONFIG
 
 # The released key names of spec section 7, for one layer of each tower.
@@ -132,7 +132,7 @@ def test_missing_extra_and_misshapen_keys_are_reported_by_name(released_dir, tmp
         sd["text_projection.weight"] = torch.zeros(4, 4)
 
     path = _copy_with(released_dir, tmp_path, edit)
-    with pytest.raises(CheckpointMismatchError) as e:
+    with pytest.raises(WeightsMismatchError) as e:
         create_model(str(path))
     msg = str(e.value)
     assert "vision_model.some_new_head.weight" in msg  # unplaced

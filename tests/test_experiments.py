@@ -116,12 +116,26 @@ def test_sweep_variants_carry_the_ratios_and_seed_policy(config_file, tmp_path):
 
 def test_sweep_marks_a_listed_config_ratio_as_default(tmp_path):
     path = tmp_path / "c.yaml"
-    cfg = dict(CONFIG, loss={"balance": {"mode": "fixed", "weights": {"align": 1.0, "recon": 1000.0}}})
+    cfg = dict(CONFIG, loss={"balance": {"mode": "fixed", "weights": {"align": 1.0, "recon": 1000.0, "quant": 1.0,
+                                                                       "commit": 1.0}}})
     path.write_text(yaml.safe_dump(cfg))
     settings = smoke(path, tmp_path / "out", seeds=(0, 1, 2))
     variants, default = balance_sweep.build_variants(settings, settings.base_config())
     assert default == "1:1000" and "default" not in [v.name for v in variants]
     assert next(v for v in variants if v.name == "1:1000").seeds == [0, 1, 2]
+
+
+def test_sweep_and_mode_variants_weigh_every_term_of_a_config_without_weights(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(dict(CONFIG, loss={})))  # the stage-1 default weights 1 : 1000 : 1 : 1
+    settings = smoke(path, tmp_path / "out")
+    sweep, _ = balance_sweep.build_variants(settings, settings.base_config())
+    modes = balance_modes.build_variants(settings, 100, 0.1)
+    stages = [v.stages[0] for v in sweep if v.name == "1:10"] + [v.stages[-1] for v in modes if v.name != "posthoc"]
+    assert len(stages) == 4
+    for stage in stages:
+        w = balance_config(load_config(stage.files, stage.overrides)).weights
+        assert w["quant"] == 1.0 and w["commit"] == 1.0 and w["align"] == 1.0  # nothing dropped
 
 
 def test_mode_variants(config_file, tmp_path):

@@ -18,7 +18,8 @@ from qlip.eval.fid import (
     reference_stats_path,
     stats_cache_key,
 )
-from qlip.eval.inception import FIDInceptionV3, WeightsMismatchError
+from qlip.eval.inception import FIDInceptionV3
+from qlip.weights import WeightsMismatchError
 
 torch.set_num_threads(1)
 

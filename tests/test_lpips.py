@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlip.eval.inception import WeightsMismatchError
 from qlip.losses.lpips import LPIPS, clip_normalized_to_lpips_input, load_lpips_network
 from qlip.nn.vgg import VGG16Features
 from qlip.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from qlip.weights import WeightsMismatchError
 
 torch.set_num_threads(1)
 

@@ -1,5 +1,6 @@
 """Tests for the CLIP text tokenizer (spec section 6) and the small BPE trainer."""
 
+import dataclasses
 import itertools
 import json
 import random
@@ -237,3 +238,25 @@ def test_batch_of_many_captions():
     captions = list(itertools.islice(itertools.cycle(_shapes_captions(500)), 2000))
     tok = train_bpe(captions, 700)
     assert tok(captions).shape == (2000, 77)
+
+
+def test_a_trained_vocabulary_pads_to_the_model_context(tmp_path, tiny_tokenizer):
+    from qlip.factory import create_model, get_tokenizer
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    assert get_tokenizer(str(tmp_path / "tok"))(["a dog"]).shape == (1, 77)  # alone: its own length
+    model = create_model("qlip-tiny")
+    tok = get_tokenizer("qlip-tiny", vocabulary=tmp_path / "tok")
+    ids = tok(["a small blue circle at the bottom", "a dog"])
+    assert ids.shape == (2, model.cfg.text.context_length) == (2, 32)
+    with torch.no_grad():
+        assert model.encode_text(ids).shape == (2, model.cfg.embed_dim)
+    with pytest.raises(ValueError, match="vocabulary=DIR"):
+        get_tokenizer("qlip-tiny")
+    from qlip.factory import get_model_config
+    from qlip.models.qlip import QLIP
+
+    cfg = get_model_config("qlip-tiny")
+    small = QLIP(cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=520))).save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match=r"has \d+ tokens but the text tower of qlip-tiny only 520"):
+        get_tokenizer(str(small), vocabulary=tmp_path / "tok")

@@ -9,8 +9,8 @@ import torch
 
 from qlip import create_model
 from qlip.train.config import ConfigError, TrainConfig, load_config, parse_override, split_cli_args
-from qlip.train.init import load_clip_towers, translate_clip_key
 from qlip.train.optim import LAMB, lr_factor, param_groups
+from qlip.weights import load_clip_towers, translate_clip_key
 
 torch.set_num_threads(1)
 
@@ -181,3 +181,21 @@ def test_qlip_train_cli_reports_config_errors(tmp_path, capsys):
     assert "unknown config key 'optim.nosuch'" in err and "Traceback" not in err
     assert main(["balance", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_each_loss_weight_has_one_place_and_no_term_is_dropped_silently():
+    from qlip.train.build import balance_config
+
+    with pytest.raises(ConfigError, match="loss.balance.weights lacks commit: stage 2 weighs recon, quant, commit"):
+        load_config(None, ["stage=2", "loss.balance.weights={recon: 2, quant: 1}"])
+    with pytest.raises(ConfigError, match="lacks quant, commit"):
+        load_config(None, ["loss.balance.weights={align: 1, recon: 1000}"])
+    with pytest.raises(ConfigError, match="set loss.gan_weight instead"):
+        load_config(None, ["stage=2", "loss.balance.weights={recon: 1, quant: 1, commit: 0, gan: 0.5}"])
+    with pytest.raises(ConfigError, match="unknown term"):
+        load_config(None, ["loss.balance.weights={align: 1, recon: 1, quant: 1, commit: 1, recno: 1}"])
+    # A complete stage-2 set changes those terms and keeps LPIPS and the GAN at their own keys' values.
+    cfg = load_config(None, ["stage=2", "loss.balance.weights={recon: 2, quant: 1, commit: 0}", "loss.gan_weight=0.3"])
+    assert balance_config(cfg).weights == {"recon": 2, "quant": 1, "commit": 0, "lpips": 0.1, "gan": 0.3}
+    stage1 = balance_config(load_config(None, [])).weights
+    assert stage1 == {"align": 1.0, "recon": 1000.0, "quant": 1.0, "commit": 1.0, "lpips": 0.0, "gan": 0.0}

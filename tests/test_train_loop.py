@@ -159,10 +159,10 @@ def test_online_balancing_modes_log_finite_weights(tmp_path, mode):
 
 
 def test_one_stage_recipe_trains_the_gan_in_stage_1(tmp_path):
-    """Stage-1 weights may list gan (the "all losses at once" recipe): the discriminator is built and trained."""
+    """Stage 1 may weigh the GAN (the "all losses at once" recipe): the discriminator is built and trained."""
     cfg = write_config(tmp_path / "c.yaml", tmp_path / "run", checkpoint={"every": 0, "export": False},
-                       loss={"gan_start": 0, "balance": {"weights": {"align": 1.0, "recon": 1000.0, "quant": 1.0,
-                                                                      "commit": 1.0, "gan": 0.1}}})
+                       loss={"gan_start": 0, "gan_weight": 0.1,
+                             "balance": {"weights": {"align": 1.0, "recon": 1000.0, "quant": 1.0, "commit": 1.0}}})
     result = train(load_config(cfg, None))
     assert result.step == 3
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -170,3 +170,24 @@ def test_one_stage_recipe_trains_the_gan_in_stage_1(tmp_path):
     assert isinstance(last["loss/gan"], float) and isinstance(last["loss/align"], float)
     assert last["w/gan"] == pytest.approx(0.1)
     assert any(k.startswith("loss/disc") for k in last), sorted(last)  # the discriminator stepped too
+
+
+def test_stage2_export_carries_the_configured_tokenizer(stage1_run, tmp_path):
+    """An init directory without vocabulary plus data.tokenizer: run_dir/last still holds the tokenizer, whose ids fit
+    the exported text tower (what `qlip classify --model run/last` needs)."""
+    import shutil
+
+    init = tmp_path / "init"
+    shutil.copytree(stage1_run / "last", init)
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.move(init / name, vocab / name)
+    cfg = write_config(tmp_path / "s2.yaml", tmp_path / "run2", stage=2, init=str(init),
+                       data={"tokenizer": str(vocab)}, optim={"steps": 1, "warmup_steps": 0},
+                       loss={"lpips_weight": 0.0, "gan_weight": 0.0}, checkpoint={"every": 0, "export": True})
+    assert main([str(cfg)]) == 0
+    model = qlip.create_model(str(tmp_path / "run2" / "last"))
+    ids = qlip.get_tokenizer(str(tmp_path / "run2" / "last"))(["a large red circle in the center."])
+    assert ids.shape == (1, model.cfg.text.context_length)
+    assert model.encode_text(ids).shape == (1, model.cfg.embed_dim)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import LoadReport, load_state_dict_into, read_config, read_weights
+from .checkpoints import read_config, read_weights
 from .config import QLIPConfig
 from .models.qlip import QLIP
+from .weights import IDENTITY, RELEASED_KEYS, LoadReport, load_into
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def create_model(
         cfg, released = read_config(directory)
         cfg = _select_parts(cfg, parts)
         model = QLIP(cfg)
-        report: LoadReport = load_state_dict_into(model, read_weights(directory), released=released, strict=strict)
+        key_map = RELEASED_KEYS if released else IDENTITY
+        report: LoadReport = load_into(model, read_weights(directory), key_map, strict=strict)
         model.load_report = report
         log.info("loaded %s from %s (%s layout)", cfg.name, directory, "released" if released else "qlip")
     model.eval()
@@ -132,25 +134,46 @@ def create_model_and_transforms(name_or_path: str, **kwargs) -> tuple[QLIP, Call
     return model, image_transform(size, train=True), image_transform(size, train=False)
 
 
-def get_tokenizer(name_or_path: str, context_length: int | None = None):
-    """The text tokenizer stored beside a model (vocab.json + merges.txt)."""
+def get_tokenizer(name_or_path: str, context_length: int | None = None, *, vocabulary: str | Path | None = None):
+    """The text tokenizer of a model, padding to the model's text context.
+
+    Args:
+        name_or_path: a model directory (its vocab.json + merges.txt are used), a registered name (with
+            ``vocabulary``), an ``hf-hub:`` id, or a tokenizer directory alone (vocab.json + merges.txt without a
+            model config, e.g. from ``qlip tokenizer train``), which pads to its own length.
+        context_length: length of the rows; default the model's text context.
+        vocabulary: a directory with vocab.json + merges.txt to use instead of the model's, e.g. a trained BPE.
+
+    Raises:
+        ValueError: a registered name without ``vocabulary``, or a vocabulary larger than the text tower's.
+        FileNotFoundError: the vocabulary directory lacks vocab.json or merges.txt.
+    """
     from .tokenizer import CLIPTokenizer
 
     directory = resolve_model_dir(name_or_path)
     if directory is None:
-        raise ValueError(
-            f"{name_or_path} is a registered architecture without a vocabulary. Pass a model directory holding "
-            "vocab.json + merges.txt (a released QLIP repo has them), or train a vocabulary for your captions with "
-            "`qlip tokenizer train CAPTIONS --vocab-size N --out DIR`."
-        )
-    tok = CLIPTokenizer.from_pretrained(directory)
-    if context_length is not None:
-        tok.context_length = context_length
+        cfg: QLIPConfig | None = get_model_config(name_or_path)
+        if vocabulary is None:
+            raise ValueError(
+                f"{name_or_path} is a registered architecture without a vocabulary. Pass a model directory holding "
+                "vocab.json + merges.txt (a released QLIP repo has them), or a vocabulary for your captions: train "
+                "one with `qlip tokenizer train CAPTIONS --vocab-size N --out DIR` and pass vocabulary=DIR."
+            )
     else:
         try:
-            cfg, _ = read_config(directory)
-            if cfg.text is not None:
-                tok.context_length = cfg.text.context_length
+            cfg = read_config(directory)[0]
         except (FileNotFoundError, ValueError):
-            pass
+            cfg = None  # a tokenizer directory alone
+    vocab_dir = Path(vocabulary) if vocabulary is not None else directory
+    tok = CLIPTokenizer.from_pretrained(vocab_dir)
+    if cfg is not None and cfg.text is not None:
+        size = len(tok.get_vocab())
+        if size > cfg.text.vocab_size:
+            raise ValueError(
+                f"the vocabulary in {vocab_dir} has {size} tokens but the text tower of {cfg.name} only "
+                f"{cfg.text.vocab_size}: use the model's own vocabulary or train a smaller one (--vocab-size)"
+            )
+        tok.context_length = cfg.text.context_length
+    if context_length is not None:
+        tok.context_length = context_length
     return tok

@@ -30,8 +30,9 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from qlip.eval.inception import FID_WEIGHTS_FILENAME, FIDInceptionV3, WeightsMismatchError
+from qlip.eval.inception import FID_WEIGHTS_FILENAME, FIDInceptionV3
 from qlip.eval.metrics import metric_available
+from qlip.weights import WeightFileError, WeightsMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +287,7 @@ def load_fid_network(weights_path: str | Path | None) -> FIDNetwork:
         )
     try:
         return FIDNetwork(FIDInceptionV3.from_file(weights_path), None)
-    except (FileNotFoundError, WeightsMismatchError) as err:
+    except (FileNotFoundError, WeightFileError, WeightsMismatchError) as err:
         return FIDNetwork(None, f"FID Inception weights unusable: {err}")
 
 

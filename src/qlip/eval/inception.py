@@ -20,14 +20,14 @@ run until weights are loaded, unless it was built with ``allow_random_weights=Tr
 from __future__ import annotations
 
 import logging
-import pickle
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from qlip.weights import check_state_dict, read_weight_file
 
 logger = logging.getLogger(__name__)
 
@@ -181,67 +181,6 @@ class MixedE(nn.Module):
         return torch.cat([b1, b3, b3dbl, bp], dim=1)
 
 
-class WeightsMismatchError(ValueError):
-    """A weights file does not fit the network; the message lists every missing, unexpected or misshaped key."""
-
-
-def check_state_dict(
-    expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], what: str, path: str | Path
-) -> None:
-    """Raise :class:`WeightsMismatchError` naming every key that is missing, unexpected or of the wrong shape.
-
-    Args:
-        expected: the network's own state dict (names and shapes it needs).
-        found: the state dict read from the file.
-        what: the network's name, for the message.
-        path: the file, for the message.
-    """
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    misshaped = sorted(
-        f"{k}: file {tuple(found[k].shape)} vs network {tuple(expected[k].shape)}"
-        for k in set(expected) & set(found)
-        if tuple(found[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or misshaped:
-        lines = [f"{path} does not fit the {what} network:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if misshaped:
-            lines.append(f"  wrong shapes ({len(misshaped)}): {'; '.join(misshaped)}")
-        lines.append("  Check that you passed the right file (see docs/metrics.md for names and checksums).")
-        raise WeightsMismatchError("\n".join(lines))
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a plain tensor state dict with ``torch.load(weights_only=True)`` (no pickled code is executed).
-
-    Args:
-        path: a ``.pth`` file holding a mapping from names to tensors.
-
-    Returns:
-        The state dict on CPU.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist; pass the path of the downloaded file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        # Truncated downloads and files that pickle code (not plain tensors) both end up here.
-        raise WeightsMismatchError(
-            f"{path} could not be read as a plain tensor state dict ({type(err).__name__}: {err}); "
-            "re-download the file and compare its checksum with docs/metrics.md"
-        ) from err
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsMismatchError(
-            f"{path} is not a plain state dict (a mapping from names to tensors); got {type(state).__name__}"
-        )
-    return dict(state)
-
-
 class FIDInceptionV3(nn.Module):
     """InceptionV3 as in the FID reference graph, returning 2048-d pool features (spec section 9).
 
@@ -293,9 +232,10 @@ class FIDInceptionV3(nn.Module):
 
         Raises:
             FileNotFoundError: the file does not exist.
+            WeightFileError: the file is truncated, corrupt or not a plain state dict.
             WeightsMismatchError: keys are missing, unexpected or misshaped (all listed by name).
         """
-        state = read_state_dict(path)
+        state = read_weight_file(path)
         # Files saved by older PyTorch lack BatchNorm's num_batches_tracked counter, newer ones have it;
         # it never affects eval-mode outputs, so accept both.
         state = {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}

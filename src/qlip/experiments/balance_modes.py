@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..losses.balance import BalanceConfig
+from ..train.build import weights_override
 from . import plots
 from .balance_sweep import metric_columns
 from .runner import Settings, Stage, Variant, run_overrides, run_variants, settings_summary
@@ -35,13 +36,13 @@ def build_variants(settings: Settings, steps: int, warmup_fraction: float) -> li
     base = run_overrides(settings, steps, warmup_fraction)
     online_warmup = min(BalanceConfig().warmup_steps, max(1, steps // 10))
     stage = lambda extra: Stage("stage1", files=[settings.config], overrides=base + extra, steps=steps)  # noqa: E731
-    fixed = stage(["loss.balance.mode=fixed", "loss.balance.weights.align=1.0", "loss.balance.weights.recon=1000.0"])
+    cfg = settings.base_config()
+    fixed = stage(["loss.balance.mode=fixed", weights_override(cfg, align=1.0, recon=1000.0)])
     probe_steps = max(1, steps // 2)
     probe = Stage("probe", kind="probe", files=[settings.config], overrides=base + [f"probe.steps={probe_steps}"],
                   steps=probe_steps)  # fmt: skip
     posthoc = Stage("stage1", files=[settings.config], overrides=base, steps=steps, fragment_from_previous=True)
-    online = [f"loss.balance.warmup_steps={online_warmup}", "loss.balance.weights.align=1.0",
-              "loss.balance.weights.recon=1.0"]  # fmt: skip
+    online = [f"loss.balance.warmup_steps={online_warmup}", weights_override(cfg, align=1.0, recon=1.0)]
     return [
         Variant("fixed", [fixed], settings.seeds, {"label": "fixed 1:1000 (paper)"}),
         Variant("posthoc", [probe, posthoc], settings.seeds, {"label": "post-hoc (qlip balance)"}),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..losses.balance import posthoc_weights
-from ..train.build import balance_config
+from ..train.build import balance_config, weights_override
 from ..train.config import TrainConfig
 from . import plots
 from .runner import Settings, Stage, Variant, run_overrides, run_variants, settings_summary
@@ -83,8 +83,7 @@ def build_variants(settings: Settings, cfg: TrainConfig) -> tuple[list[Variant],
         if is_default:
             default_name = label
         seeds = settings.seeds if (label in EXTREMES or is_default) else settings.seeds[:1]
-        overrides = base + ["loss.balance.mode=fixed", f"loss.balance.weights.align={a}",
-                            f"loss.balance.weights.recon={r}"]  # fmt: skip
+        overrides = base + ["loss.balance.mode=fixed", weights_override(cfg, align=a, recon=r)]
         variants.append(Variant(label, [Stage("stage1", files=[settings.config], overrides=overrides, steps=steps)],
                                 seeds, {"ratio": ratio, "label": label, "default": is_default}))  # fmt: skip
     if default_name == "default":  # the config's own weights are not on the list: run them too

@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 
 # Stage 2 derived from a stage-1 config: the trainer's stage-2 weights (MSE + BSQ + 0.1 GAN), LPIPS off (no weight
 # file is shipped); the stage-1 config's align/recon weights must not leak into stage 2.
-DERIVED_STAGE2 = ["stage=2", "loss.lpips_weight=0", "loss.balance.mode=fixed", "loss.balance.weights.align=0",
-                  "loss.balance.weights.recon=1", "loss.balance.weights.quant=1", "loss.balance.weights.commit=0",
-                  "loss.balance.weights.lpips=0", "loss.balance.weights.gan=0.1", "loss.balance.reference_term=recon",
+DERIVED_STAGE2 = ["stage=2", "loss.lpips_weight=0", "loss.gan_weight=0.1", "loss.balance.mode=fixed",
+                  "loss.balance.weights.align=0", "loss.balance.weights.recon=1", "loss.balance.weights.quant=1",
+                  "loss.balance.weights.commit=0", "loss.balance.reference_term=recon",
                   "loss.balance.balanced_terms=[recon]"]  # fmt: skip
 ONE_STAGE_NOTE = "stage-1 losses plus stage 2's GAN (and LPIPS when configured), all from step 0 of one run"
 # Stage-2 settings the one-stage recipe carries over (the discriminator and its optimizer, LPIPS files).
@@ -42,14 +42,12 @@ GAN_OPTIM_KEYS = ("disc_lr", "disc_betas", "disc_weight_decay")
 
 def one_stage_overrides(cfg1: Any, cfg2: Any, gan_start: int) -> list[str]:
     """Stage-1 balance weights plus stage 2's adversarial (and, with weight files, perceptual) terms."""
-    from ..train.build import balance_config
+    from ..train.build import stage_weights, term_weight
 
-    weights = dict(balance_config(cfg1).weights)
-    stage2_weights = balance_config(cfg2).weights
-    for term in ("gan", "lpips"):
-        if stage2_weights.get(term, 0.0) > 0 and (term == "gan" or (cfg2.loss.lpips_vgg and cfg2.loss.lpips_lin)):
-            weights[term] = stage2_weights[term]
-    out = [f"loss.balance.weights={json.dumps(weights)}", f"loss.gan_start={gan_start}"]
+    gan = term_weight(cfg2, "gan")
+    lpips = term_weight(cfg2, "lpips") if cfg2.loss.lpips_vgg and cfg2.loss.lpips_lin else 0.0
+    out = [f"loss.balance.weights={json.dumps(stage_weights(cfg1))}", f"loss.gan_weight={gan}",
+           f"loss.lpips_weight={lpips}", f"loss.gan_start={gan_start}"]  # fmt: skip
     out += [f"loss.{k}={json.dumps(getattr(cfg2.loss, k))}" for k in GAN_KEYS if getattr(cfg2.loss, k) is not None]
     out += [f"optim.{k}={json.dumps(getattr(cfg2.optim, k))}" for k in GAN_OPTIM_KEYS]
     return out

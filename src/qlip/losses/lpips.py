@@ -29,9 +29,9 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from qlip.eval.inception import WeightsMismatchError, check_state_dict, read_state_dict
 from qlip.nn.vgg import VGG16_TAP_CHANNELS, VGG16Features
 from qlip.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from qlip.weights import WeightFileError, WeightsMismatchError, check_state_dict, read_weight_file
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class LPIPS(nn.Module):
 
         Raises:
             FileNotFoundError: a file does not exist.
+            WeightFileError: a file is truncated, corrupt or not a plain state dict.
             WeightsMismatchError: keys are missing, unexpected or misshaped (all listed by name).
         """
         net = cls()
@@ -119,7 +120,7 @@ class LPIPS(nn.Module):
 
     def load_vgg(self, path: str | Path) -> None:
         """Load ``features.*`` of a torchvision-layout VGG16 state dict into the trunk."""
-        state = read_state_dict(path)
+        state = read_weight_file(path)
         features = {k: v for k, v in state.items() if k.startswith("features.")}
         # The classifier is part of the standard file but not of LPIPS; anything else means a different network.
         other = {k: v for k, v in state.items() if not k.startswith(("features.", "classifier."))}
@@ -130,7 +131,7 @@ class LPIPS(nn.Module):
 
     def load_heads(self, path: str | Path) -> None:
         """Load the five linear heads from the standard LPIPS ``vgg.pth`` (``lin{k}.model.1.weight``)."""
-        state = read_state_dict(path)
+        state = read_weight_file(path)
         expected = {lpips_head_file_key(k): head.weight for k, head in enumerate(self.heads)}
         check_state_dict(expected, state, "LPIPS linear heads", path)
         with torch.no_grad():
@@ -202,5 +203,5 @@ def load_lpips_network(vgg_path: str | Path | None, lin_path: str | Path | None)
         )
     try:
         return LPIPSNetwork(LPIPS.from_files(vgg_path, lin_path), None)
-    except (FileNotFoundError, WeightsMismatchError) as err:
+    except (FileNotFoundError, WeightFileError, WeightsMismatchError) as err:
         return LPIPSNetwork(None, f"LPIPS weights unusable: {err}")

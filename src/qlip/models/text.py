@@ -37,7 +37,10 @@ class TextEncoder(nn.Module):
         what the released configs' legacy ``eos_token_id`` 2 selects as well).
         """
         if text.ndim != 2 or text.shape[1] > self.cfg.context_length:
-            raise ValueError(f"expected token ids (B, L <= {self.cfg.context_length}), got {tuple(text.shape)}")
+            raise ValueError(
+                f"expected token ids (B, L <= {self.cfg.context_length}), got {tuple(text.shape)}: tokenize with "
+                "qlip.get_tokenizer(MODEL) (or vocabulary=DIR for a trained BPE), which pads to the model's context"
+            )
         # The range check syncs with the device: done in eval mode only (the trainer's data is tokenized by us).
         if not self.training and text.numel() and (int(text.max()) >= self.cfg.vocab_size or int(text.min()) < 0):
             raise ValueError(

@@ -7,6 +7,7 @@ decoder with MSE + BSQ + LPIPS + GAN.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import fields
 from typing import Any
@@ -18,8 +19,8 @@ from ..factory import create_model
 from ..losses.adversarial import build_discriminator
 from ..losses.balance import BalanceConfig, LossBalancer
 from ..models.qlip import QLIP
-from .config import ConfigError, TrainConfig
-from .init import load_clip_towers, read_state_dict_file
+from ..weights import load_clip_towers, read_weight_file
+from .config import OWN_WEIGHT_KEYS, STAGE_DEFAULT_WEIGHT, ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def build_model(cfg: TrainConfig) -> QLIP:
     model = create_model(source, parts=parts)
     if cfg.model.pretrained_clip:
         towers = [p for p in cfg.model.pretrained_clip_parts if getattr(model, p, None) is not None]
-        report = load_clip_towers(model, read_state_dict_file(cfg.model.pretrained_clip), parts=towers)
+        report = load_clip_towers(model, read_weight_file(cfg.model.pretrained_clip), parts=towers)
         model.init_report = report
     if cfg.stage == 1:
         missing = [p for p in ("visual", "quantizer", "decoder", "text") if getattr(model, p) is None]
@@ -63,14 +64,32 @@ def set_train_mode(model: QLIP, stage: int) -> None:
         model.visual.eval()
 
 
+def term_weight(cfg: TrainConfig, term: str) -> float:
+    """The weight of ``lpips`` or ``gan``: ``loss.lpips_weight`` / ``loss.gan_weight``, else the stage's default."""
+    value = getattr(cfg.loss, f"{term}_weight")
+    return STAGE_DEFAULT_WEIGHT[term][cfg.stage] if value is None else float(value)
+
+
+def stage_weights(cfg: TrainConfig) -> dict[str, float]:
+    """The weights of the stage's terms in ``loss.balance.weights`` (complete: the config checked it), else the
+    stage's defaults: stage 1 the paper's 1 : 1000 : 1 : 1, stage 2 MSE + BSQ."""
+    if "weights" in cfg.loss.balance:
+        return dict(cfg.loss.balance["weights"])
+    return dict(BalanceConfig().weights) if cfg.stage == 1 else {"recon": 1.0, "quant": 1.0, "commit": 0.0}
+
+
+def weights_override(cfg: TrainConfig, **changes: float) -> str:
+    """A ``loss.balance.weights=...`` override naming every term of the stage: ``cfg``'s weights with ``changes``."""
+    return f"loss.balance.weights={json.dumps({**stage_weights(cfg), **changes})}"
+
+
 def balance_config(cfg: TrainConfig) -> BalanceConfig:
-    """The BalanceConfig of ``loss.balance``; stage 2 defaults to MSE + BSQ + lpips_weight LPIPS + gan_weight GAN."""
+    """The BalanceConfig of ``loss.balance``, with LPIPS and the GAN weighted by their own keys."""
     values: dict[str, Any] = {}
     if cfg.stage == 2:
-        values = {"weights": {"recon": 1.0, "quant": 1.0, "commit": 0.0, "lpips": cfg.loss.lpips_weight,
-                              "gan": cfg.loss.gan_weight}, "reference_term": "recon",
-                  "balanced_terms": ("recon",)}  # fmt: skip
+        values = {"reference_term": "recon", "balanced_terms": ("recon",)}
     values.update(cfg.loss.balance)
+    values["weights"] = {**stage_weights(cfg), **{t: term_weight(cfg, t) for t in OWN_WEIGHT_KEYS}}
     known = [f.name for f in fields(BalanceConfig)]
     unknown = [k for k in values if k not in known]
     if unknown:
@@ -86,8 +105,8 @@ def build_balancer(cfg: TrainConfig) -> LossBalancer:
 
 
 def build_lpips(cfg: TrainConfig, balancer: LossBalancer, device: torch.device) -> nn.Module | None:
-    """The LPIPS network when its weight is active (stage 2 by default; stage 1 when loss.balance.weights lists
-    it, e.g. the one-stage recipe), from local files; a clear start-up error when it is wanted but absent."""
+    """The LPIPS network when its weight is active (stage 2 by default; stage 1 when loss.lpips_weight > 0, e.g. the
+    one-stage recipe), from local files; a clear start-up error when it is wanted but absent."""
     if "lpips" not in balancer.active_terms:
         return None
     if not (cfg.loss.lpips_vgg and cfg.loss.lpips_lin):
@@ -102,7 +121,7 @@ def build_lpips(cfg: TrainConfig, balancer: LossBalancer, device: torch.device) 
 
 
 def build_gan(cfg: TrainConfig, balancer: LossBalancer, image_size: int, device: torch.device) -> nn.Module | None:
-    """The discriminator when the GAN weight is active (stage 2 by default, or listed in stage-1 weights)."""
+    """The discriminator when the GAN weight is active (stage 2 by default, or loss.gan_weight > 0 in stage 1)."""
     if "gan" not in balancer.active_terms:
         return None
     return build_discriminator(cfg.loss.disc, image_size, width=cfg.loss.disc_width,

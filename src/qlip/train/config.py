@@ -128,19 +128,29 @@ class OptimSection:
     disc_weight_decay: float = 0.05
 
 
+# The loss terms weighted in loss.balance.weights, per stage; LPIPS and the GAN have their own keys.
+BALANCE_TERMS = {1: ("align", "recon", "quant", "commit"), 2: ("recon", "quant", "commit")}
+OWN_WEIGHT_KEYS = {"lpips": "loss.lpips_weight", "gan": "loss.gan_weight"}
+# Weights that depend on the stage when not set: stage 2 adds LPIPS and the GAN.
+STAGE_DEFAULT_WEIGHT = {"lpips": {1: 0.0, 2: 0.1}, "gan": {1: 0.0, 2: 0.1}}
+
+
 @dataclass
 class LossSection:
     """Loss terms and their balancing.
 
     Attributes:
-        balance: fields of ``qlip.losses.balance.BalanceConfig`` (mode, weights, converged, ...).
+        balance: fields of ``qlip.losses.balance.BalanceConfig`` (mode, weights, converged, ...). ``weights``, when
+            given, names every term of the stage (stage 1: align, recon, quant, commit; stage 2: recon, quant,
+            commit), 0 turning a term off; LPIPS and the GAN are weighted by ``lpips_weight`` / ``gan_weight`` only.
         pixel: "mse" or "l1".
         logit_scale_max: clamp of the learnable logit scale (exp'd), CLIP's 100.
         clip_local_loss: each rank computes only its rows of the global logits (less memory, same gradient).
         clip_chunk_size: compute the logits in row chunks of this size (None = at once).
-        lpips_weight: stage 2 LPIPS weight (0 turns it off; otherwise lpips_vgg and lpips_lin are required).
+        lpips_weight: LPIPS weight (None: 0.1 in stage 2, 0 in stage 1; 0 turns it off, otherwise lpips_vgg and
+            lpips_lin are required).
         lpips_vgg, lpips_lin: local paths of vgg16-397923af.pth and LPIPS v0.1 vgg.pth.
-        gan_weight: stage 2 generator loss weight (0 = no discriminator).
+        gan_weight: generator loss weight (None: 0.1 in stage 2, 0 in stage 1; 0 = no discriminator).
         gan_start: the step at which the adversarial terms switch on.
         gan_loss: "hinge" or "non-saturating".
         disc: "patchgan" or "stylegan".
@@ -155,10 +165,10 @@ class LossSection:
     logit_scale_max: float = 100.0
     clip_local_loss: bool = False
     clip_chunk_size: int | None = None
-    lpips_weight: float = 0.1
+    lpips_weight: float | None = None
     lpips_vgg: str | None = None
     lpips_lin: str | None = None
-    gan_weight: float = 0.1
+    gan_weight: float | None = None
     gan_start: int = 0
     gan_loss: str = "hinge"
     disc: str = "patchgan"
@@ -289,6 +299,30 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def _check_loss_weights(self) -> None:
+        """Each loss term has one place for its weight, and an explicit ``loss.balance.weights`` names them all."""
+        weights = self.loss.balance.get("weights")
+        if weights is None:
+            return
+        if not isinstance(weights, dict):
+            raise ConfigError(f"loss.balance.weights must map loss terms to weights (e.g. {{recon: 1.0}}), got "
+                              f"{weights!r}")  # fmt: skip
+        for term, key in OWN_WEIGHT_KEYS.items():
+            if term in weights:
+                raise ConfigError(f"loss.balance.weights.{term} is not where the {term} weight goes: set {key} instead")
+        unknown = sorted(set(weights) - set(BALANCE_TERMS[1]))
+        if unknown:
+            own = ", ".join(OWN_WEIGHT_KEYS.values())
+            raise ConfigError(f"loss.balance.weights: unknown term(s) {unknown}; the terms are "
+                              f"{', '.join(BALANCE_TERMS[1])} (LPIPS and GAN: {own})")  # fmt: skip
+        terms = BALANCE_TERMS[self.stage]
+        missing = [t for t in terms if t not in weights]
+        if missing:
+            raise ConfigError(f"loss.balance.weights lacks {', '.join(missing)}: stage {self.stage} weighs "
+                              f"{', '.join(terms)}; give every one (0 turns a term off)")  # fmt: skip
+        if self.stage == 2 and weights.get("align", 0) != 0:
+            raise ConfigError("loss.balance.weights.align must be 0 (or absent) in stage 2, which has no text tower")
+
     def validate(self) -> None:
         """Cross-field checks, with what to change."""
         choices = {
@@ -305,6 +339,7 @@ class TrainConfig:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+        self._check_loss_weights()
         positive = {
             "data.batch_size": self.data.batch_size,
             "optim.steps": self.optim.steps,

@@ -121,10 +121,10 @@ class _Trainer:
         if self.model.text is not None:
             self.tokenizer = build_tokenizer(cfg.data, init_dir=cfg.init, context_length=mcfg.text.context_length,
                                              vocab_size=mcfg.text.vocab_size, seed=cfg.seed)  # fmt: skip
-        elif cfg.init and (Path(cfg.init) / "vocab.json").is_file():
-            from ..tokenizer import CLIPTokenizer
+        elif cfg.init and (cfg.data.tokenizer or (Path(cfg.init) / "vocab.json").is_file()):
+            from ..factory import get_tokenizer  # carried into the export, at the exported text tower's context
 
-            self.tokenizer = CLIPTokenizer.from_pretrained(cfg.init)  # carried into the export
+            self.tokenizer = get_tokenizer(cfg.init, vocabulary=cfg.data.tokenizer)
         self.balancer = build_balancer(cfg)
         self.lpips = build_lpips(cfg, self.balancer, rt.device)
         self.disc = build_gan(cfg, self.balancer, self.image_size, rt.device)

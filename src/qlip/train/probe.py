@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..losses.balance import posthoc_weights
-from .build import balance_config
+from .build import stage_weights
 from .config import ConfigError, TrainConfig
 from .logger import read_metrics
 
@@ -60,6 +60,7 @@ def probe_config(cfg: TrainConfig, objective: str) -> TrainConfig:
     probe.stop_at = None
     probe.resume = "never"
     probe.loss.balance = {"mode": "fixed", "weights": PROBE_WEIGHTS[objective], "reference_term": objective}
+    probe.loss.lpips_weight = probe.loss.gan_weight = 0.0  # one objective alone
     probe.eval.every, probe.eval.at_end = 0, False
     probe.checkpoint.every, probe.checkpoint.export = 0, False
     probe.logging.every = max(1, min(cfg.logging.every, cfg.probe.steps // 20))
@@ -84,11 +85,11 @@ def run_balance_probes(cfg: TrainConfig) -> BalanceResult:
         train(probe)
         converged[objective] = converged_loss(probe.run_dir, objective, cfg.probe.tail_fraction)
     base = {k: 1.0 for k in converged}
-    weights = posthoc_weights(converged, reference="align", base={**balance_config(cfg).weights, **base})
+    weights = posthoc_weights(converged, reference="align", base={**stage_weights(cfg), **base})
     fragment = Path(cfg.run_dir) / "balance.yaml"
     fragment.parent.mkdir(parents=True, exist_ok=True)
     body = {"loss": {"balance": {"mode": "posthoc", "converged": converged, "reference_term": "align",
-                                 "weights": {**balance_config(cfg).weights, **base}}}}  # fmt: skip
+                                 "weights": {**stage_weights(cfg), **base}}}}  # fmt: skip
     header = (f"# written by `qlip balance`: converged single-objective losses after {cfg.probe.steps} steps each\n"
               f"# resulting weights: {weights}\n")  # fmt: skip
     fragment.write_text(header + yaml.safe_dump(body, sort_keys=False))
