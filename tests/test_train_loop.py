@@ -186,7 +186,7 @@ def test_stage2_export_carries_the_configured_tokenizer(stage1_run, tmp_path):
     cfg = write_config(tmp_path / "s2.yaml", tmp_path / "run2", stage=2, init=str(init),
                        data={"tokenizer": str(vocab)}, optim={"steps": 1, "warmup_steps": 0},
                        loss={"lpips_weight": 0.0, "gan_weight": 0.0}, checkpoint={"every": 0, "export": True})
-    assert main([str(cfg)]) == 0
+    assert main(["train", str(cfg)]) == 0
     model = qlip.create_model(str(tmp_path / "run2" / "last"))
     ids = qlip.get_tokenizer(str(tmp_path / "run2" / "last"))(["a large red circle in the center."])
     assert ids.shape == (1, model.cfg.text.context_length)

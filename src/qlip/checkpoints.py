@@ -22,10 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import QLIPConfig, config_from_released, config_to_released, is_qlip_config
-from .weights import WeightsMismatchError, qlip_to_released_key, read_weight_file
-
-# The name the command line catches a model directory that does not fit its config by.
-CheckpointMismatchError = WeightsMismatchError
+from .weights import qlip_to_released_key, read_weight_file
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,10 @@ from .common import (
 def _text_tokenizer(args: argparse.Namespace):
     from ..factory import get_tokenizer
 
-    source = args.tokenizer or args.model
     try:
-        return get_tokenizer(source)
+        return get_tokenizer(args.model, vocabulary=args.tokenizer)
     except (ValueError, FileNotFoundError, OSError) as e:
-        raise CLIError(f"no text tokenizer for {source!r} ({e}); pass --tokenizer DIR") from e
+        raise CLIError(f"no text tokenizer for {args.model!r}: {e}") from e
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -76,6 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", required=True, help='comma-separated labels, e.g. "a dog,a cat"')
     p.add_argument("--template", action="append", help='prompt template with {} (repeatable), e.g. "a photo of {}."')
     p.add_argument("--top", type=positive_int, default=3, help="labels shown per image (default 3)")
-    p.add_argument("--tokenizer", default=None, help="text tokenizer directory (default: the one beside --model)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="vocab.json + merges.txt to use instead of the model's (e.g. from qlip tokenizer train)")
     add_model_options(p)
     p.set_defaults(func=cmd_classify)

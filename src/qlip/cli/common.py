@@ -125,12 +125,12 @@ def autocast(device: torch.device):
 
 def load_model(name: str, device: torch.device, parts: tuple[str, ...] | None = None):
     """create_model with loading problems turned into a CLIError (exit 2, no traceback)."""
-    from ..checkpoints import CheckpointMismatchError
     from ..factory import create_model
+    from ..weights import WeightsMismatchError
 
     try:
         model = create_model(name, parts=parts, device=device)
-    except (ValueError, TypeError, KeyError, FileNotFoundError, RuntimeError, OSError, CheckpointMismatchError) as e:
+    except (ValueError, TypeError, KeyError, FileNotFoundError, RuntimeError, OSError, WeightsMismatchError) as e:
         raise CLIError(f"cannot load model {name!r}: {e}") from e
     if getattr(model, "load_report", None) is None:
         log.warning("%s is a registered architecture: its weights are RANDOM (pass a model directory)", name)

@@ -38,7 +38,7 @@ def _tokenizer(args: argparse.Namespace) -> Any:
     from ..factory import get_tokenizer
 
     try:
-        return get_tokenizer(args.model)
+        return get_tokenizer(args.model, vocabulary=getattr(args, "tokenizer", None))
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(f"zero-shot needs the text tokenizer saved beside the model: {e}") from e
 
@@ -308,6 +308,8 @@ def _zero_shot_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", action="append", help="shapes task (repeatable; default: every task)")
     p.add_argument("--classnames", default=None, help="'imagenet', or a text file with one class name per line")
     p.add_argument("--templates", default=None, help="'openai' (default for folders), or a text file of templates")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="vocab.json + merges.txt to use instead of the model's (e.g. from qlip tokenizer train)")
 
 
 def _probe_flags(p: argparse.ArgumentParser) -> None:
