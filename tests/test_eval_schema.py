@@ -111,9 +111,9 @@ def test_a_stage_shows_a_bar_only_on_a_terminal_and_not_when_quiet():
     batches = [{"image": torch.zeros(3, 3, 4, 4), "bad": {}}, {"image": torch.zeros(2, 3, 4, 4), "bad": {"empty": 1}}]
     for stream, progress, shown in ((_Terminal(), True, True), (io.StringIO(), True, False),
                                     (_Terminal(), False, False)):  # fmt: skip
-        stage = TrackedBatches(batches, desc="zero-shot", total=5, progress=progress, stream=stream)
+        stage = TrackedBatches(batches, desc="zero-shot", total=6, progress=progress, stream=stream)
         assert [b["image"].shape[0] for b in stage] == [3, 2]
         assert stage.images == 5 and stage.skipped_counts() == {"empty": 1}
         assert ("zero-shot" in stream.getvalue()) is shown
-        if shown:
-            assert "5/5" in stream.getvalue()
+        if shown:  # every sample read, the skipped one too
+            assert "6/6" in stream.getvalue() and "skipped=1" in stream.getvalue()

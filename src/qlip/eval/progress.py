@@ -11,10 +11,11 @@ each reason once and stops a run past its bad-fraction limit. This class only to
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TextIO
+
+from ..progress import progress_bar
 
 
 class TrackedBatches:
@@ -23,9 +24,11 @@ class TrackedBatches:
     Args:
         batches: collated batches (``"image"`` (B, 3, S, S) and optionally ``"bad"``: reason -> count).
         desc: the stage, shown before the bar ("zero-shot", "recon", ...).
-        total: images the stage will see, when known (a bar with a time estimate); None shows a count only.
-        progress: False never shows a bar (a ``--quiet`` run); True shows one when ``stream`` is a terminal.
-        stream: where the bar goes (stderr, so that piped output stays clean).
+        total: samples the stage will read (readable or not), when known (a bar with a time estimate); None
+            shows a count only.
+        progress: False never shows a bar (a quiet run); True shows one when ``stream`` is a terminal
+            (:func:`qlip.progress.progress_bar`).
+        stream: where the bar goes; defaults to stderr, so that piped output stays clean.
 
     Attributes:
         images: readable images seen so far.
@@ -37,21 +40,19 @@ class TrackedBatches:
         self.batches = batches
         self.desc = desc
         self.total = total
-        self.stream = stream if stream is not None else sys.stderr
-        self.show = bool(progress) and _is_terminal(self.stream)
+        self.progress = progress
+        self.stream = stream
         self.images = 0
         self.skipped: Counter[str] = Counter()
 
     def __iter__(self) -> Iterator[Mapping[str, Any]]:
-        from tqdm import tqdm
-
-        with tqdm(total=self.total, desc=self.desc, unit="img", file=self.stream, disable=not self.show,
-                  dynamic_ncols=True) as bar:  # fmt: skip
+        with progress_bar(desc=self.desc, total=self.total, unit="img", enabled=self.progress,
+                          stream=self.stream) as bar:  # fmt: skip
             for batch in self.batches:
-                n = int(batch["image"].shape[0])
+                n, bad = int(batch["image"].shape[0]), batch.get("bad") or {}
                 self.images += n
-                self.skipped.update(batch.get("bad") or {})
-                bar.update(n)
+                self.skipped.update(bad)
+                bar.update(n + sum(bad.values()))  # samples read, so that a total of len(dataset) is reached
                 if self.skipped:
                     bar.set_postfix(skipped=sum(self.skipped.values()), refresh=False)
                 yield batch
@@ -60,9 +61,3 @@ class TrackedBatches:
         """Skipped samples by reason, sorted by reason (empty when none were skipped)."""
         return {reason: int(n) for reason, n in sorted(self.skipped.items()) if n}
 
-
-def _is_terminal(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):  # a stand-in stream, or one already closed
-        return False
