@@ -58,7 +58,7 @@ def test_trainer_checks_and_eval_state_the_same_keys_and_units(tiny, tokenizer, 
     assert {"zs/shape", "zs/size", "zs/mean", "psnr", "ssim", "bits_used", "num_eval"} <= set(trainer)
     for key, value in written.items():
         assert trainer[key] == pytest.approx(value, rel=1e-6), key
-    # Percent, not a share: the trainer used to log zeroshot/<task> in [0, 1] and the experiments zs/<task> in %.
+    # Percent, not the calculator's share in [0, 1].
     assert trainer["zs/shape"] == pytest.approx(100.0 * zero_shot["shape"]["top1"])
     assert trainer["zs/mean"] == pytest.approx((trainer["zs/shape"] + trainer["zs/size"]) / 2)
     assert trainer["num_eval"] == 12 and 0.0 <= trainer["bits_used"] <= 1.0
