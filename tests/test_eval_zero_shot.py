@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qlip.data import ClassificationTask
 from qlip.eval.zero_shot import (
+    TemplateError,
     accuracy_summary,
     build_zero_shot_classifier,
+    evaluate_zero_shot_tasks,
     load_classnames,
     load_templates,
     zero_shot_accuracy,
+    zero_shot_probabilities,
 )
 
 torch.set_num_threads(1)
@@ -143,3 +149,40 @@ def test_bad_lists_are_rejected(tmp_path):
         load_classnames("imagenet-22k")
     (tmp_path / "c.txt").write_text("cat\n\ndog\n")
     assert load_classnames(str(tmp_path / "c.txt")) == ["cat", "dog"]
+
+
+def test_classify_probabilities_do_not_depend_on_batch_sizes(toy):
+    """What `qlip classify` prints: the same probabilities whatever the text and image batch sizes."""
+    toy.logit_scale = nn.Parameter(torch.tensor(2.0))
+    images = torch.randn(10, 6, 1, 1, generator=torch.Generator().manual_seed(1))  # 10 image embeddings
+    results = []
+    for text_batch, image_batch in ((1, 1), (7, 7), (64, 3)):
+        clf = build_zero_shot_classifier(toy, toy.tokenize, CLASSES, TEMPLATES, batch_size=text_batch)
+        results.append(zero_shot_probabilities(toy, clf, images, batch_size=image_batch))
+    cosine = F.normalize(images.flatten(1), dim=-1) @ reference_classifier(toy, CLASSES, TEMPLATES)
+    expected = (math.exp(2.0) * cosine).softmax(dim=-1)  # the learned scale is stored as its log
+    for probs in results:
+        assert probs.shape == (10, len(CLASSES))
+        torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(probs.sum(dim=-1), torch.ones(10))
+
+
+@pytest.mark.parametrize("template", ["a photo of a {x}.", "a {} {", "a {", "a } of {}", "{} and {}", "no slot"])
+def test_bad_templates_raise_one_clear_error(toy, template):
+    """A template str.format cannot fill with one class name: one ValueError subclass, one line, naming it."""
+    with pytest.raises(TemplateError) as err:
+        load_templates([template])
+    message = str(err.value)
+    assert repr(template) in message and "exactly one {}" in message and "\n" not in message
+    # The same error where templates come from a task (shapes tasks, or a --templates option), not a list.
+    task = ClassificationTask(("cat", "dog"), ("a {}.", template), None)
+    with pytest.raises(TemplateError, match="exactly one"):
+        build_zero_shot_classifier(toy, toy.tokenize, list(task.classnames), list(task.templates))
+    batch = {"image": torch.randn(2, 6, 1, 1), "label": torch.tensor([0, 1])}
+    with pytest.raises(TemplateError, match="exactly one"):
+        evaluate_zero_shot_tasks(toy, toy.tokenize, [batch], {"animal": task})
+    assert issubclass(TemplateError, ValueError)  # what the command line turns into a one-line error
+
+
+def test_a_literal_brace_is_fine(toy):
+    assert load_templates(["a {} {{sic}}"]) == ["a {} {{sic}}"]

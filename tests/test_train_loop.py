@@ -36,7 +36,7 @@ def test_stage1_three_steps_logs_every_term_and_exports(stage1_run):
         assert all(isinstance(r[f"loss/{term}"], float) for r in train_recs)
         assert train_recs[-1][f"w/{term}"] == {"align": 1.0, "recon": 1000.0, "quant": 1.0, "commit": 1.0}[term]
     evals = [r for r in records if r["kind"] == "eval"]
-    assert evals and "psnr" in evals[-1] and "zeroshot/shape" in evals[-1] and "bits_used_fraction" in evals[-1]
+    assert evals and "psnr" in evals[-1] and "zs/shape" in evals[-1] and "bits_used" in evals[-1]
     assert (stage1_run / "grids" / "final.png").is_file()
     assert (stage1_run / "config.yaml").is_file()
     assert sorted(p.name for p in (stage1_run / "checkpoints").iterdir()) == ["step_00000002.pt", "step_00000003.pt"]

@@ -3,8 +3,16 @@
 from .captions import CaptionFileDataset
 from .folder import ImageFolderDataset
 from .loader import SampleCollator, build_dataloader, build_dataset, describe_source, iter_samples
-from .sample import BAD_REASONS, BadDataError, BadSampleCounter, StreamTracker, bad_marker, is_bad
-from .shapes import SHAPES_TASKS, ShapesConfig, ShapesDataset, ZeroShotTask, generate_shapes_sample, shapes_tasks
+from .sample import (
+    BAD_REASONS,
+    BadDataError,
+    BadSampleCounter,
+    ClassificationTask,
+    StreamTracker,
+    bad_marker,
+    is_bad,
+)
+from .shapes import SHAPES_TASKS, ShapesConfig, ShapesDataset, generate_shapes_sample, shapes_tasks
 from .shards import ShardDataset, ShardWriter, expand_braces, list_shards
 
 __all__ = [
@@ -13,6 +21,7 @@ __all__ = [
     "BadDataError",
     "BadSampleCounter",
     "CaptionFileDataset",
+    "ClassificationTask",
     "ImageFolderDataset",
     "SampleCollator",
     "ShapesConfig",
@@ -20,7 +29,6 @@ __all__ = [
     "ShardDataset",
     "ShardWriter",
     "StreamTracker",
-    "ZeroShotTask",
     "bad_marker",
     "build_dataloader",
     "build_dataset",

@@ -50,6 +50,23 @@ class BadDataError(RuntimeError):
     """Raised when the fraction of bad samples passes the configured maximum."""
 
 
+@dataclass(frozen=True)
+class ClassificationTask:
+    """One classification task over a dataset's labels, for zero-shot evaluation and linear probes.
+
+    Attributes:
+        classnames: one name per class, in label order.
+        templates: prompt format strings, each with exactly one ``{}`` for the class name; zero-shot averages the
+            text embeddings over them.
+        label_key: None reads ``sample["label"]`` (``batch["label"]``); a string reads ``sample["labels"][label_key]``
+            (``batch["labels"][label_key]``), as the ``shapes`` tasks do.
+    """
+
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+    label_key: str | None = None
+
+
 def bad_marker(key: str, reason: str, detail: str = "") -> Sample:
     """A placeholder yielded in place of a sample that could not be read."""
     return {"key": key, "bad": reason, "detail": detail}

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import IterableDataset
 
-from .sample import Sample, current_slot, resume_point
+from .sample import ClassificationTask, Sample, current_slot, resume_point
 
 SHAPE_KINDS = ("circle", "square", "triangle", "star", "heart", "cross", "diamond", "hexagon", "ring", "arrow")
 DEFAULT_SHAPES = SHAPE_KINDS[:8]
@@ -86,21 +86,6 @@ _DROPPING_TEMPLATES = (
 )
 _FULL_PARTS = "{size} {color} {shape} {pos}"
 _DROPPING_PARTS = ("{color} {shape}", "{size} {shape} {pos}", "{shape} {pos}", "{color} {shape} {pos}")
-
-
-@dataclass(frozen=True)
-class ZeroShotTask:
-    """A classification task for zero-shot evaluation.
-
-    Attributes:
-        classnames: one name per class, in label order.
-        templates: prompt format strings with one ``{}`` for the class name; embeddings are averaged over them.
-        label_key: the key in ``sample["labels"]`` (and ``batch["labels"]``) holding the class index.
-    """
-
-    classnames: tuple[str, ...]
-    templates: tuple[str, ...]
-    label_key: str
 
 
 @dataclass
@@ -181,26 +166,28 @@ class ShapesConfig:
         return asdict(self)
 
 
-def shapes_tasks(config: ShapesConfig | None = None) -> dict[str, ZeroShotTask]:
+def shapes_tasks(config: ShapesConfig | None = None) -> dict[str, ClassificationTask]:
     """Class names and prompt templates of every labelled task of a `shapes` configuration."""
     cfg = config or ShapesConfig()
     tasks = {
-        "shape": ZeroShotTask(cfg.shapes, ("a {}.", "a photo of a {}.", "a drawing of a {}.", "a {} shape."), "shape"),
-        "color": ZeroShotTask(cfg.colors, ("a {} shape.", "a photo of a {} shape.", "something {}."), "color"),
-        "position": ZeroShotTask(
+        "shape": ClassificationTask(
+            cfg.shapes, ("a {}.", "a photo of a {}.", "a drawing of a {}.", "a {} shape."), "shape"
+        ),
+        "color": ClassificationTask(cfg.colors, ("a {} shape.", "a photo of a {} shape.", "something {}."), "color"),
+        "position": ClassificationTask(
             tuple(POSITION_PHRASE[p] for p in cfg.positions), ("a shape {}.", "a photo of a shape {}."), "position"
         ),
-        "size": ZeroShotTask(cfg.sizes, ("a {} shape.", "a photo of a {} shape."), "size"),
-        "color_shape": ZeroShotTask(
+        "size": ClassificationTask(cfg.sizes, ("a {} shape.", "a photo of a {} shape."), "size"),
+        "color_shape": ClassificationTask(
             tuple(f"{c} {s}" for c in cfg.colors for s in cfg.shapes), ("a {}.", "a photo of a {}."), "color_shape"
         ),
     }
     if cfg.max_shapes > 1:
-        tasks["count"] = ZeroShotTask(_COUNT_WORDS[1 : cfg.max_shapes + 1], ("{} shapes.",), "count")
+        tasks["count"] = ClassificationTask(_COUNT_WORDS[1 : cfg.max_shapes + 1], ("{} shapes.",), "count")
     return tasks
 
 
-SHAPES_TASKS: dict[str, ZeroShotTask] = shapes_tasks(ShapesConfig())
+SHAPES_TASKS: dict[str, ClassificationTask] = shapes_tasks(ShapesConfig())
 
 
 def _unit_outline(kind: str, steps: int = 40) -> list[np.ndarray]:
@@ -405,7 +392,7 @@ class ShapesDataset(IterableDataset):
         self._resume: dict[str, Any] | None = None
 
     @property
-    def tasks(self) -> dict[str, ZeroShotTask]:
+    def tasks(self) -> dict[str, ClassificationTask]:
         return shapes_tasks(self.config)
 
     def __len__(self) -> int:

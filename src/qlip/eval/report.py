@@ -6,10 +6,16 @@ A report is one dict (see docs/evaluation.md for the schema)::
      "zero_shot": {task: {"top1", "top5", "n", "num_classes", "classnames", "confusion"?}},
      "linear_probe": {task: {"features", "top1", "l2", "n_train", "n_test", ...}},
      "recon": {"psnr", "ssim", "lpips", "rfid", "usage", "compression_ratio", ...},
+     "metrics": {"zs/<task>", "lp/<task>", "psnr", ...},
+     "skipped_samples": {stage: {reason: count}},
      "figures": {name: relative PNG path}}
 
-Sections are optional. Non-finite numbers are written as the strings "inf" / "-inf" / "nan" so the JSON stays
-standard. The same row builders feed the Markdown tables and the short tables the CLI prints.
+Sections are optional. ``metrics`` is the flat summary in the one evaluation vocabulary (:mod:`qlip.eval.schema`:
+accuracies in percent), filled in from the sections by :func:`write_report`; the sections keep the detailed
+results (their ``top1`` / ``top5`` are the calculators' shares in [0, 1]; every table shows percent).
+``skipped_samples`` says, per stage, how many unreadable samples were dropped and why (:class:`qlip.eval.progress.
+TrackedBatches` counts them). Non-finite numbers are written as the strings "inf" / "-inf" / "nan" so the JSON
+stays standard. The same row builders feed the Markdown tables and the short tables the CLI prints.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..fileio import write_text_atomic
+from .schema import metric_unit, percent, summary_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -74,22 +82,40 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
     return "\n".join(lines)
 
 
+def _pct(share: float | None) -> str | None:
+    """A calculator's share in [0, 1] as the percent a table shows."""
+    return None if share is None else f"{percent(share):.2f}"
+
+
 def zero_shot_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per zero-shot task: classes, images, top-1, top-5 (or "-" with fewer than 5 classes)."""
+    """One row per zero-shot task: classes, images, top-1 %, top-5 % (or "-" with fewer than 5 classes), chance %."""
     return [
-        {"task": name, "classes": r.get("num_classes"), "images": r.get("n"), "top1": r.get("top1"),
-         "top5": r.get("top5"), "chance": 1.0 / r["num_classes"] if r.get("num_classes") else None}
+        {"task": name, "classes": r.get("num_classes"), "images": r.get("n"), "top-1 %": _pct(r.get("top1")),
+         "top-5 %": _pct(r.get("top5")), "chance %": _pct(1.0 / r["num_classes"]) if r.get("num_classes") else None}
         for name, r in results.items()
     ]  # fmt: skip
 
 
 def linear_probe_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per probed task: feature kind, top-1, top-5, chosen L2, train/test sizes."""
+    """One row per probed task: feature kind, top-1 %, top-5 %, chosen L2, train/test sizes."""
     return [
-        {"task": name, "features": r.get("features"), "top1": r.get("top1"), "top5": r.get("top5"),
+        {"task": name, "features": r.get("features"), "top-1 %": _pct(r.get("top1")), "top-5 %": _pct(r.get("top5")),
          "l2": r.get("l2"), "n_train": r.get("n_train"), "n_test": r.get("n_test")}
         for name, r in results.items()
     ]  # fmt: skip
+
+
+def metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per flat metric (see :mod:`qlip.eval.schema`): key, value, unit."""
+    return [{"metric": key, "value": value, "unit": metric_unit(key) or "-"} for key, value in metrics.items()]
+
+
+def skipped_rows(skipped: Mapping[str, Mapping[str, int]]) -> list[dict[str, Any]]:
+    """One row per (stage, reason) with skipped samples, with what the reason means."""
+    from ..data.sample import BAD_REASONS
+
+    return [{"stage": stage, "reason": reason, "samples": int(n), "meaning": BAD_REASONS.get(reason, reason)}
+            for stage, counts in skipped.items() for reason, n in counts.items() if n]  # fmt: skip
 
 
 def recon_rows(recon: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -129,12 +155,7 @@ def _jsonable(value: Any) -> Any:
 
 def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
     """Write standard JSON atomically (non-finite floats as strings)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
 
 
 def make_figures(
@@ -175,7 +196,7 @@ def make_figures(
             safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in task)
             figures[f"confusion_{task}"] = rel(plots.plot_confusion_matrix(
                 r["confusion"], r["classnames"], fig_dir / f"confusion_{safe}.png",
-                title=f"zero-shot {task}: top-1 {r.get('top1', float('nan')):.3f}"))  # fmt: skip
+                title=f"zero-shot {task}: top-1 {percent(r.get('top1', float('nan'))):.1f}%"))  # fmt: skip
     if run_dir is not None:
         try:
             figures["loss_curves"] = rel(plots.plot_loss_curves(run_dir, fig_dir / "loss_curves.png"))
@@ -192,6 +213,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             ("qlip", report.get("qlip_version"))]  # fmt: skip
     lines += [f"* {k}: `{v}`" for k, v in meta if v is not None] + [""]
     figures = report.get("figures") or {}
+    if report.get("metrics"):
+        lines += ["## Summary", "", "Accuracies in percent; the keys are those of the training log and the experiments "
+                  "(see docs/evaluation.md).", "", markdown_table(metric_rows(report["metrics"])), ""]  # fmt: skip
     if report.get("zero_shot"):
         lines += ["## Zero-shot classification", "",
                   "Class-name prompts through the templates, averaged per class (cosine similarity, top-k).", "",
@@ -227,6 +251,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 lines += [f"![{label}]({figures[key]})", ""]
     if "loss_curves" in figures:
         lines += ["## Training curves", "", f"![loss terms and balancing weights]({figures['loss_curves']})", ""]
+    if "skipped_samples" in report:
+        rows = skipped_rows(report["skipped_samples"])
+        lines += ["## Skipped samples", ""]
+        lines += ([markdown_table(rows), ""] if rows else ["None: every sample was readable.", ""])
     return "\n".join(lines)
 
 
@@ -237,16 +265,20 @@ def write_report(
     examples: tuple[torch.Tensor, torch.Tensor] | None = None,
     run_dir: str | Path | None = None,
 ) -> dict[str, Path]:
-    """Draw the pictures, then write ``report.json`` and ``report.md`` into ``out_dir``.
+    """Fill in the flat ``metrics`` summary, draw the pictures, then write ``report.json`` and ``report.md``.
 
     Returns:
         ``{"json": path, "markdown": path, **figures}`` (absolute paths).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if "metrics" not in report:
+        metrics = summary_metrics(zero_shot=report.get("zero_shot"), linear_probe=report.get("linear_probe"),
+                                  recon=report.get("recon"))  # fmt: skip
+        if metrics:
+            report["metrics"] = metrics
     report["figures"] = {**report.get("figures", {}), **make_figures(report, out_dir, examples=examples,
                                                                      run_dir=run_dir)}  # fmt: skip
     json_path = write_json(report, out_dir / "report.json")
-    md_path = out_dir / "report.md"
-    md_path.write_text(render_markdown(report), encoding="utf-8")
+    md_path = write_text_atomic(out_dir / "report.md", render_markdown(report))
     return {"json": json_path, "markdown": md_path, **{k: out_dir / v for k, v in report["figures"].items()}}

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from string import Formatter
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..data.sample import ClassificationTask
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +36,25 @@ SHIPPED_CLASSNAMES = {"imagenet": "imagenet_classnames.txt"}
 SHIPPED_TEMPLATES = {"openai": "openai_templates.txt"}
 
 
-@dataclass(frozen=True)
-class ClassificationTask:
-    """A zero-shot task over a dataset's single label (the counterpart of the shapes tasks' ``ZeroShotTask``).
+class TemplateError(ValueError):
+    """A prompt template that cannot take a class name: no ``{}``, more than one, a named field or a lone brace."""
 
-    Attributes:
-        classnames: one name per class, in label order.
-        templates: prompt templates with one ``{}``.
-        label_key: None reads ``batch["label"]``; a string reads ``batch["labels"][label_key]``.
+
+def check_template(template: str) -> None:
+    """Raise :class:`TemplateError` unless ``template`` has exactly one ``{}`` and nothing else to fill.
+
+    ``str.format`` alone would answer a bad template with a bare ``KeyError: 'x'`` (for ``{x}``) or a message that
+    does not name the template (for a lone ``{``); this says which template is wrong and how to write it.
     """
-
-    classnames: tuple[str, ...]
-    templates: tuple[str, ...]
-    label_key: str | None = None
+    need = "needs exactly one {} where the class name goes (write a literal brace twice: {{ or }})"
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in Formatter().parse(template) if name is not None]
+    except ValueError:  # "Single '{' encountered in format string"
+        raise TemplateError(f"prompt template {template!r} {need}; it has a lone brace") from None
+    if len(fields) != 1 or fields[0] != ("", "", None):
+        found = ", ".join("{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+                          for name, spec, conv in fields) or "no field"  # fmt: skip
+        raise TemplateError(f"prompt template {template!r} {need}; it has {found}")
 
 
 def _read_lines(path: Path | Any) -> list[str]:
@@ -82,7 +90,7 @@ def load_classnames(spec: str | Sequence[str]) -> list[str]:
 def load_templates(spec: str | Sequence[str]) -> list[str]:
     """Prompt templates from a shipped list ("openai"), a text file (one per line), or a list given directly.
 
-    Every template must contain one ``{}`` where the class name goes.
+    Every template must contain one ``{}`` where the class name goes (else :class:`TemplateError`).
     """
     if not isinstance(spec, str):
         templates = [str(t) for t in spec]
@@ -97,9 +105,8 @@ def load_templates(spec: str | Sequence[str]) -> list[str]:
         )
     if not templates:
         raise ValueError(f"no prompt templates in {spec!r}")
-    bad = [t for t in templates if t.count("{}") != 1]
-    if bad:
-        raise ValueError(f"every template needs exactly one '{{}}' for the class name; these do not: {bad[:5]}")
+    for template in templates:
+        check_template(template)
     return templates
 
 
@@ -133,11 +140,16 @@ def build_zero_shot_classifier(
 
     Returns:
         float32 (D, C) with L2-normalized columns; column c is class c.
+
+    Raises:
+        TemplateError: a template without exactly one ``{}`` (or with another field or a lone brace).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(classnames) == 0 or len(templates) == 0:
         raise ValueError(f"need class names and templates, got {len(classnames)} names and {len(templates)} templates")
+    for template in templates:
+        check_template(template)
     device, _ = _model_device_dtype(model, device)
     prompts = [(c, t.format(name)) for c, name in enumerate(classnames) for t in templates]
     sums: Tensor | None = None
@@ -151,6 +163,44 @@ def build_zero_shot_classifier(
         sums.index_add_(0, owner, emb)
     # The mean over templates has the same direction as the sum: normalizing the sum is the re-normalized mean.
     return F.normalize(sums, dim=-1).T.contiguous()  # (D, C)
+
+
+@torch.no_grad()
+def zero_shot_probabilities(
+    model: torch.nn.Module,
+    classifier: Tensor,
+    images: Tensor,
+    *,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+) -> Tensor:
+    """Class probabilities of images under a zero-shot classifier: what ``qlip classify`` prints.
+
+    The images go through the image tower ``batch_size`` at a time; each row is the softmax over classes of the
+    model's learned logit scale times the cosine similarity (the CLIP probabilities).
+
+    Args:
+        model: anything with ``encode_image(images, normalize=True)`` and a ``logit_scale`` (log of the scale).
+        classifier: (D, C) unit columns from :func:`build_zero_shot_classifier`.
+        images: (N, 3, S, S) the model's eval transform of the images.
+        batch_size: images per image-tower call.
+        device: where to run (defaults to the model's device).
+
+    Returns:
+        float32 (N, C) on the CPU; every row sums to 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device, dtype = _model_device_dtype(model, device)
+    scale = model.logit_scale.exp().float()
+    weights = classifier.float().to(device)
+    probs = [
+        (scale * model.encode_image(images[i : i + batch_size].to(device, dtype), normalize=True).float() @ weights)
+        .softmax(dim=-1)
+        .cpu()
+        for i in range(0, images.shape[0], batch_size)
+    ]  # each (b, C)
+    return torch.cat(probs) if probs else torch.zeros(0, classifier.shape[-1])
 
 
 def topk_correct(logits: Tensor, labels: Tensor, topk: Sequence[int]) -> dict[int, int]:
@@ -262,7 +312,7 @@ def evaluate_zero_shot_tasks(
     model: torch.nn.Module,
     tokenizer: Any,
     batches: Iterable[Mapping[str, Any]],
-    tasks: Mapping[str, Any],
+    tasks: Mapping[str, ClassificationTask],
     *,
     topk: Sequence[int] = (1, 5),
     batch_size: int = 64,
@@ -275,7 +325,7 @@ def evaluate_zero_shot_tasks(
         tokenizer: list of strings -> LongTensor.
         batches: collated batches (see :func:`zero_shot_accuracy`).
         tasks: name -> task with ``classnames``, ``templates`` and ``label_key`` (None = ``batch["label"]``),
-            e.g. :class:`qlip.data.shapes.ZeroShotTask`.
+            e.g. :class:`qlip.data.ClassificationTask` (what ``shapes_tasks`` gives).
         topk: top-k accuracies to report.
         batch_size: prompts per text-encoder call.
         device: where to run.

@@ -23,14 +23,12 @@ import torch
 from ..data import SampleCollator
 from ..data.loader import describe_source
 from ..data.shapes import generate_shapes_sample, shapes_tasks
+from ..eval.schema import summary_metrics
 from ..train.config import DataSection
 from ..train.data import shapes_config
 from ..transforms import image_transform
 
 log = logging.getLogger(__name__)
-
-USED_BIT_ENTROPY = 0.9  # the trainer's threshold: a bit counts as used above this usage entropy (bits)
-
 
 def shapes_batches(data: DataSection, *, image_size: int, split: str, num_samples: int, batch_size: int,
                    seed: int, tokenizer: Any = None) -> list[dict[str, Any]]:  # fmt: skip
@@ -57,8 +55,9 @@ def evaluate_model(model_dir: str | Path, data: DataSection, *, tasks: list[str]
         seed: the image seed (fixed across variants).
 
     Returns:
-        Flat dict: ``zs/<task>``, ``zs/mean``, ``lp/<task>``, ``lp/mean``, ``psnr``, ``ssim``, ``distinct_codes``,
-        ``code_entropy``, ``mean_bit_entropy``, ``bits_used``, ``num_eval``.
+        The flat metrics of :mod:`qlip.eval.schema` (accuracies in percent): ``num_eval``, ``zs/<task>``,
+        ``zs/mean``, ``lp/<task>``, ``lp/mean``, ``psnr``, ``ssim``, ``distinct_codes``, ``code_entropy``,
+        ``mean_bit_entropy``, ``bits_used``.
     """
     from ..eval.linear_probe import extract_features_multi, linear_probe
     from ..eval.recon import evaluate_reconstruction
@@ -77,32 +76,20 @@ def evaluate_model(model_dir: str | Path, data: DataSection, *, tasks: list[str]
     # A task with one class (e.g. size when the config draws only large shapes) is trivially 100%: left out.
     chosen = {t: all_tasks[t] for t in tasks if len(all_tasks[t].classnames) > 1}
     held = shapes_batches(data, image_size=size, split="val", num_samples=num_eval, batch_size=batch_size, seed=seed)
-    out: dict[str, Any] = {"num_eval": num_eval}
+    zero_shot, probes, recon = None, None, None
     if model.text is not None and chosen:
-        tok = get_tokenizer(str(model_dir))
-        zs = evaluate_zero_shot_tasks(model, tok, held, chosen, topk=(1,))
-        for name, summary in zs.items():
-            out[f"zs/{name}"] = 100.0 * float(summary["top1"])
-        out["zs/mean"] = sum(out[f"zs/{t}"] for t in chosen) / len(chosen)
+        zero_shot = evaluate_zero_shot_tasks(model, get_tokenizer(str(model_dir)), held, chosen, topk=(1,))
     if chosen:
         train = shapes_batches(data, image_size=size, split="train", num_samples=num_probe_train,
                                batch_size=batch_size, seed=seed + 7919)  # fmt: skip
         keys = list(dict.fromkeys(t.label_key for t in chosen.values()))
         x_tr, y_tr = extract_features_multi(model, train, "cls", label_keys=keys)
         x_te, y_te = extract_features_multi(model, held, "cls", label_keys=keys)
-        for name, task in chosen.items():
-            r = linear_probe(x_tr, y_tr[task.label_key], x_te, y_te[task.label_key],
-                             num_classes=len(task.classnames), seed=seed)  # fmt: skip
-            out[f"lp/{name}"] = 100.0 * float(r["top1"])
-        out["lp/mean"] = sum(out[f"lp/{t}"] for t in chosen) / len(chosen)
+        probes = {name: linear_probe(x_tr, y_tr[task.label_key], x_te, y_te[task.label_key],
+                                     num_classes=len(task.classnames), seed=seed)
+                  for name, task in chosen.items()}  # fmt: skip
     if model.quantizer is not None and model.decoder is not None:
-        rec = evaluate_reconstruction(model, held, keep_examples=0).metrics
-        usage = rec["usage"]
-        out["psnr"] = float(rec["psnr"]["value"])
-        out["ssim"] = float(rec["ssim"]["value"])
-        out["distinct_codes"] = int(usage["distinct_codes"])
-        out["code_entropy"] = float(usage["code_entropy"])
-        out["mean_bit_entropy"] = float(usage["mean_bit_entropy"])
-        out["bits_used"] = sum(e > USED_BIT_ENTROPY for e in usage["bit_entropy"]) / len(usage["bit_entropy"])
+        recon = evaluate_reconstruction(model, held, keep_examples=0).metrics
+    out = summary_metrics(zero_shot=zero_shot, linear_probe=probes, recon=recon)
     log.info("evaluated %s: %s", model_dir, {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()})
     return out
