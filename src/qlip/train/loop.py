@@ -38,14 +38,7 @@ from .build import (
     full_model_for_export,
     set_train_mode,  # fmt: skip
 )
-from .checkpoint import (
-    atomic_torch_save,
-    checkpoint_path,
-    find_resume_checkpoint,
-    prune_checkpoints,
-    rng_state,
-    set_rng_state,
-)
+from .checkpoint import RunCheckpoints, find_resume_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig
 from .data import BatchStream, build_tokenizer, held_out_batches
 from .distributed import Runtime, all_gather_objects, barrier, seed_everything, setup_runtime, teardown, wrap_model
@@ -153,6 +146,7 @@ class _Trainer:
         self.skipped_total = 0
         self.nonfinite_in_row = 0
         self._resume()
+        self.checkpoints = RunCheckpoints(self.run_dir, cfg.checkpoint.keep_last, start_step=self.step)
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def _model_state(self) -> dict[str, Any]:
@@ -193,8 +187,7 @@ class _Trainer:
         }
         path = None
         if self.rt.is_main:
-            path = atomic_torch_save(state, checkpoint_path(self.run_dir, self.step))
-            prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
+            path = self.checkpoints.save(state, self.step)
             log.info("checkpoint %s", path)
         barrier(self.rt)
         return path
