@@ -1,8 +1,9 @@
 """Nothing lost, no one in: training checkpoints never run pickled code, survive stale or corrupt neighbours and
-follow the umask."""
+follow the umask, and metrics.jsonl holds each step once."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -21,6 +22,7 @@ from qlip.train.checkpoint import (
     sha256_file,
 )
 from qlip.train.config import load_config
+from qlip.train.logger import read_metrics
 from qlip.train.loop import train
 from train_helpers import write_config
 
@@ -147,3 +149,37 @@ def test_pruning_keeps_the_newest_and_never_the_file_just_written(tmp_path):
     with pytest.raises(TypeError, match=r"checkpoint\['extra'\] is a \w*Path; .*weights_only"):
         ckpts.save({"step": 5, "model": {}, "extra": Path("x")}, 5)  # would not load with weights_only
     assert _steps(tmp_path) == [4, 3]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# metrics.jsonl
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_read_metrics_skips_a_torn_last_line(tmp_path):
+    lines = [json.dumps({"step": s, "kind": "train", "loss/recon": 0.5}) for s in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 3, "kind": "tr')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl", kind=None)] == [1, 2]
+
+
+def test_resumed_run_logs_each_step_once(tmp_path):
+    config = dict(optim={"steps": 3, "warmup_steps": 1}, checkpoint={"every": 2, "keep_last": 5})
+    train(load_config(write_config(tmp_path / "c.yaml", tmp_path / "r", **config)))
+    # killed during step 4, after logging step 3 but before its checkpoint: resume starts from step 2
+    checkpoint_path(tmp_path / "r", 3).unlink()
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "kind": "tr')
+    config["optim"]["steps"] = 5
+    assert train(load_config(write_config(tmp_path / "c.yaml", tmp_path / "r", **config))).step == 5
+    assert [r["step"] for r in read_metrics(tmp_path / "r", kind=None)] == [1, 2, 3, 4, 5]
+
+
+def test_a_fresh_start_moves_an_older_metrics_log_aside(four_step_run, tmp_path):
+    run = _copy_run(four_step_run, tmp_path)
+    before = (run / "metrics.jsonl").read_text()
+    cfg = load_config(write_config(tmp_path / "c.yaml", run, resume="never", optim={"steps": 2, "warmup_steps": 1}))
+    train(cfg)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    (aside,) = run.glob("metrics.replaced-*.jsonl")
+    assert aside.read_text() == before
