@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..fileio import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +130,7 @@ def _jsonable(value: Any) -> Any:
 
 def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
     """Write standard JSON atomically (non-finite floats as strings)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
 
 
 def make_figures(
@@ -247,6 +243,5 @@ def write_report(
     report["figures"] = {**report.get("figures", {}), **make_figures(report, out_dir, examples=examples,
                                                                      run_dir=run_dir)}  # fmt: skip
     json_path = write_json(report, out_dir / "report.json")
-    md_path = out_dir / "report.md"
-    md_path.write_text(render_markdown(report), encoding="utf-8")
+    md_path = write_text_atomic(out_dir / "report.md", render_markdown(report))
     return {"json": json_path, "markdown": md_path, **{k: out_dir / v for k, v in report["figures"].items()}}
