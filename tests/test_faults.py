@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qlip.checkpoints import ModelDirectoryError
 from qlip.train.checkpoint import (
     CHECKSUMS_NAME,
     RunCheckpoints,
@@ -183,3 +184,13 @@ def test_a_fresh_start_moves_an_older_metrics_log_aside(four_step_run, tmp_path)
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
     (aside,) = run.glob("metrics.replaced-*.jsonl")
     assert aside.read_text() == before
+
+
+def test_a_foreign_export_directory_is_refused_before_training(tmp_path):
+    (tmp_path / "r" / "last").mkdir(parents=True)
+    (tmp_path / "r" / "last" / "notes.txt").write_text("mine")
+    cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "r", checkpoint={"every": 0, "export": True}))
+    with pytest.raises(ModelDirectoryError, match="last is not empty and is not a qlip model directory"):
+        train(cfg)
+    assert not (tmp_path / "r" / "checkpoints").exists()  # no step was trained
+    assert (tmp_path / "r" / "last" / "notes.txt").read_text() == "mine"

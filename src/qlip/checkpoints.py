@@ -235,8 +235,10 @@ def _is_model_directory(directory: Path) -> bool:
     return True
 
 
-def _check_save_target(directory: Path, overwrite: bool) -> None:
-    """Refuse a file, and a non-empty folder that is not a model directory unless ``overwrite``."""
+def check_save_target(directory: str | Path, overwrite: bool = False) -> None:
+    """Raise :class:`ModelDirectoryError` for a path ``save_pretrained`` would refuse: a file, or a non-empty folder
+    that is not a model directory (unless ``overwrite``). Callers that save late (the trainer) check early."""
+    directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ModelDirectoryError(f"{directory} is a file, not a directory; choose a directory path for the model")
     if overwrite or not directory.is_dir():
@@ -258,7 +260,7 @@ def _write_model_dir(directory: str | Path, write: Any, overwrite: bool) -> Path
     leaves the previous model files; files the save does not write (a README, a tokenizer saved earlier) stay.
     """
     directory = Path(directory).resolve()
-    _check_save_target(directory, overwrite)
+    check_save_target(directory, overwrite)
     with replace_files(directory, prefix=_STAGE_PREFIX, last=(CONFIG_NAME,)) as stage:
         write(stage)
     return directory

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoints import check_save_target
 from ..losses.adversarial import adaptive_weight, discriminator_loss, generator_loss, r1_penalty
 from ..losses.contrastive import ClipLoss, clamp_logit_scale_
 from ..losses.reconstruction import pixel_loss
@@ -101,6 +102,9 @@ class _Trainer:
     def __init__(self, cfg: TrainConfig, rt: Runtime) -> None:
         self.cfg, self.rt = cfg, rt
         self.run_dir = Path(cfg.run_dir)
+        if cfg.checkpoint.export:  # every rank: refused at start, not after the training
+            for name in ("last", "last-ema"):
+                check_save_target(self.run_dir / name)
         if rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
