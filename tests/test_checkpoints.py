@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import qlip
 import reference_qlip as ref
+from qlip.checkpoints import ModelDirectoryError, save_released_layout
 from qlip.config import QLIPConfig, config_from_released
 from qlip.factory import create_model, get_model_config, get_tokenizer
 from qlip.models.qlip import QLIP
@@ -170,3 +174,60 @@ def test_our_config_json_round_trip():
     assert QLIPConfig.from_dict(json.loads(cfg.to_json())) == cfg
     with pytest.raises(ValueError, match="unknown field"):
         QLIPConfig.from_dict({**cfg.to_dict(), "vision": {**cfg.to_dict()["vision"], "widht": 3}})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# save_pretrained: only the model's own files, never a folder or file it was not given
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_save_pretrained_keeps_other_files_of_a_model_directory(tmp_path, tiny_tokenizer):
+    model = qlip.create_model("qlip-tiny")
+    path = model.save_pretrained(tmp_path / "m", tokenizer=tiny_tokenizer)
+    (path / "README.md").write_text("my notes")
+    (path / "eval").mkdir()
+    (path / "eval" / "scores.json").write_text("{}")
+    with torch.no_grad():
+        model.logit_scale.add_(1.0)
+    model.save_pretrained(path)  # a model directory: its files are replaced, the rest stays
+    assert (path / "README.md").read_text() == "my notes" and (path / "eval" / "scores.json").read_text() == "{}"
+    assert (path / "vocab.json").is_file()  # the tokenizer saved earlier is not the save's to remove
+    assert torch.equal(qlip.create_model(str(path)).logit_scale, model.logit_scale)
+    assert not [p.name for p in path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    save_released_layout(model, path)  # the released layout owns the same names
+    assert (path / "README.md").read_text() == "my notes"
+
+
+def test_save_pretrained_refuses_a_foreign_directory_and_a_file(tmp_path, monkeypatch):
+    model = qlip.create_model("qlip-tiny")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "thesis.tex").write_text("four years")
+    monkeypatch.chdir(work)
+    refused = r"not a qlip model directory \(it holds thesis.tex\).*overwrite=True"
+    with pytest.raises(ModelDirectoryError, match=refused):
+        model.save_pretrained(".")
+    assert sorted(p.name for p in work.iterdir()) == ["thesis.tex"]
+    assert (work / "thesis.tex").read_text() == "four years"
+    with pytest.raises(FileExistsError):  # the class a caller catches without knowing ours
+        save_released_layout(model, work)
+    model.save_pretrained(".", overwrite=True)  # asked for: the model files go in, the rest stays
+    assert (work / "thesis.tex").read_text() == "four years" and qlip.create_model(str(work)).cfg == model.cfg
+
+    target = tmp_path / "weights.bin"
+    target.write_bytes(b"not a directory")
+    for overwrite in (False, True):
+        with pytest.raises(ModelDirectoryError, match="is a file, not a directory"):
+            model.save_pretrained(target, overwrite=overwrite)
+    assert target.read_bytes() == b"not a directory"
+
+
+def test_model_directory_follows_the_umask(tmp_path, tiny_tokenizer):
+    old = os.umask(0o022)
+    try:
+        path = qlip.create_model("qlip-tiny").save_pretrained(tmp_path / "m", tokenizer=tiny_tokenizer)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o755  # mkdtemp alone gives 0700
+    modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in path.iterdir()}
+    assert len(modes) == 6 and set(modes.values()) == {0o644}, modes

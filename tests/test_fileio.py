@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from qlip.fileio import atomic_write, make_temp_dir, write_json_atomic, write_text_atomic
+from qlip.fileio import atomic_write, make_temp_dir, replace_files, write_json_atomic, write_text_atomic
 
 
 @pytest.fixture
@@ -45,3 +45,20 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
         atomic_write(target, boom, durable=True)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+
+
+def test_replace_files_renames_all_or_nothing_and_keeps_other_files(tmp_path, umask_022):
+    (tmp_path / "a.json").write_text("old a")
+    (tmp_path / "b.bin").write_text("old b")
+    (tmp_path / "notes.txt").write_text("not ours")
+    with pytest.raises(OSError, match="disk full"):
+        with replace_files(tmp_path, last=("a.json",)) as stage:
+            (stage / "b.bin").write_text("new b")
+            raise OSError("disk full")  # before the second file: neither is replaced
+    assert (tmp_path / "b.bin").read_text() == "old b"
+    with replace_files(tmp_path, last=("a.json",), durable=True) as stage:
+        (stage / "a.json").write_text("new a")
+        (stage / "b.bin").write_text("new b")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"a.json": "new a", "b.bin": "new b",
+                                                                   "notes.txt": "not ours"}  # no staging folder
+    assert _mode(tmp_path / "a.json") == 0o644

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -14,6 +13,7 @@ import torch
 
 from qlip.train.checkpoint import find_resume_checkpoint
 from qlip.train.config import load_config
+from qlip.train.logger import read_metrics
 from qlip.train.loop import train
 from train_helpers import load_ckpt, write_config
 
@@ -72,8 +72,8 @@ def test_ddp_two_cpu_processes_match_one_process_on_the_full_batch(tmp_path):
         moved += int(db.abs().max() > 1e-4)
     assert moved > 20  # the comparison is about real updates
     # the contrastive loss over the gathered global batch equals the one-process loss
-    rec_a = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[0])
-    rec_b = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])
+    rec_a = read_metrics(tmp_path / "ddp", kind=None)[0]
+    rec_b = read_metrics(tmp_path / "one", kind=None)[0]
     assert abs(rec_a["loss/align"] - rec_b["loss/align"]) < 1e-5
 
 

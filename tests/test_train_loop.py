@@ -3,8 +3,6 @@ frozen stage-2 parameters, non-finite skipping, corrupt-checkpoint fallback."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -12,6 +10,7 @@ import qlip
 from qlip.cli import main
 from qlip.train.checkpoint import find_resume_checkpoint
 from qlip.train.config import load_config
+from qlip.train.logger import read_metrics
 from qlip.train.loop import NonFiniteLossError, train
 from train_helpers import load_ckpt, write_config
 
@@ -29,7 +28,7 @@ def stage1_run(tmp_path_factory):
 
 
 def test_stage1_three_steps_logs_every_term_and_exports(stage1_run):
-    records = [json.loads(line) for line in (stage1_run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(stage1_run, kind=None)
     train_recs = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_recs] == [1, 2, 3]
     for term in ("align", "recon", "quant", "commit"):
@@ -59,7 +58,7 @@ def test_stage2_freezes_visual_encoder_bit_identically(stage1_run, tmp_path):
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     trained = [k for k in before if k.startswith(("decoder.", "quant_in.", "quant_out."))]
     assert any(not torch.equal(before[k], after[k]) for k in trained)
-    rec = [json.loads(x) for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    rec = read_metrics(tmp_path / "run2", kind=None)
     assert "loss/gan" not in rec[0] and "loss/gan" in rec[-1] and "loss/disc" in rec[-1]  # GAN starts at step 1
     assert "loss/align" not in rec[-1]
 
@@ -110,7 +109,7 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "r", optim={"steps": 4, "warmup_steps": 1}))
     result = train(cfg)
     assert result.step == 4 and result.skipped_steps == 2
-    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(tmp_path / "r", kind=None)
     assert [r["skipped_steps"] for r in recs] == [0, 1, 2, 2]
     assert recs[1]["loss/recon"] == "nan"
 
@@ -150,7 +149,7 @@ def test_online_balancing_modes_log_finite_weights(tmp_path, mode):
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "r", optim={"steps": 2, "warmup_steps": 1},
                                    loss={"balance": balance}))  # fmt: skip
     train(cfg)
-    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(tmp_path / "r", kind=None)
     for r in recs:
         weights = {k: v for k, v in r.items() if k.startswith("w/")}
         assert set(weights) == {"w/align", "w/recon", "w/quant", "w/commit"}
@@ -165,7 +164,7 @@ def test_one_stage_recipe_trains_the_gan_in_stage_1(tmp_path):
                              "balance": {"weights": {"align": 1.0, "recon": 1000.0, "quant": 1.0, "commit": 1.0}}})
     result = train(load_config(cfg, None))
     assert result.step == 3
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "run", kind=None)
     last = [r for r in records if r["kind"] == "train"][-1]
     assert isinstance(last["loss/gan"], float) and isinstance(last["loss/align"], float)
     assert last["w/gan"] == pytest.approx(0.1)

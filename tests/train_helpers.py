@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import yaml
+
+from qlip.train.checkpoint import checkpoint_path, load_checkpoint_file
 
 TINY = {
     "model": {"name": "qlip-tiny"},
@@ -33,4 +34,4 @@ def write_config(path: Path, run_dir: Path, **sections) -> Path:
 
 
 def load_ckpt(run_dir: Path, step: int) -> dict:
-    return torch.load(Path(run_dir) / "checkpoints" / f"step_{step:08d}.pt", map_location="cpu", weights_only=False)
+    return load_checkpoint_file(checkpoint_path(run_dir, step))

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import QLIPConfig, config_from_released, config_to_released, is_qlip_config
+from .fileio import replace_files
 from .weights import qlip_to_released_key, read_weight_file
 
 log = logging.getLogger(__name__)
@@ -64,23 +62,51 @@ def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     return read_weight_file(path)
 
 
-def _atomic_dir_write(directory: Path, write: Any) -> Path:
-    """Write into a temporary sibling directory, then swap it in, so a crash never leaves a half-written model."""
-    directory = directory.resolve()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+class ModelDirectoryError(FileExistsError):
+    """``save_pretrained`` was pointed at a path that holds something other than a qlip model."""
+
+
+# The files a model directory owns: saving replaces these and leaves every other file where it is.
+MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, *TOKENIZER_FILES)
+_STAGE_PREFIX = ".qlip-save-"
+
+
+def _is_model_directory(directory: Path) -> bool:
     try:
-        write(tmp)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        read_config(directory)
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    return True
+
+
+def check_save_target(directory: str | Path, overwrite: bool = False) -> None:
+    """Raise :class:`ModelDirectoryError` for a path ``save_pretrained`` would refuse: a file, or a non-empty folder
+    that is not a model directory (unless ``overwrite``). Callers that save late (the trainer) check early."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ModelDirectoryError(f"{directory} is a file, not a directory; choose a directory path for the model")
+    if overwrite or not directory.is_dir():
+        return
+    others = sorted(p.name for p in directory.iterdir()
+                    if p.name not in MODEL_FILES and not p.name.startswith(_STAGE_PREFIX))  # fmt: skip
+    if others and not _is_model_directory(directory):
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise ModelDirectoryError(
+            f"{directory} is not empty and is not a qlip model directory (it holds {shown}); choose a new or empty "
+            "directory, or pass overwrite=True to write the model files into it (its other files are left as they are)"
+        )
+
+
+def _write_model_dir(directory: str | Path, write: Any, overwrite: bool) -> Path:
+    """Replace the model files of ``directory`` (only those) with what ``write(stage)`` puts into a staging folder.
+
+    Each file is renamed into place atomically once all are written (``config.json`` last), so a crash while writing
+    leaves the previous model files; files the save does not write (a README, a tokenizer saved earlier) stay.
+    """
+    directory = Path(directory).resolve()
+    check_save_target(directory, overwrite)
+    with replace_files(directory, prefix=_STAGE_PREFIX, last=(CONFIG_NAME,)) as stage:
+        write(stage)
     return directory
 
 
@@ -88,8 +114,14 @@ def _contiguous_cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
-def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
-    """Our format: config.json + model.safetensors (+ tokenizer files), written atomically."""
+def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None, *,
+                    overwrite: bool = False) -> Path:  # fmt: skip
+    """Our format: config.json + model.safetensors (+ tokenizer files), each written atomically.
+
+    ``directory`` may be new, empty or a model directory; its other files are kept. A non-empty folder that is not
+    a model directory raises :class:`ModelDirectoryError` unless ``overwrite`` (which writes the model files into
+    it and still leaves the rest alone); a path that is a file always raises it.
+    """
 
     def write(tmp: Path) -> None:
         model.cfg.to_json(tmp / CONFIG_NAME)
@@ -97,11 +129,15 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer: An
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    return _atomic_dir_write(Path(directory), write)
+    return _write_model_dir(directory, write, overwrite)
 
 
-def save_released_layout(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
-    """Write a directory laid out like the released Hugging Face repos (config.json + original key names)."""
+def save_released_layout(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None, *,
+                         overwrite: bool = False) -> Path:  # fmt: skip
+    """Write a directory laid out like the released Hugging Face repos (config.json + original key names).
+
+    ``directory`` is treated as in :func:`save_pretrained`.
+    """
 
     def write(tmp: Path) -> None:
         (tmp / CONFIG_NAME).write_text(json.dumps(config_to_released(model.cfg), indent=2) + "\n")
@@ -118,4 +154,4 @@ def save_released_layout(model: torch.nn.Module, directory: str | Path, tokenize
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    return _atomic_dir_write(Path(directory), write)
+    return _write_model_dir(directory, write, overwrite)

@@ -8,10 +8,12 @@ so colleagues can read model directories, token files and checkpoints like any o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +96,41 @@ def make_temp_dir(parent: str | Path, prefix: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     os.chmod(tmp, dir_mode())
     return tmp
+
+
+@contextlib.contextmanager
+def replace_files(directory: str | Path, *, prefix: str = ".staged-", last: Sequence[str] = (),
+                  durable: bool = False) -> Iterator[Path]:  # fmt: skip
+    """Write several files of one folder together: fill the yielded temporary folder, and when the block ends
+    without error every file in it replaces its namesake in ``directory`` by an atomic rename.
+
+    The renames all happen after every file is complete (``last`` names are renamed last), so a crash while writing
+    leaves all the old files; other files of ``directory`` are never touched. On error nothing is replaced. The
+    temporary folder (named ``prefix``...) lives inside ``directory`` (same filesystem) and is removed at the end.
+
+    Args:
+        directory: the folder the files belong to (created when missing).
+        prefix: name prefix of the temporary folder.
+        last: names renamed after all the others (e.g. the file that marks the set as complete).
+        durable: fsync every file and the folder, so the renames survive a power cut.
+    """
+    directory = Path(directory)
+    stage = make_temp_dir(directory, prefix)
+    try:
+        yield stage
+        names = sorted(p.name for p in stage.iterdir())
+        names = [n for n in names if n not in last] + [n for n in last if n in names]
+        for name in names:
+            staged = stage / name
+            if not staged.is_file() or staged.is_symlink():
+                raise ValueError(f"{staged} is not a regular file; only files are written into {directory}")
+            os.chmod(staged, file_mode())
+            if durable:
+                with open(staged, "rb") as f:
+                    os.fsync(f.fileno())
+        for name in names:
+            os.replace(stage / name, directory / name)
+        if durable:
+            fsync_dir(directory)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

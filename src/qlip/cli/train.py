@@ -21,6 +21,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from ..checkpoints import ModelDirectoryError
+    from ..train.checkpoint import CheckpointLoadError
     from ..train.loop import NonFiniteLossError, train
 
     try:
@@ -29,7 +31,7 @@ def _run_train(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from e
     try:
         result = train(cfg)
-    except (ConfigError, FileNotFoundError, NonFiniteLossError) as e:
+    except (ConfigError, FileNotFoundError, NonFiniteLossError, CheckpointLoadError, ModelDirectoryError) as e:
         raise CLIError(str(e)) from e
     if int(os.environ.get("RANK", "0")) == 0:
         status = "interrupted" if result.interrupted else "done"

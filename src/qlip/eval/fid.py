@@ -32,6 +32,7 @@ import torch
 
 from qlip.eval.inception import FID_WEIGHTS_FILENAME, FIDInceptionV3
 from qlip.eval.metrics import metric_available
+from qlip.fileio import atomic_write
 from qlip.weights import WeightFileError, WeightsMismatchError
 
 logger = logging.getLogger(__name__)
@@ -58,11 +59,11 @@ class FeatureStats:
 
     def save(self, path: str | Path, key: str = "") -> None:
         """Write ``mu``, ``sigma`` (the names other FID tools use), ``count`` and the cache ``key`` to ``.npz``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, mu=self.mean, sigma=self.cov, count=np.int64(self.count), key=np.str_(key))
-        tmp.replace(path)  # atomic: a killed run never leaves a half-written cache that looks valid
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+                np.savez(f, mu=self.mean, sigma=self.cov, count=np.int64(self.count), key=np.str_(key))
+
+        atomic_write(path, write)  # a killed run never leaves a half-written cache that looks valid
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:

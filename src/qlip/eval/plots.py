@@ -11,7 +11,6 @@ Each function writes one PNG and returns its path; none opens a window, so they 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,8 @@ matplotlib.use("Agg")  # headless: no display needed, and no GUI backend is ever
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from ..train.logger import metrics_file, read_metrics  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -168,36 +169,19 @@ def is_weight_key(name: str) -> bool:
 def read_metrics_jsonl(path: str | Path, kind: str | None = "train") -> dict[str, tuple[list[float], list[float]]]:
     """Series of a run's ``metrics.jsonl``: name -> (steps, values).
 
-    Each line is a JSON object with a ``step`` (or ``global_step``) and numeric fields; nested objects are
-    flattened with "/" (``{"loss": {"mse": 0.1}}`` -> ``loss/mse``). Records with a ``kind`` other than ``kind``
-    (e.g. the trainer's "eval" records) are left out; records without one are kept. Lines that are not JSON (a run
-    killed while writing) are skipped with a warning.
+    The records come from :func:`qlip.train.logger.read_metrics` (records of one ``kind``; a torn last line is
+    skipped); each has a ``step`` (or ``global_step``) and numeric fields, and nested objects are flattened with "/"
+    (``{"loss": {"mse": 0.1}}`` -> ``loss/mse``).
     """
-    path = Path(path)
     series: dict[str, tuple[list[float], list[float]]] = {}
-    skipped = 0
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            skipped += 1
-            continue
-        if not isinstance(record, dict):
-            skipped += 1
-            continue
-        if kind is not None and record.get("kind", kind) != kind:
-            continue
+    for n, record in enumerate(read_metrics(path, kind=kind), 1):
         flat = _flatten({k: v for k, v in record.items() if k != "time"})
-        step = flat.pop("step", flat.pop("global_step", float(line_no)))
+        step = flat.pop("step", flat.pop("global_step", float(n)))
         for name, value in flat.items():
             if math.isfinite(value):
                 steps, values = series.setdefault(name, ([], []))
                 steps.append(step)
                 values.append(value)
-    if skipped:
-        logger.warning("%s: skipped %d lines that are not JSON objects", path, skipped)
     return series
 
 
@@ -210,7 +194,7 @@ def plot_loss_curves(run_dir: str | Path, path: str | Path, *, title: str = "") 
         title: figure title (defaults to the run directory's name).
     """
     run_dir = Path(run_dir)
-    jsonl = run_dir if run_dir.is_file() else run_dir / "metrics.jsonl"
+    jsonl = metrics_file(run_dir)
     if not jsonl.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}; pass a training run directory (--run-dir)")
     series = read_metrics_jsonl(jsonl)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import statistics
 import sys
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..fileio import write_text_atomic
 from ..train.config import load_config
 from ..train.logger import read_metrics
 
@@ -42,12 +42,6 @@ def _run_stats(run_dir: Path) -> dict[str, Any]:
             if key.startswith(("loss/", "w/")) and isinstance(value, (int, float)):
                 out[key] = float(value)
     return out
-
-
-def _atomic_write_json(data: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def execute_job(spec: dict[str, Any], *, isolated: bool = True) -> dict[str, Any]:
@@ -116,7 +110,7 @@ def execute_job(spec: dict[str, Any], *, isolated: bool = True) -> dict[str, Any
         if stage["evaluate"]:
             metrics.update({f"{stage['name']}/{k}": v for k, v in values.items()})
     result["metrics"] = metrics
-    _atomic_write_json(result, directory / "result.json")
+    write_text_atomic(directory / "result.json", json.dumps(result, indent=2, default=str))
     return result
 
 

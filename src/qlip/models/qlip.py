@@ -261,11 +261,14 @@ class QLIP(nn.Module):
         return out
 
     # --- saving --------------------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, tokenizer: Any = None) -> Path:
-        """Write our format: ``config.json`` (QLIPConfig) + ``model.safetensors``, atomically."""
+    def save_pretrained(self, directory: str | Path, tokenizer: Any = None, *, overwrite: bool = False) -> Path:
+        """Write our format: ``config.json`` (QLIPConfig) + ``model.safetensors``, each file atomically.
+
+        Only the model's own files are replaced; see :func:`qlip.checkpoints.save_pretrained` for ``overwrite``.
+        """
         from ..checkpoints import save_pretrained
 
-        return save_pretrained(self, directory, tokenizer=tokenizer)
+        return save_pretrained(self, directory, tokenizer=tokenizer, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> QLIP:

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoints import check_save_target
 from ..losses.adversarial import adaptive_weight, discriminator_loss, generator_loss, r1_penalty
 from ..losses.contrastive import ClipLoss, clamp_logit_scale_
 from ..losses.reconstruction import pixel_loss
@@ -38,14 +39,7 @@ from .build import (
     full_model_for_export,
     set_train_mode,  # fmt: skip
 )
-from .checkpoint import (
-    atomic_torch_save,
-    checkpoint_path,
-    find_resume_checkpoint,
-    prune_checkpoints,
-    rng_state,
-    set_rng_state,
-)
+from .checkpoint import RunCheckpoints, find_resume_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig
 from .data import BatchStream, build_tokenizer, held_out_batches
 from .distributed import Runtime, all_gather_objects, barrier, seed_everything, setup_runtime, teardown, wrap_model
@@ -108,6 +102,9 @@ class _Trainer:
     def __init__(self, cfg: TrainConfig, rt: Runtime) -> None:
         self.cfg, self.rt = cfg, rt
         self.run_dir = Path(cfg.run_dir)
+        if cfg.checkpoint.export:  # every rank: refused at start, not after the training
+            for name in ("last", "last-ema"):
+                check_save_target(self.run_dir / name)
         if rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
@@ -153,6 +150,7 @@ class _Trainer:
         self.skipped_total = 0
         self.nonfinite_in_row = 0
         self._resume()
+        self.checkpoints = RunCheckpoints(self.run_dir, cfg.checkpoint.keep_last, start_step=self.step)
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def _model_state(self) -> dict[str, Any]:
@@ -193,8 +191,7 @@ class _Trainer:
         }
         path = None
         if self.rt.is_main:
-            path = atomic_torch_save(state, checkpoint_path(self.run_dir, self.step))
-            prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
+            path = self.checkpoints.save(state, self.step)
             log.info("checkpoint %s", path)
         barrier(self.rt)
         return path
