@@ -98,6 +98,27 @@ def test_reduced_precision_with_refine_agrees(model: qlip.QLIP, images: torch.Te
     assert fast.last_refined > 0  # random weights put some bits near zero: the refinement did work
 
 
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(model: qlip.QLIP, monkeypatch) -> None:
+    """bf16 is emulated (slower than float32) without AVX512-BF16 / AMX: say so once, name the CPU, point to fp32."""
+    import warnings
+
+    import qlip.inference as inference
+
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(inference, "cpu_capability", lambda: "AVX2")
+    with pytest.warns(RuntimeWarning) as record:
+        optimize_for_inference(model, mode="bf16")  # encoder and decoder both bf16: still one warning
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "AVX2" in message and "fp32" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimize_for_inference(model, mode="fp32")
+        optimize_for_inference(model, mode="auto")  # auto stays float32 on CPU, so nothing to warn about
+        monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+        optimize_for_inference(model, mode="bf16")
+
+
 @pytest.mark.parametrize("mode", ["bf16", "int8"])
 def test_reduced_precision_flips_few_bits(model: qlip.QLIP, images: torch.Tensor, mode: str) -> None:
     """Without refinement, reduced precision flips only bits near zero: per-bit agreement stays high."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,23 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); without it bf16 is emulated and slow."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def cpu_capability() -> str:
+    """The vector instruction set torch's CPU kernels use here ("AVX512", "AVX2", "DEFAULT", ...)."""
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def _warn_if_bf16_cannot_pay(modes: tuple[str, ...], device: torch.device) -> None:
+    """One warning when bf16 is asked for on a CPU that emulates it (measured 5x slower than float32 on AVX2)."""
+    if device.type != "cpu" or "bf16" not in modes or cpu_has_native_bf16():
+        return
+    warnings.warn(
+        f"mode='bf16' on a CPU without native bf16 (torch CPU capability {cpu_capability()}, no AVX512-BF16 or AMX): "
+        "bf16 is emulated here and runs several times slower than float32; use mode='fp32' (or 'auto')",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
@@ -150,8 +168,6 @@ def _linears_to_bf16(module: nn.Module) -> None:
 
 def _quantize_linears_int8(module: nn.Module) -> nn.Module:
     """Dynamic int8 quantization of every nn.Linear (weights int8 per tensor, activations quantized on the fly)."""
-    import warnings
-
     from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():  # torch.ao announces its move to torchao; the eager API still works
@@ -314,8 +330,9 @@ def optimize_for_inference(
 
     Args:
         model: a QLIP model (any parts; encode needs vision + quantizer, decode needs quantizer + decoder).
-        mode: encoder precision: "auto" (bf16 on CUDA and on CPUs with native bf16, else fp32), "fp32", "bf16", or
-            "int8" (CPU only: dynamic int8 Linear layers, the fastest CPU path, with the most flipped bits).
+        mode: encoder precision: "auto" (bf16 on CUDA, fp32 elsewhere), "fp32", "bf16" (on CPU only worth it with
+            native bf16, see :func:`cpu_has_native_bf16`; elsewhere it warns), or "int8" (CPU only: dynamic int8
+            Linear layers, the fastest CPU path, with the most flipped bits).
         decoder_mode: decoder precision (same choices); defaults to ``mode``. Decoding tolerates lower precision
             better than encoding (pixels move a little, no index can flip), e.g. ``mode="bf16", decoder_mode="int8"``.
         compile: wrap the encode and decode paths in ``torch.compile`` (static shapes, compiled on first call;
@@ -331,6 +348,7 @@ def optimize_for_inference(
     device = model.device
     enc_mode = resolve_mode(mode, device)
     dec_mode = resolve_mode(decoder_mode if decoder_mode is not None else mode, device)
+    _warn_if_bf16_cannot_pay((enc_mode, dec_mode), device)
     if compile and "int8" in (enc_mode, dec_mode):
         raise ValueError("compile=True does not support int8 dynamic quantization; use mode 'fp32' or 'bf16'")
     if refine_margin is not None and not 0 < refine_margin < 1:
