@@ -8,14 +8,13 @@ import pytest
 import torch
 
 import qlip.cli
-from qlip.eval.cli import add_eval_commands
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture()
-def qlip_main(monkeypatch):
-    monkeypatch.setattr(qlip.cli, "_extra_command_registrars", lambda: [add_eval_commands])
+def qlip_main():
+    """The real `qlip` entry point, with the eval commands as it registers them."""
     return qlip.cli.main
 
 

@@ -44,17 +44,6 @@ def smoke(config_file: Path, out: Path, seeds=(0,), **kw) -> Settings:
     return Settings(config=str(config_file), out=out, seeds=list(seeds), smoke=True, isolate=False, **kw)
 
 
-def _registrars_with_experiments(original):
-    """The qlip CLI's command groups with ours, whether or not cli.py registers it already."""
-    from qlip.experiments.cli import add_experiment_commands
-
-    def registrars():
-        groups = original()
-        return groups if add_experiment_commands in groups else [*groups, add_experiment_commands]
-
-    return registrars
-
-
 def _row(variant: str, seeds: dict[int, dict[str, float]], meta=None) -> list[dict]:
     return [{"variant": variant, "seed": s, "meta": meta or {}, "metrics": m, "stages": {}} for s, m in seeds.items()]
 
@@ -216,17 +205,12 @@ def test_failed_isolated_job_reports_its_log(config_file, tmp_path):
 
 @pytest.fixture(scope="module")
 def recipes_out(config_file, tmp_path_factory):
-    """`qlip experiment recipes --smoke` through the real CLI (the group registered as the lead will)."""
+    """`qlip experiment recipes --smoke` through the real CLI."""
     import qlip.cli as qcli
 
     out = tmp_path_factory.mktemp("exp") / "recipes"
-    mp = pytest.MonkeyPatch()
-    mp.setattr(qcli, "_extra_command_registrars", _registrars_with_experiments(qcli._extra_command_registrars))
-    try:
-        code = qcli.main(["experiment", "recipes", "--config", str(config_file), "--out", str(out), "--smoke",
-                          "--seeds", "0", "--in-process"])  # fmt: skip
-    finally:
-        mp.undo()
+    code = qcli.main(["experiment", "recipes", "--config", str(config_file), "--out", str(out), "--smoke",
+                      "--seeds", "0", "--in-process"])  # fmt: skip
     assert code == 0
     return out
 
@@ -272,10 +256,9 @@ def test_results_page_from_tables(recipes_out, tmp_path):
     assert (tmp_path / "docs" / "results" / "balance.json").is_file()
 
 
-def test_cli_user_errors_exit_2(config_file, tmp_path, monkeypatch, capsys):
+def test_cli_user_errors_exit_2(config_file, tmp_path, capsys):
     import qlip.cli as qcli
 
-    monkeypatch.setattr(qcli, "_extra_command_registrars", _registrars_with_experiments(qcli._extra_command_registrars))
     base = ["experiment", "balance-sweep", "--config", str(config_file), "--out", str(tmp_path), "--smoke"]
     assert qcli.main([*base, "--seeds", "a,b"]) == 2
     assert "--seeds" in capsys.readouterr().err
