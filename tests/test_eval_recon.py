@@ -47,13 +47,13 @@ def test_recon_on_real_images_gives_finite_metrics_and_usage(tiny_model, photo_b
 
 
 def test_recon_psnr_matches_decode_of_encode(tiny_model, photo_batches):
-    from qlip.eval.metrics import psnr, to_uint8
-    from qlip.transforms import denormalize
+    from qlip.eval.metrics import psnr
+    from qlip.transforms import denormalize, pixels_to_uint8
 
     x = photo_batches[0]["image"]
     with torch.no_grad():
         recon = tiny_model.reconstruct(x)
-    expected = psnr(to_uint8(denormalize(x)), to_uint8(denormalize(recon))).mean()
+    expected = psnr(pixels_to_uint8(denormalize(x)), pixels_to_uint8(denormalize(recon))).mean()
     got = evaluate_reconstruction(tiny_model, photo_batches[:1]).metrics["psnr"]["value"]
     assert got == pytest.approx(float(expected), abs=1e-6)
 
