@@ -141,6 +141,13 @@ def test_usage_accumulator_equals_one_big_batch():
 
 
 def test_compression_ratios_of_the_released_models():
+    import qlip.config
+    from qlip.factory import get_model_config, list_models
+
+    assert compression_ratio is qlip.config.compression_ratio  # one formula, for the model config and the report
+    for name in list_models():
+        cfg = get_model_config(name)
+        assert cfg.compression_ratio == compression_ratio(cfg.vision.patch_size, cfg.quantizer.dim)
     assert compression_ratio(16, 28) == pytest.approx(219.4, abs=0.05)
     assert compression_ratio(8, 28) == pytest.approx(54.86, abs=0.01)
     assert compression_ratio(14, 28) == pytest.approx(168.0)
