@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +32,13 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .models.qlip import QLIP, TOKEN_OUTPUTS
-from .quantizers.bsq import indices_to_bits, indices_to_group_indices
+from .quantizers.bsq import (
+    bits_to_codes,
+    bits_to_indices,
+    codes_to_bits,
+    indices_to_bits,
+    indices_to_group_indices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,24 +100,17 @@ def resolve_mode(mode: str, device: torch.device) -> str:
 def latents_to_indices(u: Tensor) -> Tensor:
     """Pre-quantization latents (..., d) -> int64 token indices (...), MSB first, sign(0) = -1 (spec section 3).
 
-    Exactly equal to ``BSQuantizer.quantize(u)[1]`` but without the float codes or an int64 (..., d) tensor:
-    for d <= 31 the bits are weighted and summed in int32 (the largest intermediate is the size of float32 codes);
-    distinct powers of two sum without carries, so the int32 sum is exact.
+    Exactly ``BSQuantizer.quantize(u)[1]`` without the float codes; the bits are packed by the quantizer's own
+    :func:`~qlip.quantizers.bsq.bits_to_indices`, whose largest intermediate for d <= 31 is an int32 the size of the
+    codes.
     """
-    d = u.shape[-1]
-    if d > 31:  # int32 cannot hold 2**31 and above: fall back to int64 weights
-        powers = 2 ** torch.arange(d - 1, -1, -1, device=u.device, dtype=torch.int64)
-        return ((u > 0).to(torch.int64) * powers).sum(dim=-1, dtype=torch.int64)
-    powers = 2 ** torch.arange(d - 1, -1, -1, device=u.device, dtype=torch.int32)  # (d,)
-    return ((u > 0).to(torch.int32) * powers).sum(dim=-1, dtype=torch.int32).to(torch.int64)
+    return bits_to_indices(codes_to_bits(u))
 
 
 def indices_to_signs(indices: Tensor, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """int64 indices (...) -> unit-sphere codes (..., dim) of ``dtype`` in {+-1/sqrt(dim)}, MSB first."""
-    shifts = torch.arange(dim - 1, -1, -1, device=indices.device, dtype=torch.int64)
-    bits = (indices.unsqueeze(-1) >> shifts) & 1  # (..., d)
-    scale = 1.0 / math.sqrt(dim)
-    return (bits.to(dtype) * (2 * scale) - scale).to(dtype)
+    """int64 indices (...) known to be valid -> unit-sphere codes (..., dim) of ``dtype`` in {+-1/sqrt(dim)}, MSB
+    first, without the range check's host sync."""
+    return bits_to_codes(indices_to_bits(indices, dim, check_range=False)).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
