@@ -278,3 +278,18 @@ def test_quantizer_bypass_feeds_continuous_latents_to_the_decoder(tiny):
     assert not torch.allclose(bypassed["reconstruction"], quantized["reconstruction"])
     tiny.set_quantizer_bypass(False)
     torch.testing.assert_close(tiny(x)["reconstruction"], quantized["reconstruction"])
+
+
+def test_the_model_does_not_import_its_factory():
+    """factory builds models; a model that imported the factory back would close an import circle."""
+    import ast
+    from pathlib import Path
+
+    import qlip.models
+
+    for path in Path(qlip.models.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "factory" not in (node.module or ""), f"{path.name} imports {node.module}"
+            elif isinstance(node, ast.Import):
+                assert not any("factory" in a.name for a in node.names), f"{path.name} imports the factory"
