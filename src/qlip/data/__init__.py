@@ -4,7 +4,15 @@ from .captions import CaptionFileDataset
 from .folder import ImageFolderDataset
 from .loader import SampleCollator, build_dataloader, build_dataset, describe_source, iter_samples
 from .sample import BAD_REASONS, BadDataError, BadSampleCounter, StreamTracker, bad_marker, is_bad
-from .shapes import SHAPES_TASKS, ShapesConfig, ShapesDataset, ZeroShotTask, generate_shapes_sample, shapes_tasks
+from .shapes import (
+    SHAPES_TASKS,
+    ShapesConfig,
+    ShapesDataset,
+    ZeroShotTask,
+    generate_shapes_sample,
+    shapes_attributes,
+    shapes_tasks,
+)
 from .shards import ShardDataset, ShardWriter, expand_braces, list_shards
 
 __all__ = [
@@ -30,5 +38,6 @@ __all__ = [
     "is_bad",
     "iter_samples",
     "list_shards",
+    "shapes_attributes",
     "shapes_tasks",
 ]
