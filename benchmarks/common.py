@@ -21,7 +21,11 @@ from typing import Any
 
 import torch
 
+from qlip.inference import BF16_CPU_FLAGS, cpu_capability, cpu_flags
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The CPU flags recorded with every result: the ones that decide whether bf16 is native, and the vector width.
+_BF16_RELEVANT_FLAGS = (*BF16_CPU_FLAGS, "amx_tile", "avx512f", "avx2")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,22 +144,6 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-# The CPU features that decide whether bf16 runs natively (see qlip.inference.cpu_has_native_bf16).
-_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
-
-
-def _cpu_flags(wanted: Sequence[str] = _BF16_CPU_FLAGS) -> list[str] | None:
-    """Which of ``wanted`` /proc/cpuinfo lists for this CPU (None where there is no /proc/cpuinfo)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in wanted if f in have]
-    except OSError:
-        pass
-    return None
-
-
 def _git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -172,8 +160,8 @@ def environment(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": _cpu_model(),
-        "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),  # the kernels torch picked: AVX512, AVX2...
-        "cpu_flags": _cpu_flags(),  # avx512_bf16 / amx_bf16 present: bf16 is native; absent: emulated and slow
+        "cpu_capability": cpu_capability(),  # the kernels torch picked: AVX512, AVX2, ...
+        "cpu_flags": sorted(f for f in cpu_flags() if f in _BF16_RELEVANT_FLAGS),  # no *_bf16: bf16 is slow
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],

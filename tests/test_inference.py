@@ -125,6 +125,20 @@ def test_refine_redoes_exactly_the_images_near_zero(model: qlip.QLIP, images: to
     assert torch.equal(tokens[~refined], reduced[~refined])  # the others are the reduced-precision tokens
 
 
+def test_native_bf16_is_read_from_torch_or_cpuinfo(monkeypatch) -> None:
+    import qlip.inference as inference
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert not inference.cpu_has_native_bf16()
+    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert inference.cpu_has_native_bf16()
+    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset())
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert inference.cpu_has_native_bf16()
+
+
 def test_bf16_on_a_cpu_without_native_bf16_warns_once(model: qlip.QLIP, monkeypatch) -> None:
     """bf16 is emulated (slower than float32) without AVX512-BF16 / AMX: say so once, name the CPU, point to fp32."""
     import warnings

@@ -21,6 +21,7 @@ own methods, ``set_attention_impl("reference")``) is left untouched: this module
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import warnings
 from dataclasses import dataclass
@@ -50,10 +51,32 @@ MODES = ("auto", "fp32", "bf16", "int8")
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# /proc/cpuinfo flags of the instructions that compute bf16 natively.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags /proc/cpuinfo lists (Linux); empty where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); without it bf16 is emulated and slow."""
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); without it bf16 is emulated and slow.
+
+    Asks torch first, then /proc/cpuinfo (torch's probes are private and may move).
+    """
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    if any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes):
+        return True
+    return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
 
 
 def cpu_capability() -> str:
