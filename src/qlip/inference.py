@@ -7,8 +7,9 @@
 * only what tokens need: the CLS head (post-norm + projection) and the text tower are never run or copied;
 * a fused BSQ sign + index computation whose only intermediate is an int32 tensor the size of the codes
   (the l2 normalisation is skipped: dividing by a positive norm never changes a sign, spec section 3);
-* reduced precision: ``"bf16"`` (autocast; native on GPUs and on CPUs with AVX512-BF16 or AMX) or ``"int8"``
-  (dynamic int8 quantization of every Linear, CPU only, VNNI kernels);
+* reduced precision: ``"bf16"`` (autocast; native on GPUs and on CPUs with AVX512-BF16 or AMX, emulated and
+  slower than float32 on other CPUs, where it warns) or ``"int8"`` (dynamic int8 quantization of every Linear,
+  CPU only, VNNI kernels);
 * optional ``torch.compile`` with static shapes (one compiled graph per batch shape).
 
 Reduced precision changes the latents slightly, so bits whose pre-quantization value is near zero can flip and a
