@@ -21,7 +21,11 @@ from typing import Any
 
 import torch
 
+from qlip.inference import BF16_CPU_FLAGS, cpu_capability, cpu_flags
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The CPU flags recorded with every result: the ones that decide whether bf16 is native, and the vector width.
+_BF16_RELEVANT_FLAGS = (*BF16_CPU_FLAGS, "amx_tile", "avx512f", "avx2")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,6 +160,8 @@ def environment(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": _cpu_model(),
+        "cpu_capability": cpu_capability(),  # the kernels torch picked: AVX512, AVX2, ...
+        "cpu_flags": sorted(f for f in cpu_flags() if f in _BF16_RELEVANT_FLAGS),  # no *_bf16: bf16 is slow
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],

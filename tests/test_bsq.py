@@ -38,7 +38,7 @@ def _sample_indices(dim: int, n: int = 64) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ round trips
 
 
-@pytest.mark.parametrize("dim", [1, 2, 6, 28, 53, 62])
+@pytest.mark.parametrize("dim", [1, 2, 6, 28, 31, 32, 53, 62])  # 31 | 32: where the packing leaves int32 for int64
 def test_index_round_trips_are_exact(dim):
     q = BSQuantizer(dim, entropy="analytical")
     idx = _sample_indices(dim)
@@ -58,6 +58,16 @@ def test_index_round_trips_are_exact(dim):
         expected = groups.squeeze(-1) if g == dim else groups
         assert torch.equal(bits_to_indices(bits, group_size=g), expected)
         assert torch.equal(indices_to_bits(expected, dim, group_size=g), bits)
+
+
+def test_indices_to_bits_can_skip_the_range_check():
+    """The fast decode path trusts indices it wrote itself: the same bits, without reading min / max back."""
+    for dim in (8, 31, 32, 62):
+        idx = _sample_indices(dim)
+        assert torch.equal(indices_to_bits(idx, dim, check_range=False), indices_to_bits(idx, dim))
+    with pytest.raises(ValueError, match="must lie in"):
+        indices_to_bits(torch.tensor([256]), 8)
+    assert indices_to_bits(torch.tensor([256]), 8, check_range=False).tolist() == [[False] * 8]  # its low 8 bits
 
 
 def test_index_is_msb_first_and_exact_above_float_precision():

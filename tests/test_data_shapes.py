@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from qlip.data import SHAPES_TASKS, ShapesConfig, ShapesDataset, StreamTracker, generate_shapes_sample, shapes_tasks
+from qlip.data import (
+    SHAPES_TASKS,
+    ShapesConfig,
+    ShapesDataset,
+    StreamTracker,
+    generate_shapes_sample,
+    shapes_attributes,
+    shapes_tasks,
+)
 from qlip.data.loader import SampleCollator
 from qlip.data.shapes import COLOR_RGB, POSITION_CELL, POSITION_PHRASE, SHAPE_KINDS
 from qlip.transforms import image_transform
@@ -30,6 +38,15 @@ def test_deterministic_from_seed_split_index():
     ds = ShapesDataset(cfg, seed=3, length=20)
     assert _digest(ds[17]) == _digest(a)
     assert [s["key"] for s in ds] == [f"shapes-train-{i:09d}" for i in range(20)]
+
+
+def test_attributes_without_rendering_equal_the_sample():
+    cfg = ShapesConfig.preset("hard", image_size=32)
+    for split, seed, index in (("train", 0, 0), ("train", 3, 17), ("val", 1, 5), ("test", 0, 99)):
+        sample = generate_shapes_sample(index, cfg, split=split, seed=seed)
+        assert shapes_attributes(index, cfg, split=split, seed=seed) == sample["attributes"]["shapes"]
+    with pytest.raises(ValueError, match="unknown split"):
+        shapes_attributes(0, cfg, split="dev")
 
 
 def test_splits_never_overlap():

@@ -14,6 +14,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture()
 def qlip_main():
+    """The real `qlip` entry point, with the eval commands as it registers them."""
     return qlip.cli.main
 
 

@@ -47,13 +47,13 @@ def test_recon_on_real_images_gives_finite_metrics_and_usage(tiny_model, photo_b
 
 
 def test_recon_psnr_matches_decode_of_encode(tiny_model, photo_batches):
-    from qlip.eval.metrics import psnr, to_uint8
-    from qlip.transforms import denormalize
+    from qlip.eval.metrics import psnr
+    from qlip.transforms import denormalize, pixels_to_uint8
 
     x = photo_batches[0]["image"]
     with torch.no_grad():
         recon = tiny_model.reconstruct(x)
-    expected = psnr(to_uint8(denormalize(x)), to_uint8(denormalize(recon))).mean()
+    expected = psnr(pixels_to_uint8(denormalize(x)), pixels_to_uint8(denormalize(recon))).mean()
     got = evaluate_reconstruction(tiny_model, photo_batches[:1]).metrics["psnr"]["value"]
     assert got == pytest.approx(float(expected), abs=1e-6)
 
@@ -141,6 +141,13 @@ def test_usage_accumulator_equals_one_big_batch():
 
 
 def test_compression_ratios_of_the_released_models():
+    import qlip.config
+    from qlip.factory import get_model_config, list_models
+
+    assert compression_ratio is qlip.config.compression_ratio  # one formula, for the model config and the report
+    for name in list_models():
+        cfg = get_model_config(name)
+        assert cfg.compression_ratio == compression_ratio(cfg.vision.patch_size, cfg.quantizer.dim)
     assert compression_ratio(16, 28) == pytest.approx(219.4, abs=0.05)
     assert compression_ratio(8, 28) == pytest.approx(54.86, abs=0.01)
     assert compression_ratio(14, 28) == pytest.approx(168.0)

@@ -202,8 +202,8 @@ def test_isolated_job_measures_its_own_peak_memory(config_file, tmp_path):
     settings.freeze()
     stage = Stage("stage1", files=[settings.config], overrides=["optim.steps=2", "optim.warmup_steps=0",
                   "eval.at_end=false", "logging.progress=false", "logging.tensorboard=false",
-                  "data.bpe_captions=120", "data.bpe_vocab_size=600", "data.shapes.image_size=32",
-                  "data.batch_size=4"], steps=2)  # fmt: skip
+                  "data.shapes_training.bpe_captions=120", "data.shapes_training.bpe_vocab_size=600",
+                  "data.shapes.image_size=32", "data.batch_size=4"], steps=2)  # fmt: skip
     (result,) = run_variants(settings, [Variant("v", [stage], [0])])
     assert 50 < result["peak_rss_mb"] < 8000 and result["stages"]["stage1"]["peak_rss_mb"] == result["peak_rss_mb"]
     assert (tmp_path / "runs" / "v" / "seed0" / "worker.log").is_file()

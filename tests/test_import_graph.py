@@ -102,10 +102,6 @@ def test_no_library_module_imports_the_cli():
     assert offenders == []
 
 
-import pytest  # noqa: E402
-
-
-@pytest.mark.xfail(strict=True, reason="models/qlip.py <-> factory.py is removed in a following change")
 def test_no_import_circles():
     assert cycles(import_graph()) == []
 

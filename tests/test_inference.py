@@ -99,6 +99,68 @@ def test_reduced_precision_with_refine_agrees(model: qlip.QLIP, images: torch.Te
 
 
 @pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_refine_redoes_exactly_the_images_near_zero(model: qlip.QLIP, images: torch.Tensor, mode: str) -> None:
+    """A margin that catches a few images: those come out of the float32 encoder, the others keep their reduced
+    precision tokens, and the float32 encoder sees nothing else."""
+    import torch.nn.functional as F
+
+    plain = optimize_for_inference(model, mode=mode)
+    reduced, exact = plain.encode(images), model.encode(images)
+    closest = F.normalize(plain.latents(images), dim=-1).abs().flatten(1).amin(dim=1)  # (B,)
+    differ = (reduced != exact).flatten(1).any(dim=1)
+    assert differ.any()  # random weights put some bits near zero: reduced precision flips a token somewhere
+    margin = closest[differ].min().item() * 1.01  # just wide enough to catch the closest image with a flipped token
+    refined = closest < margin
+    assert 0 < int(refined.sum()) < len(images) // 2  # a few refined, most not
+
+    fast = optimize_for_inference(model, mode=mode, refine_margin=margin)
+    seen = []
+    hook = fast._reference.visual.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    tokens = fast.encode(images)
+    hook.remove()
+    assert fast.last_refined == int(refined.sum())
+    assert len(seen) == 1 and torch.equal(seen[0], images[refined])
+    assert torch.equal(tokens[refined], model.encode(images[refined]))  # float32 tokens for the refined ones
+    assert not torch.equal(reduced[refined], tokens[refined])  # ... which the reduced precision had wrong
+    assert torch.equal(tokens[~refined], reduced[~refined])  # the others are the reduced-precision tokens
+
+
+def test_native_bf16_is_read_from_torch_or_cpuinfo(monkeypatch) -> None:
+    import qlip.inference as inference
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert not inference.cpu_has_native_bf16()
+    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert inference.cpu_has_native_bf16()
+    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset())
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert inference.cpu_has_native_bf16()
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(model: qlip.QLIP, monkeypatch) -> None:
+    """bf16 is emulated (slower than float32) without AVX512-BF16 / AMX: say so once, name the CPU, point to fp32."""
+    import warnings
+
+    import qlip.inference as inference
+
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(inference, "cpu_capability", lambda: "AVX2")
+    with pytest.warns(RuntimeWarning) as record:
+        optimize_for_inference(model, mode="bf16")  # encoder and decoder both bf16: still one warning
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "AVX2" in message and "fp32" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimize_for_inference(model, mode="fp32")
+        optimize_for_inference(model, mode="auto")  # auto stays float32 on CPU, so nothing to warn about
+        monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+        optimize_for_inference(model, mode="bf16")
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
 def test_reduced_precision_flips_few_bits(model: qlip.QLIP, images: torch.Tensor, mode: str) -> None:
     """Without refinement, reduced precision flips only bits near zero: per-bit agreement stays high."""
     reference = model.encode(images, output="bits")

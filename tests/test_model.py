@@ -41,6 +41,47 @@ def test_every_registered_config_builds(name):
     assert model.decoder(torch.empty(1, n, cfg.decoder.width, device="meta")).shape == x.shape
 
 
+def _shrunk(name: str):
+    """A registered config with its widths and depths shrunk (two heads of 8, one block), everything else kept:
+    image size, patch size, grid, bits, RoPE, sub-LN, biases, vocabulary and context length."""
+    import dataclasses
+
+    cfg = get_model_config(name)
+    small = {"width": 16, "heads": 2, "layers": 1, "mlp_hidden": 24}
+    parts = {
+        "vision": dataclasses.replace(cfg.vision, **small) if cfg.vision else None,
+        "decoder": dataclasses.replace(cfg.decoder, **small, head_hidden=24) if cfg.decoder else None,
+        "text": dataclasses.replace(cfg.text, **small) if cfg.text else None,
+        "quantizer": dataclasses.replace(cfg.quantizer, post_width=None) if cfg.quantizer else None,
+    }
+    return cfg.replace(embed_dim=16, **parts)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_config_goes_forward_and_backward(name):
+    """timm's model test: each registered architecture (shrunk in width) runs the training forward on real-sized
+    images and captions, and every parameter receives a finite, non-zero gradient from the training losses."""
+    torch.manual_seed(0)
+    cfg = _shrunk(name)
+    model = randomize_(QLIP(cfg), seed=1).train()
+    size, ctx = cfg.vision.image_size, cfg.text.context_length
+    x = torch.randn(2, 3, size, size)
+    text = torch.randint(1, cfg.text.vocab_size - 1, (2, ctx))
+    text[:, ctx // 2] = cfg.text.vocab_size - 1  # the EOT token: the largest id, pooled by argmax
+    out = model(x, text)
+    assert out["reconstruction"].shape == x.shape
+    assert out["quantizer"].indices.shape == (2, cfg.vision.grid_size**2)
+    logits = out["logit_scale"] * out["image_embeds"] @ out["text_embeds"].T
+    labels = torch.arange(2)
+    ce = torch.nn.functional.cross_entropy
+    align = (ce(logits, labels) + ce(logits.T, labels)) / 2
+    (align + torch.nn.functional.mse_loss(out["reconstruction"], x) + out["quantizer"].loss).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"{name}: parameters without a finite gradient: {missing}"
+    zero = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
+    assert not zero, f"{name}: parameters with an all-zero gradient: {zero}"
+
+
 @pytest.mark.parametrize("k_bias", [False, True])
 def test_fused_projections_compute_the_same(k_bias):
     """fuse_projections (inference copies) keeps the math of separate q/k/v and w1/w2, k-bias-free heads included."""
@@ -237,3 +278,18 @@ def test_quantizer_bypass_feeds_continuous_latents_to_the_decoder(tiny):
     assert not torch.allclose(bypassed["reconstruction"], quantized["reconstruction"])
     tiny.set_quantizer_bypass(False)
     torch.testing.assert_close(tiny(x)["reconstruction"], quantized["reconstruction"])
+
+
+def test_the_model_does_not_import_its_factory():
+    """factory builds models; a model that imported the factory back would close an import circle."""
+    import ast
+    from pathlib import Path
+
+    import qlip.models
+
+    for path in Path(qlip.models.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "factory" not in (node.module or ""), f"{path.name} imports {node.module}"
+            elif isinstance(node, ast.Import):
+                assert not any("factory" in a.name for a in node.names), f"{path.name} imports the factory"

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from qlip.eval.metrics import metric_available, metric_unavailable, psnr, ssim, to_uint8
+from qlip.eval.metrics import metric_available, metric_unavailable, psnr, ssim
+from qlip.transforms import pixels_to_uint8
 
 skimage = pytest.importorskip("skimage")
 from skimage import data as skdata  # noqa: E402
@@ -94,9 +95,9 @@ def test_shape_and_dtype_errors_are_actionable():
         psnr(torch.zeros(1, 3, 8, 8, dtype=torch.int32), torch.zeros(1, 3, 8, 8, dtype=torch.int32))
 
 
-def test_to_uint8_rounds_and_clamps():
+def test_pixels_to_uint8_rounds_and_clamps():
     x = torch.tensor([-0.5, 0.0, 0.5, 1.0, 2.0])
-    assert to_uint8(x).tolist() == [0, 0, 128, 255, 255]
+    assert pixels_to_uint8(x).tolist() == [0, 0, 128, 255, 255]
 
 
 def test_metric_result_convention():

@@ -39,6 +39,22 @@ def test_unknown_keys_name_the_key_and_list_valid_ones():
         load_config(None, ["nosuch=1"])
 
 
+def test_shapes_only_options_live_under_data_shapes_training(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  shapes_training: {group_by: [color], group_size: 4, bpe_captions: 300}\n")
+    cfg = load_config(f, ["data.shapes_training.grouped_fraction=0.75"])
+    st = cfg.data.shapes_training
+    assert (st.group_by, st.group_size, st.grouped_fraction, st.bpe_captions) == (["color"], 4, 0.75, 300)
+    assert not any(k in cfg.to_dict()["data"] for k in ("group_by", "bpe_captions"))  # not in the general section
+    for old in ("bpe_vocab_size", "bpe_captions", "group_by", "group_size", "grouped_fraction"):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"data.{old}=1"])
+        assert str(err.value) == f"config key 'data.{old}' is now 'data.shapes_training.{old}'; rename it"
+    f.write_text("data: {group_by: [color]}\n")  # an old YAML file says the same
+    with pytest.raises(ConfigError, match=r"'data\.group_by' is now 'data\.shapes_training\.group_by'"):
+        load_config(f)
+
+
 def test_type_and_value_errors():
     with pytest.raises(ConfigError, match="data.batch_size must be an integer"):
         load_config(None, ["data.batch_size=abc"])

@@ -57,7 +57,7 @@ def test_grouped_stream_resumes_exactly():
 
 def test_group_by_validation():
     with pytest.raises(ConfigError, match="group_by"):
-        load_config(None, ["data.group_by=[texture]"])
+        load_config(None, ["data.shapes_training.group_by=[texture]"])
 
 
 def test_balance_probe_writes_a_usable_posthoc_fragment(tmp_path):

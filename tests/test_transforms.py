@@ -16,6 +16,7 @@ from qlip.transforms import (
     denormalize,
     image_transform,
     load_image,
+    pixels_to_uint8,
     to_pil_images,
     to_rgb,
     to_uint8,
@@ -160,6 +161,17 @@ def test_eval_resize_matches_pil_bicubic_shorter_side():
     x = image_transform(100)(img)
     ref = img.resize((150, 100), Image.Resampling.BICUBIC).crop((25, 0, 125, 100))
     assert np.array_equal(to_uint8(x.unsqueeze(0))[0].permute(1, 2, 0).numpy(), np.asarray(ref))
+
+
+def test_to_uint8_is_pixels_to_uint8_of_the_denormalized_image():
+    """One rounding for both input ranges: normalized images and pixels in [0, 1] land on the same levels."""
+    x = torch.randn(2, 3, 8, 8) * 2  # normalized, with values beyond [0, 1] once denormalized (clamped)
+    pixels = denormalize(x)
+    assert torch.equal(to_uint8(x), pixels_to_uint8(pixels))
+    assert pixels_to_uint8(pixels.double()).dtype == torch.uint8
+    assert torch.equal(pixels_to_uint8(to_uint8(x)), to_uint8(x))  # uint8 passes through
+    with pytest.raises(TypeError, match="pixels_to_uint8"):
+        pixels_to_uint8(torch.zeros(2, dtype=torch.int32))
 
 
 def test_denormalize_inverts_normalize():

@@ -10,7 +10,7 @@ from qlip.train.checkpoint import checkpoint_path, load_checkpoint_file
 
 TINY = {
     "model": {"name": "qlip-tiny"},
-    "data": {"train": "shapes:easy", "batch_size": 4, "bpe_captions": 120, "bpe_vocab_size": 600,
+    "data": {"train": "shapes:easy", "batch_size": 4, "shapes_training": {"bpe_captions": 120, "bpe_vocab_size": 600},
              "shapes": {"image_size": 32}},
     "optim": {"steps": 3, "warmup_steps": 1, "lr": 1.0e-3},
     "eval": {"num_samples": 8, "batch_size": 4, "at_end": False},

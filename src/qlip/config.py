@@ -17,6 +17,13 @@ FORMAT_NAME = "qlip"
 FORMAT_VERSION = 1
 
 
+def compression_ratio(patch_size: int, num_bits: int) -> float:
+    """24 * p^2 / d: 8-bit RGB pixels of one p x p patch over the d bits of its token."""
+    if patch_size < 1 or num_bits < 1:
+        raise ValueError(f"patch size and bits must be positive, got p={patch_size}, d={num_bits}")
+    return 24.0 * patch_size**2 / num_bits
+
+
 @dataclass
 class ViTConfig:
     """An EVA02-style ViT tower (spec sections 2 and 4): SwiGLU, sub-LN, 2-D RoPE, no key bias."""
@@ -107,10 +114,10 @@ class QLIPConfig:
 
     @property
     def compression_ratio(self) -> float | None:
-        """24 bits per RGB pixel * p^2 pixels per token / d bits per token."""
+        """See :func:`compression_ratio`; None without a vision tower or a quantizer."""
         if self.quantizer is None or self.vision is None:
             return None
-        return 24 * self.vision.patch_size**2 / self.quantizer.dim
+        return compression_ratio(self.vision.patch_size, self.quantizer.dim)
 
     def validate(self) -> None:
         for part, cfg in (("vision", self.vision), ("decoder", self.decoder)):

@@ -7,8 +7,9 @@
 * only what tokens need: the CLS head (post-norm + projection) and the text tower are never run or copied;
 * a fused BSQ sign + index computation whose only intermediate is an int32 tensor the size of the codes
   (the l2 normalisation is skipped: dividing by a positive norm never changes a sign, spec section 3);
-* reduced precision: ``"bf16"`` (autocast; native on GPUs and on CPUs with AVX512-BF16 or AMX) or ``"int8"``
-  (dynamic int8 quantization of every Linear, CPU only, VNNI kernels);
+* reduced precision: ``"bf16"`` (autocast; native on GPUs and on CPUs with AVX512-BF16 or AMX, emulated and
+  slower than float32 on other CPUs, where it warns) or ``"int8"`` (dynamic int8 quantization of every Linear,
+  CPU only, VNNI kernels);
 * optional ``torch.compile`` with static shapes (one compiled graph per batch shape).
 
 Reduced precision changes the latents slightly, so bits whose pre-quantization value is near zero can flip and a
@@ -21,8 +22,9 @@ own methods, ``set_attention_impl("reference")``) is left untouched: this module
 from __future__ import annotations
 
 import copy
+import functools
 import logging
-import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +34,13 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .models.qlip import QLIP, TOKEN_OUTPUTS
-from .quantizers.bsq import indices_to_bits, indices_to_group_indices
+from .quantizers.bsq import (
+    bits_to_codes,
+    bits_to_indices,
+    codes_to_bits,
+    indices_to_bits,
+    indices_to_group_indices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +52,49 @@ MODES = ("auto", "fp32", "bf16", "int8")
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# /proc/cpuinfo flags of the instructions that compute bf16 natively.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags /proc/cpuinfo lists (Linux); empty where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); without it bf16 is emulated and slow."""
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); without it bf16 is emulated and slow.
+
+    Asks torch first, then /proc/cpuinfo (torch's probes are private and may move).
+    """
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    if any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes):
+        return True
+    return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
+
+
+def cpu_capability() -> str:
+    """The vector instruction set torch's CPU kernels use here ("AVX512", "AVX2", "DEFAULT", ...)."""
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def _warn_if_bf16_cannot_pay(modes: tuple[str, ...], device: torch.device) -> None:
+    """One warning when bf16 is asked for on a CPU that emulates it (measured 5x slower than float32 on AVX2)."""
+    if device.type != "cpu" or "bf16" not in modes or cpu_has_native_bf16():
+        return
+    warnings.warn(
+        f"mode='bf16' on a CPU without native bf16 (torch CPU capability {cpu_capability()}, no AVX512-BF16 or AMX): "
+        "bf16 is emulated here and runs several times slower than float32; use mode='fp32' (or 'auto')",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
@@ -77,24 +124,17 @@ def resolve_mode(mode: str, device: torch.device) -> str:
 def latents_to_indices(u: Tensor) -> Tensor:
     """Pre-quantization latents (..., d) -> int64 token indices (...), MSB first, sign(0) = -1 (spec section 3).
 
-    Exactly equal to ``BSQuantizer.quantize(u)[1]`` but without the float codes or an int64 (..., d) tensor:
-    for d <= 31 the bits are weighted and summed in int32 (the largest intermediate is the size of float32 codes);
-    distinct powers of two sum without carries, so the int32 sum is exact.
+    Exactly ``BSQuantizer.quantize(u)[1]`` without the float codes; the bits are packed by the quantizer's own
+    :func:`~qlip.quantizers.bsq.bits_to_indices`, whose largest intermediate for d <= 31 is an int32 the size of the
+    codes.
     """
-    d = u.shape[-1]
-    if d > 31:  # int32 cannot hold 2**31 and above: fall back to int64 weights
-        powers = 2 ** torch.arange(d - 1, -1, -1, device=u.device, dtype=torch.int64)
-        return ((u > 0).to(torch.int64) * powers).sum(dim=-1, dtype=torch.int64)
-    powers = 2 ** torch.arange(d - 1, -1, -1, device=u.device, dtype=torch.int32)  # (d,)
-    return ((u > 0).to(torch.int32) * powers).sum(dim=-1, dtype=torch.int32).to(torch.int64)
+    return bits_to_indices(codes_to_bits(u))
 
 
 def indices_to_signs(indices: Tensor, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """int64 indices (...) -> unit-sphere codes (..., dim) of ``dtype`` in {+-1/sqrt(dim)}, MSB first."""
-    shifts = torch.arange(dim - 1, -1, -1, device=indices.device, dtype=torch.int64)
-    bits = (indices.unsqueeze(-1) >> shifts) & 1  # (..., d)
-    scale = 1.0 / math.sqrt(dim)
-    return (bits.to(dtype) * (2 * scale) - scale).to(dtype)
+    """int64 indices (...) known to be valid -> unit-sphere codes (..., dim) of ``dtype`` in {+-1/sqrt(dim)}, MSB
+    first, without the range check's host sync."""
+    return bits_to_codes(indices_to_bits(indices, dim, check_range=False)).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,8 +190,6 @@ def _linears_to_bf16(module: nn.Module) -> None:
 
 def _quantize_linears_int8(module: nn.Module) -> nn.Module:
     """Dynamic int8 quantization of every nn.Linear (weights int8 per tensor, activations quantized on the fly)."""
-    import warnings
-
     from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():  # torch.ao announces its move to torchao; the eager API still works
@@ -314,8 +352,9 @@ def optimize_for_inference(
 
     Args:
         model: a QLIP model (any parts; encode needs vision + quantizer, decode needs quantizer + decoder).
-        mode: encoder precision: "auto" (bf16 on CUDA and on CPUs with native bf16, else fp32), "fp32", "bf16", or
-            "int8" (CPU only: dynamic int8 Linear layers, the fastest CPU path, with the most flipped bits).
+        mode: encoder precision: "auto" (bf16 on CUDA, fp32 elsewhere), "fp32", "bf16" (on CPU only worth it with
+            native bf16, see :func:`cpu_has_native_bf16`; elsewhere it warns), or "int8" (CPU only: dynamic int8
+            Linear layers, the fastest CPU path, with the most flipped bits).
         decoder_mode: decoder precision (same choices); defaults to ``mode``. Decoding tolerates lower precision
             better than encoding (pixels move a little, no index can flip), e.g. ``mode="bf16", decoder_mode="int8"``.
         compile: wrap the encode and decode paths in ``torch.compile`` (static shapes, compiled on first call;
@@ -331,6 +370,7 @@ def optimize_for_inference(
     device = model.device
     enc_mode = resolve_mode(mode, device)
     dec_mode = resolve_mode(decoder_mode if decoder_mode is not None else mode, device)
+    _warn_if_bf16_cannot_pay((enc_mode, dec_mode), device)
     if compile and "int8" in (enc_mode, dec_mode):
         raise ValueError("compile=True does not support int8 dynamic quantization; use mode 'fp32' or 'bf16'")
     if refine_margin is not None and not 0 < refine_margin < 1:

@@ -132,7 +132,7 @@ def _pretokenize_pattern():
     modules may be split differently.
     """
     try:
-        import regex  # optional: not a declared dependency, but faster to compile and CLIP's own choice
+        import regex  # optional (the dev extra has it): faster to compile and CLIP's own choice
     except ImportError:
         return _emulated_pattern()
     return regex.compile(rf"{_SPECIALS}|{_CONTRACTIONS}|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+", regex.IGNORECASE)

@@ -295,16 +295,28 @@ def denormalize(
     return (x * s + m).clamp(0.0, 1.0)
 
 
+def pixels_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] -> uint8 0..255 of the same shape and device (clamp, scale, round half to even), as saving a
+    PNG would; uint8 input is returned unchanged.
+
+    The one rounding of the library: :func:`to_uint8` (normalized input) and the metrics' protocol both use it.
+    """
+    if pixels.dtype == torch.uint8:
+        return pixels
+    if not pixels.is_floating_point():
+        raise TypeError(f"pixels_to_uint8 expects uint8 or float pixels in [0, 1], got dtype {pixels.dtype}")
+    return (pixels.detach().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+
 def to_uint8(
     x: torch.Tensor, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD
 ) -> torch.Tensor:
-    """Normalized (B, 3, H, W) (or (3, H, W)) -> uint8 of the same layout, rounded to the nearest level.
+    """Normalized (B, 3, H, W) (or (3, H, W)) -> uint8 of the same layout on the CPU, rounded to the nearest level.
 
     Channels stay first, like every image tensor in the library (``eval.metrics.psnr`` / ``ssim`` take this layout);
-    :func:`to_pil_images` moves them last for PIL.
+    :func:`to_pil_images` moves them last for PIL. For pixels already in [0, 1] use :func:`pixels_to_uint8`.
     """
-    pixels = denormalize(x.detach().float(), mean, std)
-    return pixels.mul(255.0).round().to(torch.uint8).cpu()
+    return pixels_to_uint8(denormalize(x.detach().float(), mean, std)).cpu()
 
 
 def to_pil_images(

@@ -12,7 +12,7 @@ from .sample import (
     bad_marker,
     is_bad,
 )
-from .shapes import SHAPES_TASKS, ShapesConfig, ShapesDataset, generate_shapes_sample, shapes_tasks
+from .shapes import SHAPES_TASKS, ShapesConfig, ShapesDataset, generate_shapes_sample, shapes_attributes, shapes_tasks
 from .shards import ShardDataset, ShardWriter, expand_braces, list_shards
 
 __all__ = [
@@ -38,5 +38,6 @@ __all__ = [
     "is_bad",
     "iter_samples",
     "list_shards",
+    "shapes_attributes",
     "shapes_tasks",
 ]

@@ -324,6 +324,25 @@ def _sample_shapes(cfg: ShapesConfig, rng: np.random.Generator) -> list[dict[str
     return shapes
 
 
+def _sample_rng(index: int, split: str, seed: int) -> np.random.Generator:
+    """The generator of sample ``index``: every draw of a sample comes from it, in a fixed order."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {tuple(SPLITS)}")
+    if index < 0:
+        raise ValueError(f"sample index must be >= 0, got {index}")
+    return np.random.default_rng([seed, SPLITS[split], index])
+
+
+def shapes_attributes(index: int, config: ShapesConfig | None = None, *, split: str = "train",
+                      seed: int = 0) -> list[dict[str, Any]]:  # fmt: skip
+    """The shapes (kind, color, size, position, ...) of sample ``index``, without rendering its image.
+
+    Equal to ``generate_shapes_sample(index, config, split=split, seed=seed)["attributes"]["shapes"]`` at a
+    fraction of the cost (microseconds), for whoever orders samples by their content (hard-negative batches).
+    """
+    return _sample_shapes(config or ShapesConfig(), _sample_rng(index, split, seed))
+
+
 def generate_shapes_sample(index: int, config: ShapesConfig | None = None, *, split: str = "train",
                            seed: int = 0) -> Sample:  # fmt: skip
     """The `shapes` sample number ``index`` of ``split``: deterministic from (seed, split, index).
@@ -333,11 +352,7 @@ def generate_shapes_sample(index: int, config: ShapesConfig | None = None, *, sp
         ``labels`` maps each task of :func:`shapes_tasks` to its class index (of the first shape).
     """
     cfg = config or ShapesConfig()
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {tuple(SPLITS)}")
-    if index < 0:
-        raise ValueError(f"sample index must be >= 0, got {index}")
-    rng = np.random.default_rng([seed, SPLITS[split], index])
+    rng = _sample_rng(index, split, seed)
     shapes = _sample_shapes(cfg, rng)
     background = cfg.backgrounds[int(rng.integers(len(cfg.backgrounds)))]
     canvas = _background(background, cfg.image_size, cfg, rng)

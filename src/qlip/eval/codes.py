@@ -23,14 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..config import compression_ratio
 from ..quantizers.bsq import indices_to_bits
 
-
-def compression_ratio(patch_size: int, num_bits: int) -> float:
-    """24 * p^2 / d: 8-bit RGB pixels of one p x p patch over the d bits of its token."""
-    if patch_size < 1 or num_bits < 1:
-        raise ValueError(f"patch size and bits must be positive, got p={patch_size}, d={num_bits}")
-    return 24.0 * patch_size**2 / num_bits
+__all__ = ["CodeUsageAccumulator", "compression_ratio"]
 
 
 class CodeUsageAccumulator:

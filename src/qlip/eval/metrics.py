@@ -5,7 +5,8 @@ SSIM"), with the choices pinned here so that numbers reproduce:
 
 * Inputs are batches of RGB images ``(B, 3, H, W)`` (a single ``(3, H, W)`` image is accepted too), either ``uint8``
   in 0..255 or floating point in [0, 1]. Floats are clamped to [0, 1] and multiplied by 255 *without* rounding;
-  call :func:`to_uint8` first to measure what a saved PNG would give (the usual protocol for reconstructions).
+  call :func:`qlip.transforms.pixels_to_uint8` first to measure what a saved PNG would give (the usual protocol
+  for reconstructions).
 * PSNR is computed on the 0..255 scale **per image** (MSE over all channels and pixels of that image), then the
   caller averages the per-image values. Identical images give ``inf``.
 * SSIM (Wang et al. 2004) uses an 11x11 Gaussian window with sigma 1.5, K1 = 0.01, K2 = 0.03, L = 255, population
@@ -59,22 +60,6 @@ def metric_available(value: float, **extra: Any) -> dict[str, Any]:
         ``{"value": float(value), "available": True, **extra}``.
     """
     return {"value": float(value), "available": True, **extra}
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Quantize float images in [0, 1] to uint8 0..255 (clamp, scale, round half to even), as saving a PNG would.
-
-    Args:
-        images: float tensor with values nominally in [0, 1]; uint8 input is returned unchanged.
-
-    Returns:
-        A uint8 tensor of the same shape.
-    """
-    if images.dtype == torch.uint8:
-        return images
-    if not images.is_floating_point():
-        raise TypeError(f"to_uint8 expects uint8 or float images in [0, 1], got dtype {images.dtype}")
-    return (images.detach().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
 
 
 def _as_float255(images: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:

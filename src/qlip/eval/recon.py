@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..losses.lpips import LPIPS_HEADS_FILENAME, VGG16_WEIGHTS_FILENAME, LPIPSNetwork, load_lpips_network
-from ..transforms import to_uint8 as normalized_to_uint8
+from ..transforms import to_uint8
 from .codes import CodeUsageAccumulator, compression_ratio
 from .fid import (
     FeatureStats,
@@ -167,8 +167,8 @@ def evaluate_reconstruction(
         tokens = model.encode(x, output="indices")  # (B, h, w)
         recon = model.decode(tokens)  # (B, 3, S, S) CLIP-normalized
         usage.update(tokens)
-        orig_u8 = normalized_to_uint8(images)  # (B, 3, S, S) uint8, as a PNG would hold
-        recon_u8 = normalized_to_uint8(recon)
+        orig_u8 = to_uint8(images)  # (B, 3, S, S) uint8, as a PNG would hold
+        recon_u8 = to_uint8(recon)
         psnrs.append(psnr(orig_u8, recon_u8))
         ssims.append(ssim(orig_u8, recon_u8))
         if lpips_net is not None:  # on the same uint8 images as PSNR, mapped to LPIPS's [-1, 1]

@@ -35,8 +35,8 @@ SMOKE_OVERRIDES = [
     "model.name=qlip-tiny",
     "data.shapes.image_size=32",
     "data.batch_size=8",
-    "data.bpe_captions=120",
-    "data.bpe_vocab_size=600",
+    "data.shapes_training.bpe_captions=120",
+    "data.shapes_training.bpe_vocab_size=600",
     "distributed.threads=1",
     "distributed.device=cpu",
 ]

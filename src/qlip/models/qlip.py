@@ -6,6 +6,8 @@
 
 Any part can be left out through the config (``vision``, ``quantizer``, ``decoder``, ``text`` set to ``None``):
 a tokenizer without a text tower, an encoder for understanding, or a decoder that only turns indices into pixels.
+
+Loading lives in :mod:`qlip.factory` (``create_model``), which builds this class; this module never imports it.
 """
 
 from __future__ import annotations
@@ -269,9 +271,3 @@ class QLIP(nn.Module):
         from ..checkpoints import save_pretrained
 
         return save_pretrained(self, directory, tokenizer=tokenizer, overwrite=overwrite)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> QLIP:
-        from ..factory import create_model
-
-        return create_model(str(path), **kwargs)

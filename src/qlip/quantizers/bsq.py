@@ -103,9 +103,22 @@ def _msb_first_shifts(num_bits: int, device: torch.device | None = None) -> Tens
     return torch.arange(num_bits - 1, -1, -1, dtype=torch.int64, device=device)
 
 
-def _msb_first_powers(num_bits: int, device: torch.device | None = None) -> Tensor:
-    """Exact int64 powers of two (2**(num_bits-1), ..., 2, 1), built by shifts so no float ever rounds them."""
-    return torch.ones(num_bits, dtype=torch.int64, device=device) << _msb_first_shifts(num_bits, device)
+def _pack_bits(bits: Tensor) -> Tensor:
+    """(..., n) bool bits, MSB first -> (...) int64 integers, exact: the one place bits become indices.
+
+    The bits are weighted by powers of two built with shifts (no float ever rounds them) and summed in integers.
+    For n <= 31 the weights and the sum are int32, which halves the largest intermediate (the size of the codes);
+    distinct powers of two sum without carries, so the int32 sum is exact.
+    """
+    n = bits.shape[-1]
+    dtype = torch.int32 if n <= 31 else torch.int64
+    powers = torch.ones(n, dtype=dtype, device=bits.device) << _msb_first_shifts(n, bits.device).to(dtype)
+    return (bits.to(dtype) * powers).sum(dim=-1, dtype=dtype).to(torch.int64)
+
+
+def _unpack_bits(indices: Tensor, num_bits: int) -> Tensor:
+    """(...) int64 integers -> (..., num_bits) bool bits, MSB first; the inverse of :func:`_pack_bits`, unchecked."""
+    return ((indices.unsqueeze(-1) >> _msb_first_shifts(num_bits, indices.device)) & 1).to(torch.bool)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,31 +170,32 @@ def bits_to_indices(bits: Tensor, group_size: int | None = None) -> Tensor:
     dim = bits.shape[-1]
     _check_dim(dim)
     g = _resolve_group_size(dim, group_size)
-    grouped = rearrange(bits.to(torch.bool).to(torch.int64), "... (n g) -> ... n g", g=g)
-    indices = (grouped * _msb_first_powers(g, bits.device)).sum(dim=-1, dtype=torch.int64)  # (..., n)
+    indices = _pack_bits(rearrange(bits.to(torch.bool), "... (n g) -> ... n g", g=g))  # (..., n)
     return indices.squeeze(-1) if g == dim else indices
 
 
-def indices_to_bits(indices: Tensor, dim: int, group_size: int | None = None) -> Tensor:
+def indices_to_bits(indices: Tensor, dim: int, group_size: int | None = None, *, check_range: bool = True) -> Tensor:
     """Bits from token indices; inverse of :func:`bits_to_indices` called with the same ``group_size``.
 
     Args:
         indices: (...) int64 in [0, 2**dim) when group_size is None or dim, else (..., dim // g) in [0, 2**g).
         dim: number of bits d per token.
         group_size: see :func:`bits_to_indices`.
+        check_range: check dtype and range (reads the min and max back to the host, a GPU sync); False for int64
+            indices already known to be valid, e.g. tokens this package wrote.
 
     Returns:
         (..., dim) bool tensor.
     """
     _check_dim(dim)
     g = _resolve_group_size(dim, group_size)
-    indices = _as_int64_indices(indices, g, "indices")
+    if check_range:
+        indices = _as_int64_indices(indices, g, "indices")
     if g == dim:
         indices = indices.unsqueeze(-1)  # (..., 1): a single group
     else:
         _check_last_dim(indices, dim // g, f"group indices (group_size={g})")
-    bits = (indices.unsqueeze(-1) >> _msb_first_shifts(g, indices.device)) & 1  # (..., n, g)
-    return rearrange(bits, "... n g -> ... (n g)").to(torch.bool)
+    return rearrange(_unpack_bits(indices, g), "... n g -> ... (n g)")  # (..., n, g) -> (..., d)
 
 
 def indices_to_group_indices(indices: Tensor, dim: int, group_size: int) -> Tensor:
@@ -341,12 +355,9 @@ class BSQuantizer(nn.Module):
         self.entropy = entropy
         self.compute_entropy = compute_entropy
         self.scale = 1.0 / math.sqrt(dim)  # puts every code on the unit sphere
-        # int64 weights 2**(d-1-k): index = sum(bits * powers) in exact integer arithmetic.
-        self.register_buffer("powers", _msb_first_powers(dim), persistent=False)
-        self.register_buffer("shifts", _msb_first_shifts(dim), persistent=False)
         if entropy == "group":
             # (2**g, g) codewords in {-1, +1}; row j is group index j read MSB first, so softmax slot == group index.
-            signs = (torch.arange(1 << group_size).unsqueeze(-1) >> _msb_first_shifts(group_size)) & 1
+            signs = _unpack_bits(torch.arange(1 << group_size), group_size)
             self.register_buffer("group_codewords", signs.to(torch.float32) * 2 - 1, persistent=False)
 
     def extra_repr(self) -> str:
@@ -361,13 +372,11 @@ class BSQuantizer(nn.Module):
     def codes_to_indices(self, codes: Tensor) -> Tensor:
         """(..., d) codes -> (...) int64 indices in [0, 2**d), MSB first, exact."""
         _check_last_dim(codes, self.dim, "codes")
-        return ((codes > 0).to(torch.int64) * self.powers).sum(dim=-1, dtype=torch.int64)
+        return _pack_bits(codes_to_bits(codes))
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """(...) int64 indices in [0, 2**d) -> (..., d) float32 codes scaled by 1/sqrt(d)."""
-        indices = _as_int64_indices(indices, self.dim, "indices")
-        positive = ((indices.unsqueeze(-1) >> self.shifts) & 1).to(torch.bool)  # (..., d)
-        return torch.where(positive, self.scale, -self.scale).to(torch.float32)
+        return bits_to_codes(indices_to_bits(indices, self.dim))
 
     # -- inference path -------------------------------------------------------------------------------------------
 
@@ -385,10 +394,8 @@ class BSQuantizer(nn.Module):
             (codes, indices): (..., d) float32 codes scaled by 1/sqrt(d), and (...) int64 indices.
         """
         _check_last_dim(u, self.dim, "input")
-        positive = u > 0  # (..., d) bool: sign(0) = -1
-        indices = (positive.to(torch.int64) * self.powers).sum(dim=-1, dtype=torch.int64)
-        codes = torch.where(positive, self.scale, -self.scale).to(torch.float32)
-        return codes, indices
+        positive = codes_to_bits(u)  # (..., d) bool: sign(0) = -1
+        return bits_to_codes(positive), _pack_bits(positive)
 
     # -- training path -----------------------------------------------------------------------------------------
 
@@ -410,12 +417,12 @@ class BSQuantizer(nn.Module):
             u = u.float()
             if self.l2_norm:
                 u = F.normalize(u, dim=-1)
-            positive = u > 0  # sign(0) = -1
-            hard = torch.where(positive, self.scale, -self.scale).to(torch.float32)
+            positive = codes_to_bits(u)  # sign(0) = -1
+            hard = bits_to_codes(positive)
             # Straight-through: value exactly `hard` (u - sg(u) is exactly 0), gradient of the identity w.r.t. u.
             # (The usual u + sg(hard - u) leaves float rounding in the value, so codes would not be exact.)
             codes = hard + (u - u.detach())
-            indices = (positive.to(torch.int64) * self.powers).sum(dim=-1, dtype=torch.int64)
+            indices = _pack_bits(positive)
             commit_loss = (hard - u).pow(2).sum(dim=-1).mean()
 
             if self.compute_entropy:

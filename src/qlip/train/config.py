@@ -48,6 +48,28 @@ class ModelSection:
 
 
 @dataclass
+class ShapesTrainingSection:
+    """Options that only apply to training on the built-in shapes data.
+
+    Attributes:
+        bpe_vocab_size: vocabulary size of the BPE trained at start-up on shapes captions when no tokenizer is given
+            (at most the text tower's vocab_size).
+        bpe_captions: how many training captions that start-up BPE sees.
+        group_by: hard-negative batches; part of every batch comes in groups of ``group_size`` images that share
+            these attributes (e.g. ``[color, position]``), so only the others (shape, size) tell the captions of a
+            group apart. Empty = plain batches.
+        group_size: images per group.
+        grouped_fraction: the share of each batch made of groups (the rest is drawn as usual).
+    """
+
+    bpe_vocab_size: int = 1024
+    bpe_captions: int = 2000
+    group_by: list[str] = field(default_factory=list)
+    group_size: int = 8
+    grouped_fraction: float = 0.5
+
+
+@dataclass
 class DataSection:
     """Where the pairs come from.
 
@@ -57,19 +79,13 @@ class DataSection:
         batch_size: images per rank per micro-step (global batch = batch_size x world size x optim.accum_steps).
         num_workers: DataLoader worker processes per rank.
         shapes: ShapesConfig fields for the built-in data (e.g. ``{sizes: [small, large], image_size: 64}``).
+        shapes_training: how training uses the built-in data (its start-up BPE, hard-negative batches).
         tokenizer: a directory with vocab.json + merges.txt; None = the init checkpoint's, or (shapes only) a small
-            BPE trained at start-up on shapes captions.
-        bpe_vocab_size: vocabulary size of that start-up BPE (at most the text tower's vocab_size).
-        bpe_captions: how many training captions the start-up BPE sees.
+            BPE trained at start-up on shapes captions (``shapes_training.bpe_*``).
         augment: random resized crop (and hflip if ``hflip``) on training images.
         hflip: random horizontal flip when augmenting (off for shapes: left/right is a label).
         max_bad_fraction: stop when more than this fraction of samples cannot be read.
         shuffle_buffer: shards: block size of the within-slot shuffle.
-        group_by: shapes only: hard-negative batches; part of every batch comes in groups of ``group_size`` images
-            that share these attributes (e.g. ``[color, position]``), so only the others (shape, size) tell the
-            captions of a group apart. Empty = plain batches.
-        group_size: images per group.
-        grouped_fraction: the share of each batch made of groups (the rest is drawn as usual).
     """
 
     train: str = "shapes:easy"
@@ -77,16 +93,19 @@ class DataSection:
     batch_size: int = 32
     num_workers: int = 0
     shapes: dict[str, Any] = field(default_factory=dict)
+    shapes_training: ShapesTrainingSection = field(default_factory=ShapesTrainingSection)
     tokenizer: str | None = None
-    bpe_vocab_size: int = 1024
-    bpe_captions: int = 2000
     augment: bool = False
     hflip: bool = False
     max_bad_fraction: float = 0.05
     shuffle_buffer: int = 0
-    group_by: list[str] = field(default_factory=list)
-    group_size: int = 8
-    grouped_fraction: float = 0.5
+
+
+# Keys that moved, old -> new: an old key is an error that names its new place.
+MOVED_KEYS = {
+    f"data.{name}": f"data.shapes_training.{name}"
+    for name in ("bpe_vocab_size", "bpe_captions", "group_by", "group_size", "grouped_fraction")
+}
 
 
 @dataclass
@@ -360,13 +379,17 @@ class TrainConfig:
             raise ConfigError(f"checkpoint.ema_decay must lie in [0, 1), got {self.checkpoint.ema_decay}")
         if not 0 < self.probe.tail_fraction <= 1:
             raise ConfigError(f"probe.tail_fraction must lie in (0, 1], got {self.probe.tail_fraction}")
-        if self.data.group_by:
-            if not set(self.data.group_by) <= {"shape", "color", "position", "size"}:
-                raise ConfigError(f"data.group_by={self.data.group_by} may only name shape, color, position, size")
-            if not (self.data.train.startswith("shapes") and 1 <= self.data.group_size <= self.data.batch_size):
-                raise ConfigError("data.group_by needs shapes data and 1 <= data.group_size <= data.batch_size")
-            if not 0 <= self.data.grouped_fraction <= 1:
-                raise ConfigError(f"data.grouped_fraction must lie in [0, 1], got {self.data.grouped_fraction}")
+        st = self.data.shapes_training
+        if st.group_by:
+            where = "data.shapes_training"
+            if not set(st.group_by) <= {"shape", "color", "position", "size"}:
+                raise ConfigError(f"{where}.group_by={st.group_by} may only name shape, color, position, size")
+            if not (self.data.train.startswith("shapes") and 1 <= st.group_size <= self.data.batch_size):
+                raise ConfigError(
+                    f"{where}.group_by needs shapes data and 1 <= {where}.group_size <= data.batch_size"
+                )
+            if not 0 <= st.grouped_fraction <= 1:
+                raise ConfigError(f"{where}.grouped_fraction must lie in [0, 1], got {st.grouped_fraction}")
         if self.stop_at is not None and self.stop_at < 1:
             raise ConfigError(f"stop_at must be >= 1 (or null), got {self.stop_at}")
         if self.distributed.strategy == "fsdp" and (self.eval.every or self.eval.at_end):
@@ -462,6 +485,8 @@ def merge_into(obj: Any, updates: dict[str, Any], where: str = "") -> Any:
     names = [f.name for f in fields(obj)]
     for key, value in updates.items():
         path = f"{where}.{key}" if where else str(key)
+        if path in MOVED_KEYS:
+            raise ConfigError(f"config key '{path}' is now '{MOVED_KEYS[path]}'; rename it")
         if key not in hints:
             raise ConfigError(f"unknown config key '{path}'; valid keys{' under ' + where if where else ''}: "
                               f"{', '.join(names)}")  # fmt: skip

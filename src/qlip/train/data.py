@@ -75,13 +75,15 @@ class BatchStream:
         transform = image_transform(image_size, train=data.augment, hflip=data.hflip)
         self.counter = BadSampleCounter(max_bad_fraction=data.max_bad_fraction, name=data.train)
         self.collate = SampleCollator(transform, tokenizer)
-        if self.kind == "shapes" and data.group_by:
+        groups = data.shapes_training
+        if self.kind == "shapes" and groups.group_by:
             from .grouped import GroupedShapesDataset
 
             self.dataset = GroupedShapesDataset(shapes_config(data, image_size), seed=seed,
-                                                batch_size=data.batch_size, group_by=data.group_by,
-                                                group_size=data.group_size, grouped_fraction=data.grouped_fraction,
-                                                rank=rank, world_size=world_size)  # fmt: skip
+                                                batch_size=data.batch_size, group_by=groups.group_by,
+                                                group_size=groups.group_size,
+                                                grouped_fraction=groups.grouped_fraction, rank=rank,
+                                                world_size=world_size)  # fmt: skip
         elif self.kind == "shapes":
             self.dataset = ShapesDataset(shapes_config(data, image_size), split="train", seed=seed, rank=rank,
                                          world_size=world_size)  # fmt: skip
@@ -171,8 +173,8 @@ def build_tokenizer(data: DataSection, *, init_dir: str | None, context_length: 
                     seed: int) -> CLIPTokenizer:  # fmt: skip
     """The text tokenizer: ``data.tokenizer``, else the init checkpoint's, else (shapes) a BPE trained now.
 
-    The start-up BPE sees ``data.bpe_captions`` training captions generated deterministically from the seed, so
-    every rank (and every resume) builds the same vocabulary.
+    The start-up BPE sees ``data.shapes_training.bpe_captions`` training captions generated deterministically from
+    the seed, so every rank (and every resume) builds the same vocabulary.
     """
     for directory in (data.tokenizer, init_dir):
         if directory and (Path(directory) / "vocab.json").is_file():
@@ -186,12 +188,12 @@ def build_tokenizer(data: DataSection, *, init_dir: str | None, context_length: 
             )
         cfg = shapes_config(data, 32)
         captions = [generate_shapes_sample(i, cfg, split="train", seed=seed)["caption"] for i in
-                    range(data.bpe_captions)]  # fmt: skip
-        tok = train_bpe(captions, min(data.bpe_vocab_size, vocab_size))
+                    range(data.shapes_training.bpe_captions)]  # fmt: skip
+        tok = train_bpe(captions, min(data.shapes_training.bpe_vocab_size, vocab_size))
     if len(tok.get_vocab()) > vocab_size:
         raise ValueError(
             f"the tokenizer has {len(tok.get_vocab())} tokens but the text tower only {vocab_size}; use a model whose "
-            "text.vocab_size is large enough or a smaller data.bpe_vocab_size"
+            "text.vocab_size is large enough or a smaller data.shapes_training.bpe_vocab_size"
         )
     tok.context_length = context_length
     return tok

@@ -18,12 +18,10 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 from torch.utils.data import IterableDataset
 
 from ..data.sample import current_slot, resume_point
-from ..data.shapes import SPLITS, ShapesConfig, ShapesDataset
-from ..data.shapes import _sample_shapes as sample_attributes  # the attribute draw of generate_shapes_sample
+from ..data.shapes import ShapesConfig, ShapesDataset, shapes_attributes
 
 
 class GroupedShapesDataset(IterableDataset):
@@ -57,8 +55,7 @@ class GroupedShapesDataset(IterableDataset):
         self._resume = state
 
     def _key(self, index: int) -> tuple:
-        rng = np.random.default_rng([self.seed, SPLITS["train"], index])
-        first = sample_attributes(self.config, rng)[0]
+        first = shapes_attributes(index, self.config, split="train", seed=self.seed)[0]
         return tuple(first[a] for a in self.group_by)
 
     def batch_indices(self, slot: int, num_slots: int) -> Iterator[list[int]]:
