@@ -46,7 +46,7 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
 )
-from .config import TrainConfig
+from .config import TrainConfig, check_startup
 from .data import BatchStream, build_tokenizer, held_out_batches
 from .distributed import Runtime, all_gather_objects, barrier, seed_everything, setup_runtime, teardown, wrap_model
 from .ema import ModelEMA
@@ -97,6 +97,7 @@ class _StopFlag:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) the training that ``cfg`` describes; returns when done, stopped or interrupted."""
+    check_startup(cfg)
     runtime = setup_runtime(cfg.distributed)
     try:
         return _Trainer(cfg, runtime).run()
