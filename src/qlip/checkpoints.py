@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import QLIPConfig, config_from_released, config_to_released, is_qlip_config
@@ -202,10 +203,16 @@ def read_config(directory: str | Path) -> tuple[QLIPConfig, bool]:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if is_qlip_config(d):
-        return QLIPConfig.from_dict(d), False
-    if "vision_config" in d:
-        return config_from_released(d, name=directory.name), True
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object of config fields, not a {type(d).__name__}; is it a QLIP "
+                         "model's config.json?")  # fmt: skip
+    try:
+        if is_qlip_config(d):
+            return QLIPConfig.from_dict(d), False
+        if "vision_config" in d:
+            return config_from_released(d, name=directory.name), True
+    except (TypeError, ValueError) as e:  # a field of the wrong type or value
+        raise ValueError(f"{path}: {e}") from e
     raise ValueError(f'{path} is neither a qlip config ("format": "qlip") nor a released QLIP config.json')
 
 
@@ -217,12 +224,17 @@ def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
         )
         hint = f" (found {others}: convert them to safetensors; pickled weights are not loaded)" if others else ""
         raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}{hint}")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:  # truncated or not a safetensors file at all
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); download or save the model again") from e
 
 
 def _atomic_dir_write(directory: Path, write: Any) -> Path:
     """Write into a temporary sibling directory, then swap it in, so a crash never leaves a half-written model."""
     directory = directory.resolve()
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} is a file, not a model folder; choose a folder name to save the model in")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
