@@ -97,10 +97,20 @@ def load_templates(spec: str | Sequence[str]) -> list[str]:
         )
     if not templates:
         raise ValueError(f"no prompt templates in {spec!r}")
-    bad = [t for t in templates if t.count("{}") != 1]
+    bad = [t for t in templates if t.count("{}") != 1 or not _formats(t)]
     if bad:
-        raise ValueError(f"every template needs exactly one '{{}}' for the class name; these do not: {bad[:5]}")
+        raise ValueError(f"every template needs exactly one '{{}}' for the class name and no other braces (write a "
+                         f"literal brace as '{{{{' or '}}}}'); these do not: {bad[:5]}")  # fmt: skip
     return templates
+
+
+def _formats(template: str) -> bool:
+    """True when ``template.format(name)`` works: no named fields such as ``{x}``, no lone braces."""
+    try:
+        template.format("x")
+    except (IndexError, KeyError, ValueError):
+        return False
+    return True
 
 
 def _model_device_dtype(model: torch.nn.Module, device: str | torch.device | None) -> tuple[torch.device, Any]:
