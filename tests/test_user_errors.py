@@ -175,6 +175,25 @@ def _shards_kept(w: W) -> None:
     assert not list((w.tmp / "shards").glob("*.tmp*"))
 
 
+def _shards_twice(w: W) -> list[str]:
+    argv = ["data", "write-shards", "shapes", "--count", "2", "--out", w.path("s"), "--quiet"]
+    assert main(argv) == 0
+    w.keep(w.path("s"))
+    return argv
+
+
+def _folder_source(w: W) -> str:
+    w.image("src/cls/a.png")
+    w.keep(w.path("src"))
+    return w.path("src")
+
+
+def _classify_without_tokenizer(w: W) -> list[str]:
+    d = w.model_copy()
+    (d / "vocab.json").unlink()
+    return ["classify", w.image(), "--model", str(d), "--labels", "a,b"]
+
+
 def _encode_onto_input(w: W) -> list[str]:
     x = w.image()
     w.keep(x)
@@ -346,6 +365,36 @@ CASES = [
     Case("decode-reports-what-it-wrote", lambda w: ["decode", w.tokens(n=2), "--model", w.model, "--out",
                                                     w.path("dec")], 0, "", _decode_counts),
     Case("api-save-pretrained-onto-file", _save_pretrained_onto_file, None, "weights.bin"),
+    Case("write-shards-over-existing-shards", _shards_twice, 2, "already holds shards"),
+    Case("write-shards-out-is-source", lambda w: ["data", "write-shards", _folder_source(w), "--out", w.path("src")],
+         2, "input folder"),
+    # --- found beyond the list -------------------------------------------------------------------------------------
+    Case("encode-missing-image", lambda w: ["encode", w.path("gone.png"), "--model", w.model, "--out",
+                                            w.path("t.st")], 2, "gone.png"),
+    Case("decode-missing-tokens", lambda w: ["decode", w.path("gone.safetensors"), "--model", w.model, "--out",
+                                             w.path("d")], 2, "gone.safetensors"),
+    Case("classify-one-label", lambda w: ["classify", w.image(), "--model", w.model, "--labels", "dog"], 2,
+         "--labels"),
+    Case("classify-no-tokenizer", _classify_without_tokenizer, 2, "--tokenizer"),
+    Case("tokenizer-vocab-size-0", lambda w: ["tokenizer", "train", w.file("c.txt", "a red square\n"),
+                                              "--vocab-size", "0", "--out", w.path("tok")], 2, "--vocab-size"),
+    Case("tokenize-workers-negative", lambda w: ["tokenize", "--model", w.model, "--data", "shapes", "--out",
+                                                 w.path("o"), "--workers", "-1"], 2, "--workers"),
+    Case("eval-workers-negative", lambda w: ["eval", "recon", "--model", w.model, "--data", "shapes", "--workers",
+                                             "-1", "--out", w.path("rep")], 2, "--workers"),
+    Case("eval-data-missing", lambda w: ["eval", "recon", "--model", w.model, "--data", w.path("nowhere"),
+                                         "--out", w.path("rep"), "--device", "cpu"], 2, "nowhere"),
+    Case("experiment-threads-negative", lambda w: ["experiment", "balance-sweep", "--config", w.config(), "--out",
+                                                   w.path("x"), "--threads", "-1"], 2, "--threads"),
+    Case("data-check-count-0", lambda w: ["data", "check", "shapes", "--count", "0"], 2, "--count"),
+    Case("write-shards-image-size-8", lambda w: ["data", "write-shards", "shapes", "--count", "2", "--image-size",
+                                                 "8", "--out", w.path("s")], 2, "image_size"),
+    Case("preview-not-shapes", lambda w: ["data", "preview", w.folder("imgs"), "--out", w.path("p.png")], 2,
+         "shapes"),
+    Case("train-override-not-key-value", lambda w: _train(w, "optim.lr"), 2, "optim.lr"),
+    Case("train-config-is-a-list", lambda w: ["train", w.file("list.yaml", "- 1\n- 2\n")], 2, "list.yaml"),
+    Case("train-init-is-file", lambda w: _train(w, f"init={w.file('init.bin', b'x')}"), 2, "init.bin"),
+    Case("train-lr-visual-inf", lambda w: _train(w, "optim.lr_visual=.inf"), 2, "optim.lr_visual"),
 ]
 
 
@@ -393,3 +442,32 @@ def test_training_log_names_the_bad_file(caplog):
     with caplog.at_level("WARNING", logger="qlip"):
         counter.update(batch)
     assert "cats/broken.jpg" in caplog.text and counter.counts == {"corrupt": 1} and counter.seen == 2
+
+
+def test_library_errors_reach_the_user_as_one_line(monkeypatch, capsys):
+    """The safety net in main: qlip's own error types become one line (2, or 1 for bad data); a bug keeps its
+    traceback."""
+    import qlip.cli.tokenizer as group
+    from qlip.data import BadDataError
+    from qlip.tokenfile import TokenFileError
+
+    argv = ["tokenizer", "train", "c.txt", "--vocab-size", "300", "--out", "tok"]
+    for raised, code in ((TokenFileError("t.safetensors: not a token file"), 2), (BadDataError("x.png is bad"), 1)):
+        monkeypatch.setattr(group, "cmd_tokenizer_train", lambda args, e=raised: (_ for _ in ()).throw(e))
+        assert main(argv) == code
+        err = capsys.readouterr().err
+        assert err == f"error: {raised}\n"
+    monkeypatch.setattr(group, "cmd_tokenizer_train", lambda args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(argv)
+
+
+@pytest.mark.parametrize("command", ["write-shards", "check"])
+def test_data_commands_show_progress_unless_quiet(command, tmp_path, capsys):
+    def run(*extra: str) -> str:
+        out = ["--out", str(tmp_path / f"s{len(extra)}")] if command == "write-shards" else []
+        assert main(["data", command, "shapes", "--count", "3", "--image-size", "32", *out, *extra]) == 0
+        return capsys.readouterr().err
+
+    assert "/3 [" in run()  # the bar, with the total it counts to
+    assert run("--quiet") == ""
