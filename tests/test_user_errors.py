@@ -149,6 +149,15 @@ def _resume_other_model(w: W) -> list[str]:
     return _train(w)
 
 
+def _resume_other_weights(w: W) -> list[str]:
+    """A run folder without its config.yaml, holding a checkpoint of another model."""
+    w.folder("run/checkpoints")
+    torch.save({"step": 1, "world_size": 1, "model": {"other.weight": torch.zeros(2)}},
+               w.tmp / "run" / "checkpoints" / "step_00000001.pt")  # fmt: skip
+    w.keep(w.path("run/checkpoints"))
+    return _train(w)
+
+
 def _save_pretrained_onto_file(w: W) -> Callable[[], Any]:
     target = w.file("weights.bin", b"precious")
     w.keep(target)
@@ -287,7 +296,7 @@ CASES = [
     Case("write-shards-out-is-file", lambda w: ["data", "write-shards", "shapes", "--count", "4", "--out",
                                                 w.file("s")], 2, "is a file"),
     Case("tokenize-out-is-file", lambda w: ["tokenize", "--model", w.model, "--data", "shapes", "--limit", "4",
-                                            "--out", w.file("o")], 2, "o"),
+                                            "--out", w.file("o")], 2, "is a file"),
     Case("tokenizer-train-out-is-file", lambda w: ["tokenizer", "train", w.file("c.txt", "a red square\n" * 20),
                                                    "--vocab-size", "300", "--out", w.file("o")], 2, "is a file"),
     # --- model directories -----------------------------------------------------------------------------------------
@@ -326,6 +335,7 @@ CASES = [
     Case("train-header-only-csv", _header_only_csv, 2, "pairs.csv"),
     Case("train-missing-tokenizer", lambda w: _train(w, f"data.tokenizer={w.path('tok')}"), 2, "data.tokenizer"),
     Case("train-resume-other-model", _resume_other_model, 2, "qlip-shapes-s"),
+    Case("train-resume-other-weights", _resume_other_weights, 2, "step_00000001.pt"),
     Case("train-unknown-key", lambda w: _train(w, "optim.learning_rate=1"), 2, "optim.learning_rate"),
     Case("train-eval-num-samples-0", lambda w: _train(w, "eval.num_samples=0", "eval.at_end=true"), 2,
          "eval.num_samples"),

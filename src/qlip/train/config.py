@@ -577,14 +577,21 @@ def check_startup(cfg: TrainConfig) -> None:
     """
     import torch
 
+    from ..data.loader import describe_source
     from ..factory import HF_HUB_PREFIX, list_models
 
     run_dir = Path(cfg.run_dir).expanduser()
     for p in (run_dir, *run_dir.parents):
         if p.exists() and not p.is_dir():
-            where = "" if p == run_dir else f" ({p} is a file)"
-            raise ConfigError(f"run_dir={cfg.run_dir} cannot be a folder{where}; set run_dir to a new or existing "
-                              "run folder")  # fmt: skip
+            what = "is a file" if p == run_dir else f"lies under the file {p}"
+            raise ConfigError(f"run_dir={cfg.run_dir} {what}; set run_dir to a folder (a new one, or an earlier "
+                              "run's to resume it)")  # fmt: skip
+    for key, spec in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+        if spec is not None:
+            try:
+                describe_source(spec)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"{key}={spec}: {e}") from e
     if cfg.init is None:
         name = cfg.model.name
         if not name.startswith(HF_HUB_PREFIX) and name not in list_models() and not Path(name).expanduser().is_dir():
