@@ -481,3 +481,16 @@ def test_data_commands_show_progress_unless_quiet(command, tmp_path, capsys):
 
     assert "/3 [" in run()  # the bar, with the total it counts to
     assert run("--quiet") == ""
+
+
+def test_interrupted_encode_leaves_no_temporary_file(tiny_dir, tmp_path, monkeypatch, capsys):
+    import safetensors.torch
+
+    def interrupted(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    x = W(tmp_path, tiny_dir).image("in/x.png")
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    assert main(["encode", x, "--model", str(tiny_dir), "--out", str(tmp_path / "out" / "t.safetensors")]) == 130
+    assert list((tmp_path / "out").iterdir()) == []
