@@ -43,10 +43,16 @@ def read_config(directory: str | Path) -> tuple[QLIPConfig, bool]:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if is_qlip_config(d):
-        return QLIPConfig.from_dict(d), False
-    if "vision_config" in d:
-        return config_from_released(d, name=directory.name), True
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object of config fields, not a {type(d).__name__}; is it a QLIP "
+                         "model's config.json?")  # fmt: skip
+    try:
+        if is_qlip_config(d):
+            return QLIPConfig.from_dict(d), False
+        if "vision_config" in d:
+            return config_from_released(d, name=directory.name), True
+    except (TypeError, ValueError) as e:  # a field of the wrong type or value
+        raise ValueError(f"{path}: {e}") from e
     raise ValueError(f'{path} is neither a qlip config ("format": "qlip") nor a released QLIP config.json')
 
 

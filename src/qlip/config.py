@@ -160,6 +160,8 @@ class QLIPConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QLIPConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a QLIP config is a JSON object of fields, got {type(d).__name__}")
         d = {k: v for k, v in d.items() if not k.startswith("_")}  # "_comment" and the like
         d.pop("format", None)
         d.pop("format_version", None)
@@ -174,6 +176,7 @@ class QLIPConfig:
                 kwargs[key] = _dataclass_from_dict(sub[key], value, where=key)
             else:
                 kwargs[key] = value
+        _check_types(cls, {k: v for k, v in kwargs.items() if k not in sub}, where="the top level")
         return cls(**kwargs)
 
     @classmethod
@@ -185,11 +188,32 @@ class QLIPConfig:
 
 
 def _dataclass_from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"config section '{where}' must be a JSON object of fields, got {d!r}")
     known = {f.name for f in fields(cls)}
     unknown = set(d) - known
     if unknown:
         raise ValueError(f"unknown field(s) {sorted(unknown)} in config section '{where}'; known: {sorted(known)}")
+    _check_types(cls, d, where=f"section '{where}'")
     return cls(**d)
+
+
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_types(cls: type, d: dict[str, Any], where: str) -> None:
+    """Fields annotated int / float / bool / str (optionally ``| None``) must hold such a value."""
+    hints = {f.name: str(f.type) for f in fields(cls)}
+    for key, value in d.items():
+        hint = hints.get(key, "")
+        optional = hint.endswith(" | None")
+        expected = _SCALARS.get(hint.removesuffix(" | None"))
+        if expected is None or (value is None and optional):
+            continue
+        wrong_bool = isinstance(value, bool) and bool not in expected
+        if wrong_bool or not isinstance(value, expected):
+            raise ValueError(f"config {where}: {key} must be {hint.removesuffix(' | None')}"
+                             f"{' or null' if optional else ''}, got {value!r}")  # fmt: skip
 
 
 def is_qlip_config(d: dict[str, Any]) -> bool:

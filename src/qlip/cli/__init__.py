@@ -21,7 +21,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .common import EXIT_USER_ERROR, CLIError
+from .common import EXIT_BAD_DATA, EXIT_USER_ERROR, CLIError
 
 COMMAND_GROUPS = ("codec", "classify", "tokenizer", "data", "train", "eval", "tokenize", "experiment")
 
@@ -59,6 +59,24 @@ def _on_sigterm(signum, frame) -> None:  # noqa: ARG001
     raise _Terminated()
 
 
+def _library_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """The library's exception types that mean "the user must change something" (exit 2) and "bad data" (exit 1).
+
+    Only qlip's own types: any other exception is a bug and keeps its traceback.
+    """
+    from ..checkpoints import ModelDirectoryError
+    from ..data.sample import BadDataError
+    from ..eval.zero_shot import TemplateError
+    from ..tokenfile import TokenFileError
+    from ..train.checkpoint import CheckpointLoadError
+    from ..train.config import ConfigError
+    from ..weights import WeightFileError, WeightsMismatchError
+
+    user_errors = (ConfigError, TokenFileError, WeightsMismatchError, WeightFileError, CheckpointLoadError,
+                   ModelDirectoryError, TemplateError)  # fmt: skip
+    return user_errors, (BadDataError,)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -69,11 +87,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread (e.g. called from a test runner's thread)
         in_main_thread = False
+    user_errors, bad_data = _library_errors()
     try:
         return int(args.func(args) or 0)
     except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except user_errors as e:  # a safety net: qlip's own user-facing errors that a command did not turn into CLIError
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except bad_data as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_DATA
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_SIGINT

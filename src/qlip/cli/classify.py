@@ -26,7 +26,8 @@ def _text_tokenizer(args: argparse.Namespace):
     try:
         return get_tokenizer(args.model, vocabulary=args.tokenizer)
     except (ValueError, FileNotFoundError, OSError) as e:
-        raise CLIError(f"no text tokenizer for {args.model!r}: {e}") from e
+        raise CLIError(f"no text tokenizer for {args.model!r}: {e}; or pass --tokenizer DIR "
+                       "(from qlip tokenizer train)") from e
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -35,14 +36,14 @@ def cmd_classify(args: argparse.Namespace) -> int:
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     if len(labels) < 2:
         raise CLIError(f"--labels needs at least two comma-separated labels, got {args.labels!r}")
+    from ..eval.zero_shot import TemplateError, build_zero_shot_classifier, check_template, zero_shot_probabilities
+
     templates = args.template or ["{}"]
     for t in templates:
         try:
-            if t.format("x") == t:
-                raise CLIError(f"--template {t!r} must contain '{{}}' where the label goes")
-        except (IndexError, KeyError, ValueError) as e:
-            raise CLIError(f"--template {t!r} is not a template with one '{{}}' ({type(e).__name__}: {e}); "
-                           "write braces that are not the label as '{{' and '}}'") from e  # fmt: skip
+            check_template(t)
+        except TemplateError as e:
+            raise CLIError(f"--template: {e}") from e
     files = [f for f, _ in expand_images(args.images)]
     device = resolve_device(args.device)
     model = load_model(args.model, device, parts=("vision", "text"))
@@ -50,17 +51,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
     transform = image_transform(model.image_size, train=False)
     bad = []
     with torch.inference_mode(), autocast(device):
-        prompts = [t.format(label) for label in labels for t in templates]
-        emb = torch.cat([model.encode_text(tokenizer(prompts[i : i + args.batch_size]).to(device), normalize=True)
-                         for i in range(0, len(prompts), args.batch_size)]).float()  # fmt: skip
-        classifier = torch.nn.functional.normalize(emb.view(len(labels), len(templates), -1).mean(dim=1), dim=-1)
-        scale = model.logit_scale.exp().float()
+        classifier = build_zero_shot_classifier(model, tokenizer, labels, templates, batch_size=args.batch_size,
+                                                device=device)  # fmt: skip
         for good, batch, errors in load_batches(files, transform, args.batch_size, not args.quiet):
             bad.extend(errors)
             if batch is None:
                 continue
-            img = model.encode_image(batch.to(device), normalize=True).float()
-            probs = (scale * img @ classifier.T).softmax(dim=-1).cpu()
+            probs = zero_shot_probabilities(model, classifier, batch, batch_size=args.batch_size, device=device).cpu()
             for i, p in zip(good, probs):
                 top = p.argsort(descending=True)[: args.top]
                 shown = ", ".join(f"{labels[j]} {p[j]:.1%}" for j in top)

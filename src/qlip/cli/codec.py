@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -82,7 +83,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
             keys.extend(inputs[i][1].as_posix() for i in good)
     report_bad(bad)
     if not tokens:
-        raise CLIError("none of the input images could be read")
+        print(f"error: none of the {len(files)} input image(s) could be read; nothing written", file=sys.stderr)
+        return EXIT_BAD_DATA
     tensor = torch.cat(tokens)
     write_token_file(out, tensor, TokenSpec.of(model), kind=args.output, keys=keys)
     print(f"wrote {out}: {args.output} {tuple(tensor.shape)} for {len(keys)} image(s) ({model.num_bits} bits per "
@@ -164,7 +166,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
                 print(f"{files[i]}\tPSNR {s:.2f} dB")
     report_bad(bad)
     if not values:
-        raise CLIError("none of the input images could be read")
+        print(f"error: none of the {len(files)} input image(s) could be read; nothing written", file=sys.stderr)
+        return EXIT_BAD_DATA
     print(f"mean PSNR {sum(values) / len(values):.2f} dB over {len(values)} image(s); PNGs in {out_dir}"
           f"{f'; {len(bad)} unreadable image(s) skipped' if bad else ''}")  # fmt: skip
     return EXIT_BAD_DATA if bad else 0

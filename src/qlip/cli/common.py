@@ -52,6 +52,17 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    """argparse type for fractions (a number in [0, 1])."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also false for NaN
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text}")
+    return value
+
+
 def expand_images(paths: Sequence[str]) -> list[tuple[Path, Path]]:
     """Image inputs as (file, name relative to its root): files as given, folders expanded (sorted).
 
@@ -142,39 +153,41 @@ def report_bad(errors: list[str]) -> None:
         print(f"error: {e}", file=sys.stderr)
 
 
-def check_output_dir(out: str | Path, inputs: Sequence[Path] = ()) -> Path:
+def check_output_dir(out: str | Path, inputs: Sequence[Path] = (), option: str = "--out") -> Path:
     """An output folder that may be created: not a file, not under a file, not one of the input folders."""
+    if not str(out).strip():  # Path("") would be the current folder
+        raise CLIError(f"{option} is empty; name an output folder")
     out = Path(out)
-    if str(out) == "":
-        raise CLIError("--out is empty; name an output folder")
     if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} is a file; name a folder")
+        raise CLIError(f"{option} {out} is a file; name a folder")
     for parent in out.parents:
         if parent.exists() and not parent.is_dir():
-            raise CLIError(f"--out {out}: {parent} is a file, so no folder can be made under it")
+            raise CLIError(f"{option} {out}: {parent} is a file, so no folder can be made under it")
     resolved = out.resolve()
     for p in inputs:
         if p.is_dir() and p.resolve() == resolved:
-            raise CLIError(f"--out {out} is an input folder: outputs would replace the inputs; choose another folder")
+            raise CLIError(f"{option} {out} is an input folder: outputs would replace the inputs; choose another "
+                           "folder")  # fmt: skip
     return out
 
 
-def check_output_file(out: str | Path, inputs: Sequence[Path] = (), overwrite: bool = False) -> Path:
+def check_output_file(out: str | Path, inputs: Sequence[Path] = (), overwrite: bool = False,
+                      option: str = "--out") -> Path:
     """An output file that may be written: not a folder, not under a file, not an input, not there unless asked."""
+    if not str(out).strip():
+        raise CLIError(f"{option} is empty; name an output file")
     out = Path(out)
-    if str(out) in ("", "."):
-        raise CLIError("--out is empty; name an output file")
     if out.is_dir():
-        raise CLIError(f"--out {out} is a folder; name a file inside it, e.g. {out / 'tokens.safetensors'}")
+        raise CLIError(f"{option} {out} is a folder; name a file inside it")
     for parent in out.parents:
         if parent.exists() and not parent.is_dir():
-            raise CLIError(f"--out {out}: {parent} is a file, so nothing can be written under it")
+            raise CLIError(f"{option} {out}: {parent} is a file, so nothing can be written under it")
     if out.exists():
         resolved = out.resolve()
         if any(p.resolve() == resolved for p in inputs):
-            raise CLIError(f"--out {out} is one of the inputs; choose another output file")
+            raise CLIError(f"{option} {out} is one of the inputs; choose another output file")
         if not overwrite:
-            raise CLIError(f"--out {out} exists; pass --overwrite to replace it or choose another name")
+            raise CLIError(f"{option} {out} exists; pass --overwrite to replace it or choose another name")
     return out
 
 

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from ..data.loader import build_dataset, describe_source, iter_samples
 from ..data.preview import render_preview
-from ..data.sample import BAD_REASONS, BadSampleCounter, is_bad
+from ..data.sample import BAD_REASONS, BadDataError, BadSampleCounter, is_bad
 from ..data.shapes import ShapesConfig
-from ..data.shards import ShardWriter
-from .common import EXIT_BAD_DATA, CLIError
+from ..data.shards import MANIFEST_NAME, ShardWriter
+from ..fileio import atomic_write, write_json_atomic
+from .common import (
+    EXIT_BAD_DATA,
+    CLIError,
+    check_output_dir,
+    check_output_file,
+    fraction,
+    non_negative_int,
+    positive_int,
+)
 
 
 def _source_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -33,45 +44,83 @@ def _source_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _open_source(args: argparse.Namespace) -> Any:
+    """The dataset ``args.source`` names; a missing path or an empty/malformed list is a CLIError."""
+    try:
+        return build_dataset(args.source, **_source_options(args))
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from e
+
+
+def _progress(dataset: Any, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """The samples of ``dataset`` (at most ``--count``) with a progress bar on stderr unless ``--quiet``."""
+    from tqdm import tqdm
+
+    total = args.count
+    if total is None and hasattr(dataset, "__len__"):
+        total = len(dataset)
+    samples = iter_samples(dataset, limit=args.count)
+    yield from tqdm(samples, total=total, unit="sample", disable=args.quiet, file=sys.stderr, leave=False)
+
+
 def _add_source_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="shapes[:easy|default|hard], a class folder, a .csv/.tsv/.jsonl list, or tar shards")
-    p.add_argument("--count", type=int, default=None, help="number of samples (required for shapes)")
+    p.add_argument("--count", type=positive_int, default=None, help="number of samples (required for shapes)")
     p.add_argument("--split", default="train", choices=("train", "val", "test"), help="shapes split")
     p.add_argument("--seed", type=int, default=0, help="shapes seed")
-    p.add_argument("--image-size", type=int, default=None, help="shapes resolution (32..256)")
-    p.add_argument("--min-size", type=int, default=1, help="images smaller than this on a side are bad")
+    p.add_argument("--image-size", type=positive_int, default=None, help="shapes resolution (32..256)")
+    p.add_argument("--min-size", type=non_negative_int, default=1, help="images smaller than this on a side are bad")
     p.add_argument("--image-key", default=None, help="caption lists: the image path column")
     p.add_argument("--caption-key", default=None, help="caption lists: the caption column")
     p.add_argument("--caption-template", default=None, help='class folders: caption such as "a photo of a {}."')
     p.add_argument("--allow-missing-caption", action="store_true", help="shards: keep samples without caption")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def cmd_write_shards(args: argparse.Namespace) -> int:
     """Convert any source into tar shards of --shard-size samples, with manifest.json."""
-    dataset = build_dataset(args.source, **_source_options(args))
+    out = check_output_dir(args.out, [Path(args.source)])
+    if out.is_dir() and not args.overwrite:
+        existing = sorted(p.name for p in out.iterdir() if p.name == MANIFEST_NAME or
+                          (p.name.startswith(f"{args.prefix}-") and p.suffix == ".tar"))  # fmt: skip
+        if existing:
+            raise CLIError(f"--out {out} already holds shards ({', '.join(existing[:3])}"
+                           f"{', ...' if len(existing) > 3 else ''}); pass --overwrite to replace them or choose "
+                           "another folder")  # fmt: skip
+    dataset = _open_source(args)
     counter = BadSampleCounter(max_bad_fraction=args.max_bad_fraction, min_samples=100, name=args.source)
     start = time.perf_counter()
-    with ShardWriter(args.out, shard_size=args.shard_size, prefix=args.prefix, image_format=args.format) as writer:
-        for sample in iter_samples(dataset, limit=args.count):
-            counter.record(sample)
-            if not is_bad(sample):
-                writer.write(sample)
+    with ShardWriter(out, shard_size=args.shard_size, prefix=args.prefix, image_format=args.format) as writer:
+        try:
+            for sample in _progress(dataset, args):
+                counter.record(sample)
+                if not is_bad(sample):
+                    writer.write(sample)
+        except BadDataError as e:  # the shards written so far are kept, with a manifest that says so
+            writer.close({"spec": args.source, "bad": dict(counter.counts), "stopped": str(e)})
+            print(f"error: {e}", file=sys.stderr)
+            for reason, keys in sorted(counter.examples.items()):
+                print(f"  bad {reason}: {', '.join(keys)}", file=sys.stderr)
+            print(f"kept {writer.total} samples in {len(writer.shards)} shards in {out}", file=sys.stderr)
+            return EXIT_BAD_DATA
         writer.close({"spec": args.source, "bad": dict(counter.counts)})
     elapsed = time.perf_counter() - start
-    print(f"wrote {writer.total} samples in {len(writer.shards)} shards to {args.out} ({elapsed:.1f} s); "
-          f"{counter.summary()}; manifest: {args.out}/manifest.json")  # fmt: skip
+    print(f"wrote {writer.total} samples in {len(writer.shards)} shards to {out} ({elapsed:.1f} s); "
+          f"{counter.summary()}; manifest: {out / MANIFEST_NAME}")  # fmt: skip
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Read every sample of a source; report counts, image sizes and every bad file; exit 1 if any is bad."""
-    dataset = build_dataset(args.source, **_source_options(args))
+    if args.json:
+        check_output_file(args.json, [Path(args.source)], overwrite=True, option="--json")
+    dataset = _open_source(args)
     counter = BadSampleCounter(max_bad_fraction=1.0, name=args.source)
     widths: list[int] = []
     heights: list[int] = []
     bad: list[tuple[str, str, str]] = []
     with_caption = 0
-    for sample in iter_samples(dataset, limit=args.count):
+    for sample in _progress(dataset, args):
         counter.record(sample)
         if is_bad(sample):
             bad.append((sample["key"], sample["bad"], sample.get("detail", "")))
@@ -93,18 +142,24 @@ def cmd_check(args: argparse.Namespace) -> int:
         report = {"source": args.source, "seen": counter.seen, "good": len(widths), "bad": counter.counts,
                   "bad_items": [{"key": k, "reason": r, "detail": d} for k, r, d in bad],
                   "widths": widths, "heights": heights}  # fmt: skip
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1)
+        write_json_atomic(args.json, report)
     return EXIT_BAD_DATA if bad else 0
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
     """Write a PNG grid of shapes samples with their captions (for the README)."""
+    out = check_output_file(args.out, overwrite=True)
     preset = args.source.partition(":")[2] or "default"
-    config = ShapesConfig.preset(preset, image_size=args.image_size or 64)
+    if args.source.partition(":")[0] != "shapes":
+        raise CLIError(f"preview draws the built-in shapes data only, not {args.source!r}; use "
+                       "shapes[:easy|default|hard]")  # fmt: skip
+    try:
+        config = ShapesConfig.preset(preset, image_size=args.image_size or 64)
+    except (TypeError, ValueError) as e:
+        raise CLIError(str(e)) from e
     grid = render_preview(args.n, cols=args.cols, config=config, split=args.split, seed=args.seed, scale=args.scale)
-    grid.save(args.out)
-    print(f"wrote {args.n} {args.source} samples to {args.out} ({grid.size[0]}x{grid.size[1]})")
+    atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))
+    print(f"wrote {args.n} {args.source} samples to {out} ({grid.size[0]}x{grid.size[1]})")
     return 0
 
 
@@ -116,10 +171,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     write = sub.add_parser("write-shards", help="convert a source (or shapes --count N) into tar shards")
     _add_source_arguments(write)
     write.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
-    write.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    write.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard")
     write.add_argument("--prefix", default="data", help="shard names: PREFIX-000000.tar, ...")
     write.add_argument("--format", default="png", choices=("png", "jpg", "webp"), help="image encoding")
-    write.add_argument("--max-bad-fraction", type=float, default=0.5, help="stop if more of the source is bad")
+    write.add_argument("--max-bad-fraction", type=fraction, default=0.5,
+                       help="stop (exit 1, keeping what was written) if more of the source is bad")
+    write.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     write.set_defaults(func=cmd_write_shards)
 
     check = sub.add_parser("check", help="read every sample; report counts, sizes and bad files (exit 1 if any)")
@@ -129,10 +186,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     preview = sub.add_parser("preview", help="PNG grid of shapes samples with captions")
     preview.add_argument("source", nargs="?", default="shapes", help="shapes[:easy|default|hard]")
-    preview.add_argument("--n", type=int, default=16, help="number of samples")
-    preview.add_argument("--cols", type=int, default=4, help="samples per row")
-    preview.add_argument("--image-size", type=int, default=64, help="shapes resolution (32..256)")
-    preview.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling for display")
+    preview.add_argument("--n", type=positive_int, default=16, help="number of samples")
+    preview.add_argument("--cols", type=positive_int, default=4, help="samples per row")
+    preview.add_argument("--image-size", type=positive_int, default=64, help="shapes resolution (32..256)")
+    preview.add_argument("--scale", type=positive_int, default=2, help="nearest-neighbour upscaling for display")
     preview.add_argument("--split", default="train", choices=("train", "val", "test"))
     preview.add_argument("--seed", type=int, default=0)
     preview.add_argument("--out", default="shapes_preview.png", help="output PNG")

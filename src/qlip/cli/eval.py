@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import CLIError, load_model, resolve_device
+from .common import CLIError, check_output_dir, load_model, non_negative_int, positive_int, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,18 @@ DEFAULT_SHAPES_TRAIN = 2000  # shapes training images for the linear probe when 
 
 
 def _load_model(args: argparse.Namespace, parts: tuple[str, ...] | None) -> Any:
-    return load_model(args.model, resolve_device(args.device), parts=parts)
+    """The model, after the checks that need no model: --out, --device and explicit weight paths."""
+    check_output_dir(args.out)
+    device = resolve_device(args.device)
+    inception = getattr(args, "inception_weights", None)
+    if inception and not Path(inception).expanduser().is_file():
+        raise CLIError(f"--inception-weights {inception}: no such file; give the path of the FID Inception weights "
+                       "(see docs/metrics.md) or leave the option out to skip rFID")  # fmt: skip
+    lpips = getattr(args, "lpips_weights", None)
+    if lpips and not Path(lpips).expanduser().is_dir():
+        raise CLIError(f"--lpips-weights {lpips}: no such folder; give the folder holding the VGG16 and LPIPS "
+                       "weights (see docs/metrics.md) or leave the option out to skip LPIPS")  # fmt: skip
+    return load_model(args.model, device, parts=parts)
 
 
 def _tokenizer(args: argparse.Namespace) -> Any:
@@ -194,6 +205,10 @@ def run_recon(model: Any, args: argparse.Namespace) -> tuple[dict[str, Any], tup
     dataset = open_dataset(args.data, args.split, args.limit, model.image_size, default_shapes=DEFAULT_SHAPES_EVAL)
     fid = load_fid_network(Path(args.inception_weights).expanduser() if args.inception_weights else None)
     lpips = resolve_lpips_weights(args.lpips_weights)
+    for option, given, network in (("--inception-weights", args.inception_weights, fid),
+                                   ("--lpips-weights", args.lpips_weights, lpips)):  # fmt: skip
+        if given and network.reason is not None:  # asked for by name: unusable weights are an error, not a skip
+            raise CLIError(f"{option} {given}: {network.reason}")
     try:
         result = evaluate_reconstruction(
             model, batches(dataset, args, model.image_size, args.limit), fid_network=fid, lpips_network=lpips,
@@ -296,10 +311,10 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--data", required=True, help="shapes[:preset], a class folder (ImageNet layout), or a source "
                    "build_dataset accepts")  # fmt: skip
     p.add_argument("--split", default="val", help="shapes split, or DATA/<split> of a folder when it exists (val)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help=f"evaluate at most N images (shapes default {DEFAULT_SHAPES_EVAL}; folders: evenly spaced)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", default=out_default, help=f"report directory (default {out_default})")
 
@@ -316,7 +331,7 @@ def _probe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", choices=("cls", "patch-mean", "codes"), default="cls")
     p.add_argument("--train-data", default=None, help="training images for the probe (default: DATA/<train-split>)")
     p.add_argument("--train-split", default="train")
-    p.add_argument("--train-limit", type=int, default=None,
+    p.add_argument("--train-limit", type=positive_int, default=None,
                    help=f"at most N training images (shapes default {DEFAULT_SHAPES_TRAIN})")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out part used to choose the L2 strength")
 
@@ -326,7 +341,7 @@ def _recon_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lpips-weights", default=None, help="directory with vgg16-397923af.pth and vgg.pth (for LPIPS)")
     p.add_argument("--fid-cache", default=str(Path("~/.cache/qlip/fid-stats").expanduser()),
                    help="directory of cached FID reference statistics (.npz)")
-    p.add_argument("--num-examples", type=int, default=8, help="images in the reconstruction grid")
+    p.add_argument("--num-examples", type=non_negative_int, default=8, help="images in the reconstruction grid")
 
 
 def register(subparsers: Any) -> None:

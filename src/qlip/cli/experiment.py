@@ -11,7 +11,7 @@ import argparse
 import logging
 from typing import Any
 
-from .common import CLIError
+from .common import CLIError, non_negative_int, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         e.add_argument("--smoke", action="store_true", help="3 steps of qlip-tiny at 32 px (a check that it runs)")
         e.add_argument("--in-process", action="store_true",
                        help="run the jobs in this process (faster start; peak memory is then not per variant)")
-        e.add_argument("--threads", type=int, default=0, help="torch threads per job (default: the config's)")
-        e.add_argument("--eval-images", type=int, default=None, help="held-out images per evaluation (default 500)")
-        e.add_argument("--probe-images", type=int, default=None,
+        e.add_argument("--threads", type=non_negative_int, default=0,
+                       help="torch threads per job (default: the config's)")
+        e.add_argument("--eval-images", type=positive_int, default=None,
+                       help="held-out images per evaluation (default 500)")
+        e.add_argument("--probe-images", type=positive_int, default=None,
                        help="training images for the linear probe (default 1000)")
         if name == "recipes":
             e.add_argument("--stage2-config", default=None,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .common import CLIError, load_model, non_negative_int, positive_int, resolve_device
+from .common import CLIError, check_output_dir, load_model, non_negative_int, positive_int, resolve_device
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
@@ -16,6 +16,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     from ..tokenize_dataset import distributed_rank, tokenize_dataset
 
     rank, world_size = distributed_rank()
+    check_output_dir(args.out)
     device = resolve_device(args.device)
     if device.type == "cuda" and world_size > 1 and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per rank

@@ -6,9 +6,11 @@ import argparse
 import logging
 import os
 import signal
+import sys
 
+from ..data.sample import BadDataError
 from ..train.config import ConfigError, TrainConfig, load_config, split_cli_args
-from .common import CLIError
+from .common import EXIT_BAD_DATA, CLIError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ def _run_train(args: argparse.Namespace) -> int:
         result = train(cfg)
     except (ConfigError, FileNotFoundError, NonFiniteLossError, CheckpointLoadError, ModelDirectoryError) as e:
         raise CLIError(str(e)) from e
+    except BadDataError as e:  # the data, not the command: the checkpoints written so far stay
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_DATA
     if int(os.environ.get("RANK", "0")) == 0:
         status = "interrupted" if result.interrupted else "done"
         print(f"{status} at step {result.step}: {result.run_dir}")
@@ -53,6 +58,9 @@ def _run_balance(args: argparse.Namespace) -> int:
         result = run_balance_probes(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
+    except BadDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_DATA
     print(f"converged losses: {result.converged}")
     print(f"posthoc weights: {result.weights}")
     print(f"fragment: {result.fragment}  (use: qlip train {args.config} {result.fragment})")

@@ -109,7 +109,8 @@ class SampleCollator:
 
         {"image": (B, 3, S, S) float, "label": LongTensor (B,) (-1 where unknown), "key": list[str],
          "caption": list[str | None], "text": LongTensor (B, L) (when a tokenizer is given and every sample has a
-         caption), "labels": {task: LongTensor (B,)} (shapes), "bad": {reason: count}, "position": {slot: ...}}
+         caption), "labels": {task: LongTensor (B,)} (shapes), "bad": {reason: count},
+         "bad_items": [(key, reason, detail)], "position": {slot: ...}}
 
     Bad markers are dropped, so B can be smaller than the batch size (even 0: skip such a batch).
 
@@ -144,6 +145,7 @@ class SampleCollator:
             "key": [s["key"] for s in good],
             "caption": [s.get("caption") for s in good],
             "bad": dict(bad),
+            "bad_items": [(s.get("key", ""), s["bad"], s.get("detail", "")) for s in samples if is_bad(s)],
         }
         captions = batch["caption"]
         if self.tokenizer is not None and good and all(c is not None for c in captions):

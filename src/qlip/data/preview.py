@@ -12,6 +12,9 @@ from .shapes import ShapesConfig, generate_shapes_sample
 def render_preview(n: int = 16, *, cols: int = 4, config: ShapesConfig | None = None, split: str = "train",
                    seed: int = 0, scale: int = 2) -> Image.Image:  # fmt: skip
     """A grid of ``n`` shapes samples, each with its caption written underneath."""
+    for name, value in (("n", n), ("cols", cols), ("scale", scale)):
+        if value < 1:
+            raise ValueError(f"render_preview: {name} must be >= 1, got {value}")
     cfg = config or ShapesConfig()
     side = cfg.image_size * scale
     font = ImageFont.load_default()

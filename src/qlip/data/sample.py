@@ -138,8 +138,13 @@ class BadSampleCounter:
 
     def update(self, batch: Mapping[str, Any]) -> None:
         """Add the counts a collated batch carries (``batch["bad"]`` and the number of good samples)."""
-        for reason, n in batch.get("bad", {}).items():
-            self.bad(reason, n=n)
+        items = batch.get("bad_items")
+        if items:  # the collator names each bad sample, so the log line can name its file
+            for key, reason, detail in items:
+                self.bad(reason, key, detail)
+        else:
+            for reason, n in batch.get("bad", {}).items():
+                self.bad(reason, n=n)
         self.good(len(batch.get("key", [])))
 
     def _check(self) -> None:

@@ -9,6 +9,7 @@ written to ``run_dir/config.yaml`` so a run can always be repeated.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -371,10 +372,52 @@ class TrainConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
+        non_negative = {
+            "data.num_workers": self.data.num_workers,
+            "data.shuffle_buffer": self.data.shuffle_buffer,
+            "distributed.threads": self.distributed.threads,
+            "checkpoint.every": self.checkpoint.every,
+            "eval.every": self.eval.every,
+            "eval.grid_images": self.eval.grid_images,
+        }
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0, got {value}")
+        if self.eval.every or self.eval.at_end:
+            for key, value in (("eval.num_samples", self.eval.num_samples), ("eval.batch_size", self.eval.batch_size)):
+                if value < 1:
+                    raise ConfigError(f"{key} must be >= 1 when the held-out checks run, got {value}")
+        per_module = ("lr_visual", "lr_text", "lr_bottleneck", "lr_decoder")
+        rates = {"optim.lr": self.optim.lr, "optim.disc_lr": self.optim.disc_lr,
+                 **{f"optim.{k}": getattr(self.optim, k) for k in per_module if getattr(self.optim, k) is not None}}
+        for key, value in rates.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{key} must be a finite number > 0, got {value}; e.g. {key}=5e-4")
+        for key in ("betas", "disc_betas"):
+            betas = getattr(self.optim, key)
+            if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+                raise ConfigError(f"optim.{key}={betas} must be two numbers in [0, 1), e.g. optim.{key}=[0.9,0.95]")
+        nonneg_floats = {"optim.weight_decay": self.optim.weight_decay, "optim.disc_weight_decay":
+                         self.optim.disc_weight_decay, "optim.grad_clip": self.optim.grad_clip}  # fmt: skip
+        for key, value in nonneg_floats.items():
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.optim.eps) and self.optim.eps > 0):
+            raise ConfigError(f"optim.eps must be a finite number > 0, got {self.optim.eps}")
+        if not 0 <= self.optim.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must lie in [0, 1], got {self.optim.min_lr_ratio}")
+        if not 0 <= self.data.max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction must lie in [0, 1] (a fraction of the samples), got "
+                              f"{self.data.max_bad_fraction}")  # fmt: skip
+        if self.data.shapes:
+            from ..data.shapes import ShapesConfig
+
+            allowed = [f.name for f in fields(ShapesConfig)]
+            unknown = sorted(set(self.data.shapes) - set(allowed))
+            if unknown:
+                raise ConfigError(f"unknown data.shapes field(s) {unknown}; allowed: {', '.join(allowed)}")
         if not 0 <= self.optim.warmup_steps <= self.optim.steps:
             raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must lie in [0, optim.steps]")
-        if len(self.optim.betas) != 2 or len(self.optim.disc_betas) != 2:
-            raise ConfigError("optim.betas and optim.disc_betas need two values, e.g. [0.9, 0.95]")
         if not 0 <= self.checkpoint.ema_decay < 1:
             raise ConfigError(f"checkpoint.ema_decay must lie in [0, 1), got {self.checkpoint.ema_decay}")
         if not 0 < self.probe.tail_fraction <= 1:
@@ -583,3 +626,54 @@ def split_cli_args(args: list[str]) -> tuple[list[str], list[str]]:
         else:
             raise ConfigError(f"argument {a!r} is neither a .yaml config file nor a key=value override")
     return files, overrides
+
+
+def check_startup(cfg: TrainConfig) -> None:
+    """What a config names that must exist on this machine, checked before a run writes anything.
+
+    ``validate`` judges values alone; this looks at the files and the hardware: the run directory, the model,
+    ``init`` and ``data.tokenizer`` paths, CUDA, and a run directory that already holds another model's checkpoints.
+    Raises ConfigError with what to change.
+    """
+    import torch
+
+    from ..data.loader import describe_source
+    from ..factory import HF_HUB_PREFIX, list_models
+
+    run_dir = Path(cfg.run_dir).expanduser()
+    for p in (run_dir, *run_dir.parents):
+        if p.exists() and not p.is_dir():
+            what = "is a file" if p == run_dir else f"lies under the file {p}"
+            raise ConfigError(f"run_dir={cfg.run_dir} {what}; set run_dir to a folder (a new one, or an earlier "
+                              "run's to resume it)")  # fmt: skip
+    for key, spec in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+        if spec is not None:
+            try:
+                describe_source(spec)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"{key}={spec}: {e}") from e
+    if cfg.init is None:
+        name = cfg.model.name
+        if not name.startswith(HF_HUB_PREFIX) and name not in list_models() and not Path(name).expanduser().is_dir():
+            raise ConfigError(f"model.name={name!r} is neither a registered model ({', '.join(list_models())}) nor a "
+                              "model directory")  # fmt: skip
+    elif not cfg.init.startswith(HF_HUB_PREFIX) and not Path(cfg.init).expanduser().is_dir():
+        raise ConfigError(f"init={cfg.init}: no such model directory; give a folder with config.json + "
+                          "model.safetensors, or init=null to start from random weights")  # fmt: skip
+    if cfg.data.tokenizer is not None and not (Path(cfg.data.tokenizer).expanduser() / "vocab.json").is_file():
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer}: no vocab.json + merges.txt there; give the folder "
+                          "`qlip tokenizer train` wrote (or a model directory), or data.tokenizer=null")  # fmt: skip
+    if cfg.distributed.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("distributed.device=cuda but torch sees no CUDA device on this machine; use "
+                          "distributed.device=cpu (or auto)")  # fmt: skip
+    saved = run_dir / "config.yaml"
+    if cfg.resume == "auto" and saved.is_file() and any((run_dir / "checkpoints").glob("step_*.pt")):
+        try:
+            old = config_from_dict(load_yaml(saved))
+        except ConfigError:
+            return  # an older layout: the checkpoint itself is checked when it is loaded
+        ours, theirs = (cfg.init or cfg.model.name, cfg.stage), (old.init or old.model.name, old.stage)
+        if ours != theirs:
+            raise ConfigError(f"run_dir={cfg.run_dir} holds checkpoints of {theirs[0]} (stage {theirs[1]}) and this "
+                              f"config trains {ours[0]} (stage {ours[1]}); choose a new run_dir, or resume=never "
+                              "to start over there")  # fmt: skip

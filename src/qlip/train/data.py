@@ -21,7 +21,7 @@ from ..data.loader import describe_source
 from ..data.shapes import generate_shapes_sample
 from ..tokenizer import CLIPTokenizer, train_bpe
 from ..transforms import image_transform
-from .config import DataSection
+from .config import ConfigError, DataSection
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def shapes_config(data: DataSection, image_size: int) -> ShapesConfig:
     try:
         return ShapesConfig.preset(preset, **overrides)
     except TypeError as e:
-        raise ValueError(f"data.shapes={data.shapes}: {e}; see qlip.data.ShapesConfig for the fields") from e
+        raise ConfigError(f"data.shapes={data.shapes}: {e}; see qlip.data.ShapesConfig for the fields") from e
 
 
 class ResumableSampler(Sampler[int]):
@@ -88,8 +88,11 @@ class BatchStream:
             self.dataset = ShapesDataset(shapes_config(data, image_size), split="train", seed=seed, rank=rank,
                                          world_size=world_size)  # fmt: skip
         else:
-            self.dataset = build_dataset(data.train, seed=seed, shuffle=True, endless=True, rank=rank,
-                                         world_size=world_size, shuffle_buffer=data.shuffle_buffer)  # fmt: skip
+            try:
+                self.dataset = build_dataset(data.train, seed=seed, shuffle=True, endless=True, rank=rank,
+                                             world_size=world_size, shuffle_buffer=data.shuffle_buffer)  # fmt: skip
+            except (FileNotFoundError, ValueError) as e:  # a missing path, an empty or malformed list
+                raise ConfigError(f"data.train={data.train}: {e}") from e
         self.streaming = isinstance(self.dataset, IterableDataset)
         self.tracker = StreamTracker()
         self.sampler = None if self.streaming else ResumableSampler(len(self.dataset), seed=seed, rank=rank,
@@ -158,7 +161,10 @@ def held_out_batches(data: DataSection, *, image_size: int, tokenizer: Any, num_
         cfg = shapes_config(data, image_size)
         samples = [generate_shapes_sample(i, cfg, split="val", seed=seed) for i in range(num_samples)]
     elif data.val is not None:
-        ds = build_dataset(data.val, split="val", seed=seed, length=num_samples, rank=0, world_size=1)
+        try:
+            ds = build_dataset(data.val, split="val", seed=seed, length=num_samples, rank=0, world_size=1)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data.val={data.val}: {e}") from e
         samples = []
         for i, s in enumerate(ds if isinstance(ds, IterableDataset) else (ds[j] for j in range(len(ds)))):
             if i >= num_samples:
@@ -182,7 +188,7 @@ def build_tokenizer(data: DataSection, *, init_dir: str | None, context_length: 
             break
     else:
         if describe_source(data.train) != "shapes":
-            raise ValueError(
+            raise ConfigError(
                 f"no tokenizer for {data.train}: set data.tokenizer=DIR (a folder with vocab.json + merges.txt, e.g. a "
                 "released QLIP model) or init=DIR with one, or train one with `qlip tokenizer train`"
             )
@@ -191,7 +197,7 @@ def build_tokenizer(data: DataSection, *, init_dir: str | None, context_length: 
                     range(data.shapes_training.bpe_captions)]  # fmt: skip
         tok = train_bpe(captions, min(data.shapes_training.bpe_vocab_size, vocab_size))
     if len(tok.get_vocab()) > vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer has {len(tok.get_vocab())} tokens but the text tower only {vocab_size}; use a model whose "
             "text.vocab_size is large enough or a smaller data.shapes_training.bpe_vocab_size"
         )

@@ -40,7 +40,7 @@ from .build import (
     set_train_mode,  # fmt: skip
 )
 from .checkpoint import RunCheckpoints, find_resume_checkpoint, rng_state, set_rng_state
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig, check_startup
 from .data import BatchStream, build_tokenizer, held_out_batches
 from .distributed import Runtime, all_gather_objects, barrier, seed_everything, setup_runtime, teardown, wrap_model
 from .ema import ModelEMA
@@ -91,11 +91,23 @@ class _StopFlag:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) the training that ``cfg`` describes; returns when done, stopped or interrupted."""
+    check_startup(cfg)
     runtime = setup_runtime(cfg.distributed)
     try:
         return _Trainer(cfg, runtime).run()
     finally:
         teardown(runtime)
+
+
+def _check_same_model(path: Path, ours: dict[str, Any], theirs: dict[str, Any]) -> None:
+    """A checkpoint of another architecture (another run in the same run_dir) is a ConfigError, not a traceback."""
+    missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    reshaped = sorted(k for k in set(ours) & set(theirs) if tuple(ours[k].shape) != tuple(theirs[k].shape))
+    if missing or unexpected or reshaped:
+        example = (missing or unexpected or reshaped)[0]
+        raise ConfigError(f"{path} holds the weights of a different model than this config builds ({len(missing)} "
+                          f"missing, {len(unexpected)} unexpected, {len(reshaped)} reshaped, e.g. {example}); choose "
+                          "a new run_dir, or resume=never to start over there")  # fmt: skip
 
 
 class _Trainer:
@@ -215,6 +227,7 @@ class _Trainer:
             set_model_state_dict(self.model, state["model"], options=opts)
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
         else:
+            _check_same_model(path, self.model.state_dict(), state["model"])
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
