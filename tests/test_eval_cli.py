@@ -89,3 +89,18 @@ def test_zero_shot_and_recon_on_a_class_folder(qlip_main, tiny_dir, image_files,
                       "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
     zs = json.loads((out / "report.json").read_text())["zero_shot"]["label"]
     assert zs["classnames"] == ["cat", "photo"] and zs["num_templates"] == 80 and zs["n"] == 4
+
+
+def test_reports_count_the_samples_each_stage_skipped(qlip_main, tiny_dir, image_files, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "folder" / "val" / "photo"
+    root.mkdir(parents=True)
+    for k in ("rgb", "jpeg", "corrupt"):
+        shutil.copy(image_files[k], root / image_files[k].name)
+    out = tmp_path / "rec"
+    assert qlip_main(["eval", "recon", "--model", str(tiny_dir), "--data", str(tmp_path / "folder"), "--quiet",
+                      "--out", str(out), "--device", "cpu", "--fid-cache", str(tmp_path / "fid")]) == 0  # fmt: skip
+    assert "skipped samples" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["recon"]["num_images"] == 2 and report["skipped_samples"] == {"recon": {"corrupt": 1}}

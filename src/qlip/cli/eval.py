@@ -101,14 +101,29 @@ def _limited(loader: Any, limit: int | None) -> Any:
         yield batch
 
 
-def batches(dataset: Any, args: argparse.Namespace, image_size: int, limit: int | None = None) -> Any:
-    """Collated batches of the model's eval transform over ``dataset``."""
+def batches(dataset: Any, args: argparse.Namespace, image_size: int, limit: int | None, stage: str) -> Any:
+    """Collated batches of the model's eval transform over ``dataset``, with a progress bar named ``stage``.
+
+    The stage's counts of skipped samples are read back by :func:`skipped_samples` for the report.
+    """
     from ..data import build_dataloader
+    from ..eval.progress import TrackedBatches
     from ..transforms import image_transform
 
     loader = build_dataloader(dataset, batch_size=args.batch_size, transform=image_transform(image_size, train=False),
                               num_workers=args.workers)  # fmt: skip
-    return _limited(loader, limit)
+    total = len(dataset) if hasattr(dataset, "__len__") else None
+    if total is not None and limit is not None:
+        total = min(total, limit)
+    tracked = TrackedBatches(_limited(loader, limit), desc=stage, total=total, progress=not args.quiet)
+    args.stages = {**getattr(args, "stages", {}), stage: tracked}
+    return tracked
+
+
+def skipped_samples(args: argparse.Namespace) -> dict[str, dict[str, int]]:
+    """Per evaluation stage that ran, the samples it skipped by reason (stages without any are left out)."""
+    counts = {stage: t.skipped_counts() for stage, t in getattr(args, "stages", {}).items()}
+    return {stage: c for stage, c in counts.items() if c}
 
 
 def dataset_name(args: argparse.Namespace, split: str, limit: int | None) -> str:
@@ -164,8 +179,9 @@ def run_zero_shot(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     dataset = open_dataset(args.data, args.split, args.limit, model.image_size, default_shapes=DEFAULT_SHAPES_EVAL)
     tasks = _tasks(dataset, args, model_has_text=True)
     try:
-        return evaluate_zero_shot_tasks(model, tokenizer, batches(dataset, args, model.image_size, args.limit), tasks,
-                                        topk=(1, 5), batch_size=max(args.batch_size, 64))  # fmt: skip
+        stream = batches(dataset, args, model.image_size, args.limit, "zero-shot")
+        return evaluate_zero_shot_tasks(model, tokenizer, stream, tasks, topk=(1, 5),
+                                        batch_size=max(args.batch_size, 64))  # fmt: skip
     except (ValueError, KeyError) as e:
         raise CLIError(str(e)) from e
 
@@ -185,10 +201,11 @@ def run_linear_probe(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     try:
         # Features are extracted once per split; every task's labels come along.
-        x_tr, y_tr = extract_features_multi(model, batches(train, args, size, args.train_limit), args.features,
+        x_tr, y_tr = extract_features_multi(model, batches(train, args, size, args.train_limit, "linear-probe train"),
+                                            args.features,
                                             label_keys=keys)  # fmt: skip
-        x_te, y_te = extract_features_multi(model, batches(test, args, size, args.limit), args.features,
-                                            label_keys=keys)  # fmt: skip
+        x_te, y_te = extract_features_multi(model, batches(test, args, size, args.limit, "linear-probe test"),
+                                            args.features, label_keys=keys)  # fmt: skip
         for task_name, task in tasks.items():
             k = task.label_key
             r = linear_probe(x_tr, y_tr[k], x_te, y_te[k], num_classes=len(task.classnames), seed=args.seed)
@@ -211,7 +228,7 @@ def run_recon(model: Any, args: argparse.Namespace) -> tuple[dict[str, Any], tup
             raise CLIError(f"{option} {given}: {network.reason}")
     try:
         result = evaluate_reconstruction(
-            model, batches(dataset, args, model.image_size, args.limit), fid_network=fid, lpips_network=lpips,
+            model, batches(dataset, args, model.image_size, args.limit, "recon"), fid_network=fid, lpips_network=lpips,
             dataset_name=dataset_name(args, args.split, args.limit), reference_cache_dir=args.fid_cache,
             keep_examples=args.num_examples,
         )  # fmt: skip
@@ -234,7 +251,7 @@ def _base_report(args: argparse.Namespace, model: Any) -> dict[str, Any]:
 
 
 def _finish(report: dict[str, Any], args: argparse.Namespace, examples: Any = None, run_dir: Any = None) -> None:
-    from ..eval.report import format_table, linear_probe_rows, recon_rows, write_report, zero_shot_rows
+    from ..eval.report import format_table, linear_probe_rows, recon_rows, skipped_rows, write_report, zero_shot_rows
 
     if report.get("zero_shot"):
         print("zero-shot\n" + format_table(zero_shot_rows(report["zero_shot"])) + "\n")
@@ -248,6 +265,10 @@ def _finish(report: dict[str, Any], args: argparse.Namespace, examples: Any = No
                 print(f"{key}: unavailable ({m['reason']})")
     for name, reason in (report.get("skipped") or {}).items():
         print(f"{name}: skipped ({reason})")
+    skipped = skipped_samples(args)
+    if skipped:
+        report["skipped_samples"] = skipped
+        print("skipped samples\n" + format_table(skipped_rows(skipped)) + "\n")
     paths = write_report(report, args.out, examples=examples, run_dir=run_dir)
     print(f"wrote {paths['json']} and {paths['markdown']} ({len(paths) - 2} picture(s))")
 
@@ -317,6 +338,7 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", default=out_default, help=f"report directory (default {out_default})")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _zero_shot_flags(p: argparse.ArgumentParser) -> None:
