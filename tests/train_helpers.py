@@ -34,3 +34,62 @@ def write_config(path: Path, run_dir: Path, **sections) -> Path:
 
 def load_ckpt(run_dir: Path, step: int) -> dict:
     return torch.load(Path(run_dir) / "checkpoints" / f"step_{step:08d}.pt", map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Several ranks of qlip.train.loop.train on CPU (gloo), each a spawned process
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, cfg_path: str, out_dir: str) -> None:
+    import json
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")  # fmt: skip
+    torch.set_num_threads(1)
+    import qlip.train.loop as loop
+    from qlip.train.config import load_config
+
+    result = loop.train(load_config(cfg_path))
+    record = {"step": result.step, "interrupted": result.interrupted}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def start_ranks(cfg_path: Path, out_dir: Path, world: int = 2) -> list:
+    """Start ``world`` processes that each run ``train`` on ``cfg_path`` as one rank (torchrun's environment)."""
+    import torch.multiprocessing as mp
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx, port = mp.get_context("spawn"), free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(cfg_path), str(out_dir)))
+             for r in range(world)]  # fmt: skip
+    for p in procs:
+        p.start()
+    return procs
+
+
+def join_ranks(procs: list, out_dir: Path, timeout: float = 300) -> list[dict]:
+    """Wait for the processes of :func:`start_ranks` (killing them all if one fails) -> each rank's result."""
+    import json
+    import time
+
+    deadline = time.time() + timeout
+    while any(p.is_alive() for p in procs) and time.time() < deadline:
+        if any(p.exitcode not in (None, 0) for p in procs):  # a dead rank leaves the others waiting in a collective
+            break
+        time.sleep(0.2)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join()
+    assert [p.exitcode for p in procs] == [0] * len(procs), "a rank failed (its traceback is in the captured stderr)"
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(len(procs))]

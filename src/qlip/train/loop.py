@@ -48,7 +48,18 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import BatchStream, build_tokenizer, held_out_batches
-from .distributed import Runtime, all_gather_objects, barrier, seed_everything, setup_runtime, teardown, wrap_model
+from .distributed import (
+    Runtime,
+    all_gather_objects,
+    average_gradients,
+    barrier,
+    plain_tensor,
+    seed_everything,
+    setup_runtime,
+    teardown,
+    unsharded_params,
+    wrap_model,
+)
 from .ema import ModelEMA
 from .evaluate import evaluate
 from .logger import RunLogger
@@ -137,6 +148,8 @@ class _Trainer:
         # align-only); DDP must then be told to expect unused parameters.
         unused = cfg.stage == 1 and not all(self.balancer.is_active(t) for t in ("align", "recon"))
         self.wrapped = wrap_model(self.model, rt, cfg.distributed.strategy, find_unused_parameters=unused)
+        self.sharded = cfg.distributed.strategy == "fsdp" and rt.distributed
+        self.unsharded = unsharded_params(self.model) if self.sharded else []  # whole on every rank (logit scale)
         self.forward_model = torch.compile(self.wrapped) if cfg.model.compile else self.wrapped
         self.optimizer = build_optimizer(param_groups(self.model, cfg.optim), cfg.optim, rt.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
@@ -156,14 +169,14 @@ class _Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def _model_state(self) -> dict[str, Any]:
-        if self.cfg.distributed.strategy == "fsdp" and self.rt.distributed:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def _optim_state(self) -> dict[str, Any]:
-        if self.cfg.distributed.strategy == "fsdp" and self.rt.distributed:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -207,7 +220,7 @@ class _Trainer:
         if state["world_size"] != self.rt.world_size:
             raise RuntimeError(f"{path} was written by {state['world_size']} ranks and this run has "
                                f"{self.rt.world_size}; resume with the same number of processes")  # fmt: skip
-        if self.cfg.distributed.strategy == "fsdp" and self.rt.distributed:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 set_model_state_dict,
@@ -242,11 +255,10 @@ class _Trainer:
 
     def _losses(self, batch: dict[str, Any], images: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
         cfg = self.cfg
-        if cfg.stage == 1:
-            text = batch["text"].to(self.rt.device, non_blocking=True)
-            out = self.forward_model(images, text)
-        else:
-            out = self.forward_model(images)
+        text = batch["text"].to(self.rt.device, non_blocking=True) if cfg.stage == 1 else None
+        with warnings.catch_warnings():  # FSDP2 warns that an output (the latents) is a view: none is changed in place
+            warnings.filterwarnings("ignore", message=".*returned a view tensor", category=UserWarning)
+            out = self.forward_model(images, text) if text is not None else self.forward_model(images)
         q = out["quantizer"]
         recon = out["reconstruction"]
         losses: dict[str, torch.Tensor] = {}
@@ -294,9 +306,10 @@ class _Trainer:
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
             sums["total"] = sums.get("total", 0.0) + total.detach().float() / accum
             recon, stats = out["reconstruction"], out["quantizer"].stats
+        average_gradients(self.unsharded, rt)
         self.scaler.unscale_(self.optimizer)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        grad_norm = plain_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, clip))
         finite = bool(torch.isfinite(grad_norm) & torch.isfinite(sums["total"]))  # the one host sync per step
         if finite or self.scaler.is_enabled():
             self.scaler.step(self.optimizer)
@@ -349,11 +362,7 @@ class _Trainer:
                 d_loss = d_loss + 0.5 * cfg.loss.r1_weight * cfg.loss.r1_every * r1
                 out["r1"] = r1.detach()
         d_loss.backward()
-        if self.rt.distributed:  # the discriminator is not DDP-wrapped (R1 needs a double backward): average by hand
-            for p in self.disc.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(self.rt.world_size)
+        average_gradients(self.disc.parameters(), self.rt)  # not DDP-wrapped (R1 needs a double backward)
         torch.nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.optim.grad_clip or math.inf)
         self.disc_optimizer.step()
         self.disc_optimizer.zero_grad(set_to_none=True)
@@ -460,14 +469,15 @@ class _Trainer:
         from ..models.qlip import QLIP
 
         state = self._model_state()  # collective under FSDP
+        ema = self.ema.state_dict() if self.ema is not None else None  # collective under FSDP: gathers the shards
         if not self.rt.is_main:
             barrier(self.rt)
             return None
         plain = QLIP(self.model.cfg)
         plain.load_state_dict(state)
         out = full_model_for_export(plain, self.cfg).save_pretrained(self.run_dir / "last", self.tokenizer)
-        if self.ema is not None:
-            self.ema.copy_to(plain)
+        if ema is not None:
+            self.ema.copy_to(plain, ema["shadow"])
             full_model_for_export(plain, self.cfg).save_pretrained(self.run_dir / "last-ema", self.tokenizer)
         barrier(self.rt)
         return out
