@@ -82,10 +82,16 @@ class TrainResult:
     eval: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
     skipped_steps: int = 0
+    signal: int | None = None  # the signal that stopped the run (the same on every rank)
+
+    @property
+    def exit_code(self) -> int:
+        """The process exit status this run calls for: 0, or 128 + the signal (143 for SIGTERM, 130 for SIGINT)."""
+        return 128 + self.signal if self.signal else 0
 
 
 class _StopFlag:
-    """Set by SIGTERM / SIGINT; the loop checkpoints and stops at the next step boundary."""
+    """Set by SIGTERM / SIGINT; the loop checkpoints and stops at the end of the step it is in (on every rank)."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -246,7 +252,8 @@ class _Trainer:
         self.stream.load_state_dict(state["data"][self.rt.rank])
         self.step = int(state["step"])
         self.skipped_total = int(state.get("skipped_total", 0))
-        log.info("resumed from %s at step %d", path, self.step)
+        if self.rt.is_main:  # a warning so that it shows by default: the run continues, it does not start afresh
+            log.warning("resumed from step %d (%s)", self.step, path)
 
     # --- one optimizer step -------------------------------------------------------------------------------------
     def _autocast(self):
@@ -419,8 +426,9 @@ class _Trainer:
                     logger.log(self.step, self._eval(), kind="eval")
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < last:
                     self.save_checkpoint()
-                if self._stop_requested(stop, at_log):
-                    log.warning("signal %s: writing a checkpoint at step %d and stopping", stop.signal, self.step)
+                result.signal = self._agreed_signal(stop)
+                if result.signal:
+                    log.warning("signal %s: writing a checkpoint at step %d and stopping", result.signal, self.step)
                     self.save_checkpoint()
                     result.interrupted = True
                     break
@@ -438,14 +446,18 @@ class _Trainer:
         result.skipped_steps = self.skipped_total
         return result
 
-    def _stop_requested(self, stop: _StopFlag, at_log: bool) -> bool:
+    def _agreed_signal(self, stop: _StopFlag) -> int | None:
+        """The stop signal any rank has received (the largest number if several), checked after every step.
+
+        Every rank must stop at the same step to write one checkpoint together; a job scheduler's grace period
+        after SIGTERM is short, so the ranks agree every step (one all-reduce of one number) rather than only at
+        log intervals.
+        """
         if not self.rt.distributed:
-            return stop.signal is not None
-        if not at_log:  # agreeing across ranks costs a collective: only at log intervals
-            return False
-        flag = torch.tensor([1.0 if stop.signal is not None else 0.0], device=self.rt.device)
-        dist.all_reduce(flag)
-        return bool(flag.item() > 0)
+            return stop.signal
+        flag = torch.tensor([stop.signal or 0], dtype=torch.int64, device=self.rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
 
     def _log_metrics(self, info: dict[str, Any], samples_per_s: float) -> dict[str, Any]:
         metrics: dict[str, Any] = {f"loss/{k}": float(v) for k, v in info["sums"].items()}
