@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import qlip
 from qlip.train.build import build_model
 from qlip.train.config import load_config
-from qlip.train.distributed import seed_everything
+from qlip.train.distributed import Runtime, seed_everything, wrap_model
 from qlip.train.loop import train
 from train_helpers import join_ranks, load_ckpt, start_ranks, write_config
 
@@ -85,3 +86,12 @@ def test_fsdp_two_ranks_train_resume_and_export_like_one_process(tmp_path):
         assert torch.equal(last[k], v), k
         assert torch.equal(last_ema[k], a["ema"]["shadow"].get(k, v)), k
     assert any(not torch.equal(last[k], last_ema[k]) for k in a["ema"]["shadow"])
+
+
+def test_fsdp_needs_a_torch_whose_fully_shard_takes_ignored_params(monkeypatch):
+    import torch.distributed.fsdp as fsdp
+
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, *, mesh=None: module)  # torch 2.6's signature
+    two_ranks = Runtime(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), autocast_dtype=None)
+    with pytest.raises(RuntimeError, match=r"needs torch >= 2.7 .* or use distributed.strategy=ddp"):
+        wrap_model(nn.Linear(2, 2), two_ranks, "fsdp")

@@ -12,6 +12,7 @@ The model keeps its shapes, so its checkpoints and the released layout are the s
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -95,9 +96,11 @@ def wrap_model(model: nn.Module, runtime: Runtime, strategy: str, find_unused_pa
     if strategy == "fsdp":
         try:
             from torch.distributed.fsdp import fully_shard
-        except ImportError as e:  # torch < 2.6
-            raise RuntimeError("distributed.strategy=fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard)") \
-                from e
+        except ImportError:  # torch < 2.6
+            fully_shard = None
+        if fully_shard is None or "ignored_params" not in inspect.signature(fully_shard).parameters:  # < 2.7
+            raise RuntimeError(f"distributed.strategy=fsdp needs torch >= 2.7 (FSDP2 fully_shard with ignored_params), "
+                               f"this is torch {torch.__version__}: upgrade torch or use distributed.strategy=ddp")
         for part in (getattr(model, "visual", None), getattr(model, "decoder", None), getattr(model, "text", None)):
             if part is not None:
                 for block in part.transformer.blocks:
