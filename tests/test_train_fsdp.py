@@ -13,6 +13,7 @@ import qlip
 from qlip.train.build import build_model
 from qlip.train.config import load_config
 from qlip.train.distributed import Runtime, seed_everything, wrap_model
+from qlip.train.ema import ModelEMA
 from qlip.train.loop import train
 from train_helpers import join_ranks, load_ckpt, start_ranks, write_config
 
@@ -95,3 +96,20 @@ def test_fsdp_needs_a_torch_whose_fully_shard_takes_ignored_params(monkeypatch):
     two_ranks = Runtime(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), autocast_dtype=None)
     with pytest.raises(RuntimeError, match=r"needs torch >= 2.7 .* or use distributed.strategy=ddp"):
         wrap_model(nn.Linear(2, 2), two_ranks, "fsdp")
+
+
+def test_ema_state_round_trips_and_its_full_tensors_fill_a_plain_model():
+    torch.manual_seed(0)
+    model, plain = nn.Linear(3, 2), nn.Linear(3, 2)
+    ema = ModelEMA(model, 0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)  # warm-up decay min(0.5, 2 / 11): shadow = w0 + (1 - 2 / 11) * 1
+    state = ema.state_dict()
+    again = ModelEMA(plain, 0.9)
+    again.load_state_dict(state)
+    assert again.decay == 0.5 and again.updates == 1
+    assert all(torch.equal(again.shadow[k], state["shadow"][k]) for k in state["shadow"])
+    ema.copy_to(plain, state["shadow"])  # how the trainer exports: from the gathered state, not the (sharded) shadow
+    torch.testing.assert_close(plain.weight, model.weight - 2 / 11)
+    torch.testing.assert_close(plain.bias, model.bias)
