@@ -8,7 +8,8 @@
 Stage 1 losses: align (CLIP InfoNCE over the global batch), recon (pixel MSE), quant (BSQ), commit; stage 2:
 recon, quant, lpips, gan (+ the discriminator's own loss and R1). The balancer combines them; every term and
 every weight is logged. Host syncs in the hot loop: one boolean per optimizer step (is the gradient finite?),
-which the never-lose-a-run rule needs; loss values are only read at log intervals.
+which the never-lose-a-run rule needs, and with several ranks the stop signal they agree on after every step (so
+that a preempted job checkpoints within one step); loss values are only read at log intervals.
 """
 
 from __future__ import annotations
