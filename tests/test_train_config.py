@@ -62,6 +62,8 @@ def test_type_and_value_errors():
         load_config(None, ["distributed.strategy=fsdp", "eval.every=50"])
     fsdp = ["distributed.strategy=fsdp", "eval.every=0", "eval.at_end=false"]
     assert load_config(None, fsdp).distributed.strategy == "fsdp"
+    with pytest.raises(ConfigError, match="grad-norm cannot be used with distributed.strategy=fsdp"):
+        load_config(None, [*fsdp, "loss.balance.mode=grad-norm"])
     with pytest.raises(ConfigError, match="optim.name='sgd'"):
         load_config(None, ["optim.name=sgd"])
     with pytest.raises(ConfigError, match="warmup_steps"):

@@ -3,6 +3,9 @@ frozen stage-2 parameters, non-finite skipping, corrupt-checkpoint fallback."""
 
 from __future__ import annotations
 
+import logging
+import signal
+
 import pytest
 import torch
 
@@ -73,14 +76,16 @@ def _overrides(run_dir, *extra):
     return [f"run_dir={run_dir}", *extra]
 
 
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact(tmp_path, caplog):
     base = write_config(tmp_path / "c.yaml", tmp_path / "unused", optim={"steps": 6, "warmup_steps": 2})
     straight = load_config(base, _overrides(tmp_path / "a"))
     train(straight)
     first = load_config(base, _overrides(tmp_path / "b", "stop_at=3"))
     assert train(first).step == 3
     second = load_config(base, _overrides(tmp_path / "b"))  # resume=auto picks step 3
-    assert train(second).step == 6
+    with caplog.at_level(logging.WARNING, logger="qlip.train.loop"):  # WARNING: shown without -v
+        assert train(second).step == 6
+    assert f"resumed from step 3 ({tmp_path / 'b' / 'checkpoints' / 'step_00000003.pt'})" in caplog.text
     a, b = load_ckpt(tmp_path / "a", 6), load_ckpt(tmp_path / "b", 6)
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
@@ -92,6 +97,27 @@ def test_resume_is_exact(tmp_path):
             assert torch.equal(torch.as_tensor(sa[i][name]), torch.as_tensor(sb[i][name]))
     assert a["scheduler"] == b["scheduler"]
     assert a["data"][0]["stream"] == b["data"][0]["stream"]
+
+
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_after_the_current_step_with_its_exit_code(tmp_path, monkeypatch, signum, exit_code):
+    import qlip.train.loop as loop
+
+    original = loop._Trainer.train_step
+
+    def train_step(self):
+        if self.step == 1:
+            signal.raise_signal(signum)  # arrives during step 2
+        return original(self)
+
+    monkeypatch.setattr(loop._Trainer, "train_step", train_step)
+    cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "r", optim={"steps": 50, "warmup_steps": 1},
+                                   logging={"every": 100, "progress": False, "tensorboard": False}))  # fmt: skip
+    before = signal.getsignal(signum)
+    result = train(cfg)
+    assert (result.step, result.interrupted, result.signal, result.exit_code) == (2, True, signum, exit_code)
+    assert find_resume_checkpoint(tmp_path / "r", "auto")[1]["step"] == 2
+    assert signal.getsignal(signum) == before  # the previous handler is back
 
 
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 
 from ..data.sample import BadDataError
@@ -45,9 +44,7 @@ def _run_train(args: argparse.Namespace) -> int:
             print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
         if result.export_dir:
             print(f"model: {result.export_dir}")
-    if not result.interrupted:
-        return 0
-    return 143 if getattr(result, "signal", None) == signal.SIGTERM else 130
+    return result.exit_code
 
 
 def _run_balance(args: argparse.Namespace) -> int:

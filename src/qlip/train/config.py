@@ -442,6 +442,14 @@ class TrainConfig:
                 "distributed.strategy=fsdp (the in-training checks run on rank 0 only and would hang): set "
                 "eval.every=0 eval.at_end=false and run `qlip eval` on run_dir/last afterwards"
             )
+        if self.distributed.strategy == "fsdp" and self.loss.balance.get("mode") == "grad-norm":
+            # It differentiates every loss by one transformer weight before the backward pass, and FSDP2 has sharded
+            # that block's weights again by then: they are not in the graph.
+            raise ConfigError(
+                "loss.balance.mode=grad-norm cannot be used with distributed.strategy=fsdp (the layer it "
+                "differentiates is sharded again after its forward): use loss.balance.mode=inverse-loss, posthoc or "
+                "fixed, or distributed.strategy=ddp"
+            )
 
     # --- conversions ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

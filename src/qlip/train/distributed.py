@@ -3,10 +3,16 @@
 One code path from a laptop to many nodes: without torchrun's environment the run is a single process; with it,
 the default process group is created (nccl on GPU, gloo on CPU) and the model is wrapped in DDP, or sharded with
 FSDP2 (``fully_shard`` on every transformer block, then the root) for models whose optimizer state does not fit.
+
+FSDP2 shards every parameter along its first dimension and so cannot take a 0-dim one (the model's logit scale):
+those stay whole on every rank, outside FSDP, and the trainer averages their gradients itself
+(:func:`unsharded_params`, :func:`average_gradients`), as it does for the discriminator that no wrapper owns.
+The model keeps its shapes, so its checkpoints and the released layout are the same under every strategy.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -90,19 +96,47 @@ def wrap_model(model: nn.Module, runtime: Runtime, strategy: str, find_unused_pa
     if strategy == "fsdp":
         try:
             from torch.distributed.fsdp import fully_shard
-        except ImportError as e:  # torch < 2.6
-            raise RuntimeError("distributed.strategy=fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard)") \
-                from e
+        except ImportError:  # torch < 2.6
+            fully_shard = None
+        if fully_shard is None or "ignored_params" not in inspect.signature(fully_shard).parameters:  # < 2.7
+            raise RuntimeError(f"distributed.strategy=fsdp needs torch >= 2.7 (FSDP2 fully_shard with ignored_params), "
+                               f"this is torch {torch.__version__}: upgrade torch or use distributed.strategy=ddp")
         for part in (getattr(model, "visual", None), getattr(model, "decoder", None), getattr(model, "text", None)):
             if part is not None:
                 for block in part.transformer.blocks:
                     fully_shard(block)
-        fully_shard(model)
+        scalars = {p for p in model.parameters() if p.dim() == 0}
+        fully_shard(model, ignored_params=scalars or None)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+
+
+def unsharded_params(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of an FSDP2-sharded ``model`` that FSDP left whole (plain tensors, not DTensors):
+    FSDP does not reduce their gradients, :func:`average_gradients` must."""
+    from torch.distributed.tensor import DTensor
+
+    return [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+
+
+def average_gradients(params: Any, runtime: Runtime) -> None:
+    """Average the gradients of ``params`` over the ranks, in place (parameters no DDP / FSDP wrapper owns)."""
+    if not runtime.distributed:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(runtime.world_size)
+
+
+def plain_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (e.g. the gradient norm over sharded parameters) as a plain tensor; others unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def all_gather_objects(obj: Any, runtime: Runtime) -> list[Any]:

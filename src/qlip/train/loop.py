@@ -8,7 +8,8 @@
 Stage 1 losses: align (CLIP InfoNCE over the global batch), recon (pixel MSE), quant (BSQ), commit; stage 2:
 recon, quant, lpips, gan (+ the discriminator's own loss and R1). The balancer combines them; every term and
 every weight is logged. Host syncs in the hot loop: one boolean per optimizer step (is the gradient finite?),
-which the never-lose-a-run rule needs; loss values are only read at log intervals.
+which the never-lose-a-run rule needs, and with several ranks the stop signal they agree on after every step (so
+that a preempted job checkpoints within one step); loss values are only read at log intervals.
 """
 
 from __future__ import annotations
@@ -42,7 +43,18 @@ from .build import (
 from .checkpoint import RunCheckpoints, find_resume_checkpoint, rng_state, set_rng_state
 from .config import ConfigError, TrainConfig, check_startup
 from .data import BatchStream, build_tokenizer, held_out_batches
-from .distributed import Runtime, all_gather_objects, barrier, seed_everything, setup_runtime, teardown, wrap_model
+from .distributed import (
+    Runtime,
+    all_gather_objects,
+    average_gradients,
+    barrier,
+    plain_tensor,
+    seed_everything,
+    setup_runtime,
+    teardown,
+    unsharded_params,
+    wrap_model,
+)
 from .ema import ModelEMA
 from .evaluate import evaluate
 from .logger import RunLogger
@@ -65,10 +77,16 @@ class TrainResult:
     eval: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
     skipped_steps: int = 0
+    signal: int | None = None  # the signal that stopped the run (the same on every rank)
+
+    @property
+    def exit_code(self) -> int:
+        """The process exit status this run calls for: 0, or 128 + the signal (143 for SIGTERM, 130 for SIGINT)."""
+        return 128 + self.signal if self.signal else 0
 
 
 class _StopFlag:
-    """Set by SIGTERM / SIGINT; the loop checkpoints and stops at the next step boundary."""
+    """Set by SIGTERM / SIGINT; the loop checkpoints and stops at the end of the step it is in (on every rank)."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -146,6 +164,8 @@ class _Trainer:
         # align-only); DDP must then be told to expect unused parameters.
         unused = cfg.stage == 1 and not all(self.balancer.is_active(t) for t in ("align", "recon"))
         self.wrapped = wrap_model(self.model, rt, cfg.distributed.strategy, find_unused_parameters=unused)
+        self.sharded = cfg.distributed.strategy == "fsdp" and rt.distributed
+        self.unsharded = unsharded_params(self.model) if self.sharded else []  # whole on every rank (logit scale)
         self.forward_model = torch.compile(self.wrapped) if cfg.model.compile else self.wrapped
         self.optimizer = build_optimizer(param_groups(self.model, cfg.optim), cfg.optim, rt.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
@@ -166,14 +186,14 @@ class _Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def _model_state(self) -> dict[str, Any]:
-        if self.cfg.distributed.strategy == "fsdp" and self.rt.distributed:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def _optim_state(self) -> dict[str, Any]:
-        if self.cfg.distributed.strategy == "fsdp" and self.rt.distributed:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -216,7 +236,7 @@ class _Trainer:
         if state["world_size"] != self.rt.world_size:
             raise RuntimeError(f"{path} was written by {state['world_size']} ranks and this run has "
                                f"{self.rt.world_size}; resume with the same number of processes")  # fmt: skip
-        if self.cfg.distributed.strategy == "fsdp" and self.rt.distributed:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 set_model_state_dict,
@@ -243,7 +263,8 @@ class _Trainer:
         self.stream.load_state_dict(state["data"][self.rt.rank])
         self.step = int(state["step"])
         self.skipped_total = int(state.get("skipped_total", 0))
-        log.info("resumed from %s at step %d", path, self.step)
+        if self.rt.is_main:  # a warning so that it shows by default: the run continues, it does not start afresh
+            log.warning("resumed from step %d (%s)", self.step, path)
 
     # --- one optimizer step -------------------------------------------------------------------------------------
     def _autocast(self):
@@ -252,11 +273,10 @@ class _Trainer:
 
     def _losses(self, batch: dict[str, Any], images: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
         cfg = self.cfg
-        if cfg.stage == 1:
-            text = batch["text"].to(self.rt.device, non_blocking=True)
-            out = self.forward_model(images, text)
-        else:
-            out = self.forward_model(images)
+        text = batch["text"].to(self.rt.device, non_blocking=True) if cfg.stage == 1 else None
+        with warnings.catch_warnings():  # FSDP2 warns that an output (the latents) is a view: none is changed in place
+            warnings.filterwarnings("ignore", message=".*returned a view tensor", category=UserWarning)
+            out = self.forward_model(images, text) if text is not None else self.forward_model(images)
         q = out["quantizer"]
         recon = out["reconstruction"]
         losses: dict[str, torch.Tensor] = {}
@@ -304,9 +324,10 @@ class _Trainer:
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
             sums["total"] = sums.get("total", 0.0) + total.detach().float() / accum
             recon, stats = out["reconstruction"], out["quantizer"].stats
+        average_gradients(self.unsharded, rt)
         self.scaler.unscale_(self.optimizer)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        grad_norm = plain_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, clip))
         finite = bool(torch.isfinite(grad_norm) & torch.isfinite(sums["total"]))  # the one host sync per step
         if finite or self.scaler.is_enabled():
             self.scaler.step(self.optimizer)
@@ -359,11 +380,7 @@ class _Trainer:
                 d_loss = d_loss + 0.5 * cfg.loss.r1_weight * cfg.loss.r1_every * r1
                 out["r1"] = r1.detach()
         d_loss.backward()
-        if self.rt.distributed:  # the discriminator is not DDP-wrapped (R1 needs a double backward): average by hand
-            for p in self.disc.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(self.rt.world_size)
+        average_gradients(self.disc.parameters(), self.rt)  # not DDP-wrapped (R1 needs a double backward)
         torch.nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.optim.grad_clip or math.inf)
         self.disc_optimizer.step()
         self.disc_optimizer.zero_grad(set_to_none=True)
@@ -420,8 +437,9 @@ class _Trainer:
                     logger.log(self.step, self._eval(), kind="eval")
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < last:
                     self.save_checkpoint()
-                if self._stop_requested(stop, at_log):
-                    log.warning("signal %s: writing a checkpoint at step %d and stopping", stop.signal, self.step)
+                result.signal = self._agreed_signal(stop)
+                if result.signal:
+                    log.warning("signal %s: writing a checkpoint at step %d and stopping", result.signal, self.step)
                     self.save_checkpoint()
                     result.interrupted = True
                     break
@@ -439,14 +457,18 @@ class _Trainer:
         result.skipped_steps = self.skipped_total
         return result
 
-    def _stop_requested(self, stop: _StopFlag, at_log: bool) -> bool:
+    def _agreed_signal(self, stop: _StopFlag) -> int | None:
+        """The stop signal any rank has received (the largest number if several), checked after every step.
+
+        Every rank must stop at the same step to write one checkpoint together; a job scheduler's grace period
+        after SIGTERM is short, so the ranks agree every step (one all-reduce of one number) rather than only at
+        log intervals.
+        """
         if not self.rt.distributed:
-            return stop.signal is not None
-        if not at_log:  # agreeing across ranks costs a collective: only at log intervals
-            return False
-        flag = torch.tensor([1.0 if stop.signal is not None else 0.0], device=self.rt.device)
-        dist.all_reduce(flag)
-        return bool(flag.item() > 0)
+            return stop.signal
+        flag = torch.tensor([stop.signal or 0], dtype=torch.int64, device=self.rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
 
     def _log_metrics(self, info: dict[str, Any], samples_per_s: float) -> dict[str, Any]:
         metrics: dict[str, Any] = {f"loss/{k}": float(v) for k, v in info["sums"].items()}
@@ -470,14 +492,15 @@ class _Trainer:
         from ..models.qlip import QLIP
 
         state = self._model_state()  # collective under FSDP
+        ema = self.ema.state_dict() if self.ema is not None else None  # collective under FSDP: gathers the shards
         if not self.rt.is_main:
             barrier(self.rt)
             return None
         plain = QLIP(self.model.cfg)
         plain.load_state_dict(state)
         out = full_model_for_export(plain, self.cfg).save_pretrained(self.run_dir / "last", self.tokenizer)
-        if self.ema is not None:
-            self.ema.copy_to(plain)
+        if ema is not None:
+            self.ema.copy_to(plain, ema["shadow"])
             full_model_for_export(plain, self.cfg).save_pretrained(self.run_dir / "last-ema", self.tokenizer)
         barrier(self.rt)
         return out
