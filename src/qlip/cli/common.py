@@ -30,37 +30,25 @@ class CLIError(Exception):
     """An error the user can act on: printed without a traceback, exit code 2."""
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts and batch sizes (>= 1)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _number(kind: type, low: float, high: float | None, what: str):
+    """An argparse type: ``kind`` (int or float) within [low, high]; the message says what is expected."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (low <= value and (high is None or value <= high)):  # also false for NaN
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its own messages
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type for worker and thread counts (>= 0)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """argparse type for fractions (a number in [0, 1])."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:  # also false for NaN
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text}")
-    return value
+positive_int = _number(int, 1, None, "a whole number >= 1")  # counts and batch sizes
+non_negative_int = _number(int, 0, None, "a whole number >= 0")  # worker and thread counts
+fraction = _number(float, 0.0, 1.0, "a fraction in [0, 1]")
 
 
 def expand_images(paths: Sequence[str]) -> list[tuple[Path, Path]]:
