@@ -1,4 +1,4 @@
-"""Contrastive loss benchmark: CLIP InfoNCE forward + backward at a large global batch, chunked or not (issue 6).
+"""Contrastive loss benchmark: CLIP InfoNCE forward + backward at a large global batch, chunked or not.
 
     python benchmarks/bench_contrastive.py --threads 2                      # CPU: batch 8192 (see below)
     python benchmarks/bench_contrastive.py --device cuda --batch 32768 --chunks none,8192,4096,1024

@@ -1,4 +1,4 @@
-"""BSQ quantizer benchmark: forward + entropy at d = 28 over 1M tokens, "group" vs "analytical" entropy (issue 6).
+"""BSQ quantizer benchmark: forward + entropy at d = 28 over 1M tokens, "group" vs "analytical" entropy.
 
     python benchmarks/bench_quantizer.py --threads 2
     python benchmarks/bench_quantizer.py --device cuda --tokens 1048576 --group-sizes 1,2,4

@@ -1,4 +1,4 @@
-"""Tokenize benchmark: images -> token indices and indices -> images, fast paths vs the reference path (issue 6).
+"""Tokenize benchmark: images -> token indices and indices -> images, fast paths vs the reference path.
 
     python benchmarks/bench_tokenize.py --models QLIP-B-16-256 --batch-sizes 8 --threads 2
     python benchmarks/bench_tokenize.py --models QLIP-B-16-256,QLIP-B-8-256,QLIP-L-14-392 --batch-sizes 1,8,64 \

@@ -1,4 +1,4 @@
-"""`qlip tokenize` throughput vs the encode-only benchmark at the same batch size (issue 6 target: within 15%).
+"""`qlip tokenize` throughput vs the encode-only benchmark at the same batch size (target: within 15%).
 
     python benchmarks/bench_tokenize_cli.py --threads 2 --model QLIP-B-16-256 --batch-size 8 --images 64 --mode auto
 

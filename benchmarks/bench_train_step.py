@@ -1,4 +1,4 @@
-"""Training-step benchmark: stage 1 and stage 2 steps at QLIP-B-16-256 (issue 6; spec section 8).
+"""Training-step benchmark: stage 1 and stage 2 steps at QLIP-B-16-256 (docs/benchmarks.md).
 
     python benchmarks/bench_train_step.py --threads 2                        # CPU: batch 4, no batch search
     python benchmarks/bench_train_step.py --device cuda --batch 256 --find-max-batch

@@ -1,7 +1,8 @@
-"""An independent, functional re-statement of the spec's forward math over a RELEASED-layout state dict.
+"""An independent, functional re-statement of QLIP's forward math over a RELEASED-layout state dict.
 
-Written from ../shared/spec/qlip-architecture.md sections 2-5 with plain loops and torch ops, sharing no code with
-the library: tests compare the library (after key mapping) against it. Slow and simple on purpose.
+Written from the paper and the released checkpoint configs (encoder, BSQ, decoder, text tower) with plain loops
+and torch ops, sharing no code with the library: tests compare the library (after key mapping) against it. Slow
+and simple on purpose.
 """
 
 from __future__ import annotations

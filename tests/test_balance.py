@@ -1,4 +1,4 @@
-"""Loss balancing (issue 4 part 3): fixed, posthoc, inverse-loss and grad-norm weights, clamps, warm-up, resume."""
+"""Loss balancing: fixed, posthoc, inverse-loss and grad-norm weights, clamps, warm-up, resume."""
 
 from __future__ import annotations
 

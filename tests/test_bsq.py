@@ -1,4 +1,4 @@
-"""Invariant tests for the BSQ quantizer (spec section 3): exact index round trips, STE gradient, entropies."""
+"""Invariant tests for the BSQ quantizer: exact index round trips, STE gradient, entropies."""
 
 import itertools
 import math

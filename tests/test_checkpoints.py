@@ -1,4 +1,4 @@
-"""Loading the released checkpoint layout (spec section 7) and our own format."""
+"""Loading the released checkpoint layout and our own format."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from qlip.models.qlip import QLIP
 from qlip.weights import WeightsMismatchError, qlip_to_released_key, released_to_qlip_key
 from qlip_testing import TINY_RELEASED_CONFIG
 
-# The released key names of spec section 7, for one layer of each tower.
+# The released key names, for one layer of each tower.
 SPEC_KEYS_ONE_LAYER = """
 logit_scale visual_projection.weight visual_projection.bias text_projection.weight
 vision_model.embeddings.class_embedding vision_model.embeddings.patch_embedding.weight
@@ -97,7 +97,7 @@ def test_released_directory_loads_with_nothing_unplaced_or_unfilled(released_dir
 
 
 def test_released_directory_reproduces_the_reference_forward_math(released_dir):
-    """Same weights, same math: our model vs. an independent functional statement of the spec on released keys."""
+    """Same weights, same math: our model vs. an independent statement of the architecture on released keys."""
     cfg = json.loads((released_dir / "config.json").read_text())
     sd = load_file(str(released_dir / "model.safetensors"))
     model = create_model(str(released_dir))

@@ -1,4 +1,4 @@
-"""Experiments (issue 7): variants reach the trainer with the intended weights, jobs resume-skip, peak memory is per
+"""Experiments: variants reach the trainer with the intended weights, jobs resume-skip, peak memory is per
 process, tables aggregate seeds, the Pareto front and the done-means criterion are right, and the results page is
 generated from the tables. Training runs are qlip-tiny smoke runs (3 steps at 32 px)."""
 
@@ -260,7 +260,7 @@ def test_results_page_from_tables(recipes_out, tmp_path):
     text = page.read_text()
     assert "REDUCED BUDGET" in text and "SMOKE RUN" in text  # each section says how it was run
     assert "| 1:1000 | 74.3 | 35.3 | 24.5 |" in text  # the paper's Table 3a beside ours
-    assert "Issue 7 criterion (NOT MET)" in text  # 1:1000: 3 points below the best zero-shot but 1.2 dB below PSNR
+    assert "Default-ratio criterion (NOT MET)" in text  # 1:1000: 3 points below best zero-shot, 1.2 dB below PSNR
     assert "PSNR gap of the default to 0:1: +1.20 dB" in text  # the page says why, with the numbers
     assert "meet both conditions themselves: none" in text
     assert "+48.00 pts (clear" in text  # 1:0 vs 0:1 zero-shot, spread 1.41 over two seeds

@@ -1,4 +1,4 @@
-"""Losses of spec section 8: CLIP InfoNCE (one process), pixel loss, discriminators, GAN losses, R1, adaptive weight."""
+"""Training losses: CLIP InfoNCE (one process), pixel loss, discriminators, GAN losses, R1, adaptive weight."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for the CLIP text tokenizer (spec section 6) and the small BPE trainer."""
+"""Tests for the CLIP text tokenizer and the small BPE trainer."""
 
 import dataclasses
 import itertools

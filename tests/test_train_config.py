@@ -1,4 +1,4 @@
-"""Training configuration, optimizers, schedule and the CLIP-tower key mapping (issue 4, parts 1, 5 and 6)."""
+"""Training configuration, optimizers, schedule and the CLIP-tower key mapping."""
 
 from __future__ import annotations
 

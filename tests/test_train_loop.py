@@ -1,4 +1,4 @@
-"""The trainer end to end on tiny data (issue 4 tests): both stages through the real entry point, exact resume,
+"""The trainer end to end on tiny data: both stages through the real entry point, exact resume,
 frozen stage-2 parameters, non-finite skipping, corrupt-checkpoint fallback."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Saving and loading: our format, and the released Hugging Face checkpoint layout (spec section 7).
+"""Saving and loading: our format, and the released Hugging Face checkpoint layout.
 
 Our format is a directory with ``config.json`` (a :class:`QLIPConfig`, marked ``"format": "qlip"``) and
 ``model.safetensors`` (our parameter names), plus the tokenizer files when there is a text tower.

@@ -1,6 +1,6 @@
 """Model configuration: dataclasses with a JSON round trip, and the reader for released config.json files.
 
-A QLIP model has four parts (spec section 1); any of them may be absent (``None``) to build a smaller model:
+A QLIP model has four parts; any of them may be absent (``None``) to build a smaller model:
 ``vision`` (ViT encoder + CLS projection), ``quantizer`` (BSQ bottleneck with its two MLPs), ``decoder``
 (ViT pixel decoder) and ``text`` (CLIP text transformer).
 """
@@ -26,7 +26,7 @@ def compression_ratio(patch_size: int, num_bits: int) -> float:
 
 @dataclass
 class ViTConfig:
-    """An EVA02-style ViT tower (spec sections 2 and 4): SwiGLU, sub-LN, 2-D RoPE, no key bias."""
+    """An EVA02-style ViT tower (encoder and decoder): SwiGLU, sub-LN, 2-D RoPE, no key bias."""
 
     image_size: int = 256
     patch_size: int = 16
@@ -47,14 +47,14 @@ class ViTConfig:
 
 @dataclass
 class VisionConfig(ViTConfig):
-    """The image encoder (spec section 2); its CLS token feeds the contrastive projection."""
+    """The image encoder; its CLS token feeds the contrastive projection."""
 
     proj_bias: bool = True  # the visual projection has a bias in the released models
 
 
 @dataclass
 class QuantizerConfig:
-    """BSQ bottleneck (spec section 3)."""
+    """BSQ bottleneck (binary spherical quantization, with its input and output MLPs)."""
 
     dim: int = 28  # bits per token
     group_size: int = 1  # bits per entropy group
@@ -69,14 +69,14 @@ class QuantizerConfig:
 
 @dataclass
 class DecoderConfig(ViTConfig):
-    """The pixel decoder (spec section 4): same block type as the encoder, RoPE over all tokens."""
+    """The pixel decoder: same block type as the encoder, RoPE over all tokens."""
 
     head_hidden: int = 2048  # Linear(width, head_hidden) -> Tanh -> Linear(head_hidden, 3 p^2)
 
 
 @dataclass
 class TextConfig:
-    """OpenAI CLIP text transformer (spec section 5)."""
+    """OpenAI CLIP text transformer."""
 
     vocab_size: int = 49408
     context_length: int = 77
@@ -221,7 +221,7 @@ def is_qlip_config(d: dict[str, Any]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Released (Hugging Face) config.json -> QLIPConfig (spec section 7)
+# Released (Hugging Face) config.json -> QLIPConfig
 # ---------------------------------------------------------------------------------------------------------------------
 
 _UNSUPPORTED_FALSE = ("swiglu",)

@@ -1,4 +1,4 @@
-"""Fast inference paths for tokenizing and decoding (issue 6, section 2; QLIP spec sections 1, 3, 4).
+"""Fast inference paths for tokenizing and decoding (encoder, BSQ bottleneck, decoder; measured in docs/benchmarks.md).
 
 :func:`optimize_for_inference` wraps a :class:`~qlip.models.qlip.QLIP` in a :class:`FastQLIP` with the same
 ``encode`` / ``decode`` / ``reconstruct`` calls, built for throughput instead of training:
@@ -6,7 +6,7 @@
 * ``torch.inference_mode`` and fused SDPA attention (flash / memory-efficient kernels on GPU);
 * only what tokens need: the CLS head (post-norm + projection) and the text tower are never run or copied;
 * a fused BSQ sign + index computation whose only intermediate is an int32 tensor the size of the codes
-  (the l2 normalisation is skipped: dividing by a positive norm never changes a sign, spec section 3);
+  (the l2 normalisation is skipped: dividing by a positive norm never changes a sign);
 * reduced precision: ``"bf16"`` (autocast; native on GPUs and on CPUs with AVX512-BF16 or AMX, emulated and
   slower than float32 on other CPUs, where it warns) or ``"int8"`` (dynamic int8 quantization of every Linear,
   CPU only, VNNI kernels);
@@ -122,7 +122,7 @@ def resolve_mode(mode: str, device: torch.device) -> str:
 
 
 def latents_to_indices(u: Tensor) -> Tensor:
-    """Pre-quantization latents (..., d) -> int64 token indices (...), MSB first, sign(0) = -1 (spec section 3).
+    """Pre-quantization latents (..., d) -> int64 token indices (...), MSB first, sign(0) = -1 (as in BSQ).
 
     Exactly ``BSQuantizer.quantize(u)[1]`` without the float codes; the bits are packed by the quantizer's own
     :func:`~qlip.quantizers.bsq.bits_to_indices`, whose largest intermediate for d <= 31 is an int32 the size of the

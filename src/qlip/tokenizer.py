@@ -1,4 +1,4 @@
-"""The CLIP text tokenizer: byte-level BPE with "</w>" word ends (QLIP spec section 6).
+"""The CLIP text tokenizer: byte-level BPE with "</w>" word ends, as QLIP's text tower uses.
 
 QLIP keeps the OpenAI CLIP text encoder, so its captions must be tokenized exactly as CLIP does:
 
@@ -180,7 +180,7 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
 
 
 class CLIPTokenizer:
-    """The OpenAI CLIP byte-level BPE tokenizer (QLIP spec section 6).
+    """The OpenAI CLIP byte-level BPE tokenizer (the one the released QLIP checkpoints ship).
 
     Attributes:
         vocab_size: number of entries in the vocabulary (49408 for the released models).

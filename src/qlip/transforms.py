@@ -1,4 +1,4 @@
-"""Image loading and preprocessing in PIL/torch only (spec section 6; issue 3 section 4).
+"""Image loading and preprocessing in PIL/torch only (no torchvision).
 
 Eval preprocessing follows the released QLIP/CLIP recipe: resize the shorter side to the model size with
 bicubic resampling, center crop, scale to [0, 1] and normalize with the OpenAI CLIP mean/std. Training adds a
@@ -263,7 +263,7 @@ def image_transform(
     scale: tuple[float, float] = (0.9, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """Build the preprocessing of spec section 6 (eval) or its augmented variant (train).
+    """Build the released QLIP/CLIP preprocessing (eval) or its augmented variant (train).
 
     Eval: resize the shorter side to ``image_size`` (bicubic), center crop, scale to [0, 1], normalize.
     Train: random resized crop (area fraction in ``scale``, aspect ratio in ``ratio``) to ``image_size`` and, if

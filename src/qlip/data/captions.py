@@ -1,4 +1,4 @@
-"""Image-caption pairs listed in a CSV, TSV or JSONL file (issue 3, section 2).
+"""Image-caption pairs listed in a CSV, TSV or JSONL file.
 
 One row per image: a path column and a caption column (names configurable; by default the first of
 ``filepath, image, path, file, image_path`` and of ``caption, text, title``). Relative paths are resolved against

@@ -1,4 +1,4 @@
-"""Image folders with one subfolder per class (the ImageNet layout), for evaluation and linear probes (issue 3).
+"""Image folders with one subfolder per class (the ImageNet layout), for evaluation and linear probes.
 
     root/
       goldfish/ img001.jpg ...

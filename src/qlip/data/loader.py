@@ -1,4 +1,4 @@
-"""One entry point for every data source, the collate function, and DataLoader construction (issue 3).
+"""One entry point for every data source, the collate function, and DataLoader construction.
 
 ``build_dataset(spec)`` understands:
 

@@ -1,4 +1,4 @@
-"""The sample interface shared by every data source, and the bad-sample policy (issue 3, section 3).
+"""The sample interface shared by every data source, and the bad-sample policy (docs/data.md, "Bad data").
 
 A good sample is a dict::
 

@@ -1,4 +1,4 @@
-"""`shapes`: a built-in procedural image-caption dataset with labels (issue 3, section 1).
+"""`shapes`: a built-in procedural image-caption dataset with labels.
 
 Each image holds one or more shapes (circle, square, triangle, star, heart, cross, diamond, hexagon, and the
 extras ring and arrow) in a named color, a size class and a position on a 3x3 grid (corners, edges, center), on

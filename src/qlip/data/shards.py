@@ -5,7 +5,7 @@ name up to the first dot of its file name: ``000000042.png``, ``000000042.txt``,
 is any of jpg/jpeg/png/webp/bmp; the caption is ``.txt`` or the ``caption``/``text`` field of ``.json``; a label
 is the ``label`` field of ``.json`` or a ``.cls`` member. Plain :mod:`tarfile` is used; webdataset is not needed.
 
-Streaming (issue 3, section 2): every epoch the shard list is shuffled with (seed, epoch) (same order on every
+Streaming: every epoch the shard list is shuffled with (seed, epoch) (same order on every
 rank), then split into ``num_slots`` = world_size x num_workers slots, shard by shard (slot s gets shards
 s, s + n, ...), or sample by sample when there are fewer shards than slots. ``shuffle_buffer`` = B > 0 permutes
 each block of B consecutive samples of a slot with a generator seeded from (seed, epoch, slot, block), so the order

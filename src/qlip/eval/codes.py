@@ -1,4 +1,4 @@
-"""Code usage over a whole evaluation set, and the compression ratio (spec sections 1, 3 and 9).
+"""Code usage over a whole evaluation set, and the compression ratio (docs/evaluation.md).
 
 The quantizer's :func:`qlip.quantizers.bsq.usage_stats` describes one batch; evaluation needs the usage of the
 whole set, which is not an average of per-batch numbers (a code seen once in each of 100 batches is one code, not

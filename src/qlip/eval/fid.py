@@ -1,6 +1,6 @@
 """Frechet Inception Distance: feature statistics, a streaming accumulator, the distance, a reference-stats cache.
 
-Spec section 9 (rFID). FID (Heusel et al. 2017) fits a Gaussian to the 2048-d pool features of each image set and
+rFID (docs/metrics.md). FID (Heusel et al. 2017) fits a Gaussian to the 2048-d pool features of each image set and
 measures ``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))``. Everything here is float64: float32 covariances of
 50k x 2048 features lose digits that show up in the second decimal of the FID.
 

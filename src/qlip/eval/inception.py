@@ -1,6 +1,6 @@
 """The FID InceptionV3: the TensorFlow "2015-12-05" Inception graph used by every FID number in the literature.
 
-Spec section 9 (rFID with the standard FID InceptionV3, 2048-d pool features). The network differs from the
+Used for rFID (docs/metrics.md) with the standard FID InceptionV3's 2048-d pool features. The network differs from the
 ImageNet-classification InceptionV3 in a few places, which matter for reproducing reported numbers:
 
 * the 3x3 average pools inside Mixed_5b/5c/5d, Mixed_6b..6e and Mixed_7b ignore the zero padding
@@ -182,7 +182,7 @@ class MixedE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """InceptionV3 as in the FID reference graph, returning 2048-d pool features (spec section 9).
+    """InceptionV3 as in the FID reference graph, returning 2048-d pool features (for rFID).
 
     Build it with :meth:`from_file`. Direct construction gives random weights, which :meth:`forward` refuses to
     use unless ``allow_random_weights=True`` (for shape tests only: random features are never an FID).

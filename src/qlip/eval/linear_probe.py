@@ -1,6 +1,6 @@
 """Linear probing on frozen features: multinomial logistic regression with an L2 strength chosen on held-out data.
 
-Spec section 9 ("linear probing on frozen features: the CLS token, the average of patch features"). The paper
+The paper probes frozen features (the CLS token, the average of patch features); see docs/evaluation.md. The paper
 trains its probe with AdamW for 10 epochs on ImageNet; we pin a protocol that has no learning-rate schedule to tune
 and gives the same answer on every run (the one CLIP's paper used for its probes):
 

@@ -1,7 +1,7 @@
 """Pixel reconstruction metrics (PSNR, SSIM) and the shared metric-result convention.
 
-Implements the reconstruction protocol of the QLIP spec, section 9 ("Reconstruction on ImageNet-1k val: rFID, PSNR,
-SSIM"), with the choices pinned here so that numbers reproduce:
+Implements the paper's reconstruction protocol (rFID, PSNR, SSIM on ImageNet-1k val; see docs/metrics.md), with
+the choices pinned here so that numbers reproduce:
 
 * Inputs are batches of RGB images ``(B, 3, H, W)`` (a single ``(3, H, W)`` image is accepted too), either ``uint8``
   in 0..255 or floating point in [0, 1]. Floats are clamped to [0, 1] and multiplied by 255 *without* rounding;
@@ -84,7 +84,7 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def psnr(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Peak signal-to-noise ratio per image on the 0..255 scale (spec section 9).
+    """Peak signal-to-noise ratio per image on the 0..255 scale (docs/metrics.md).
 
     Args:
         a: reference images, (B, C, H, W) or (C, H, W), uint8 0..255 or float in [0, 1].
@@ -119,7 +119,7 @@ def _gaussian_filter_valid(x: torch.Tensor, window: torch.Tensor) -> torch.Tenso
 
 
 def ssim(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Structural similarity per image (Gaussian 11x11 window, sigma 1.5, K1 0.01, K2 0.03, L 255; spec section 9).
+    """Structural similarity per image (Gaussian 11x11 window, sigma 1.5, K1 0.01, K2 0.03, L 255; docs/metrics.md).
 
     Computed per RGB channel and averaged over channels and valid window positions (see the module docstring for
     the exact equivalence with scikit-image).

@@ -1,6 +1,6 @@
 """Reconstruction evaluation: run a model over a dataset and measure PSNR / SSIM / LPIPS / rFID and code usage.
 
-Spec section 9. The protocol (pinned, see docs/evaluation.md and docs/metrics.md):
+The paper's reconstruction protocol (pinned, see docs/evaluation.md and docs/metrics.md):
 
 * inputs are the model's eval transform of each image (resize the shorter side to the model size, bicubic, center
   crop): the batches this function receives must come from :func:`qlip.transforms.image_transform` with

@@ -1,4 +1,4 @@
-"""Zero-shot classification: a text classifier built from class names x prompt templates (spec section 9).
+"""Zero-shot classification: a text classifier built from class names x prompt templates (docs/evaluation.md).
 
 Protocol (pinned; the CLIP / QLIP one):
 

@@ -1,4 +1,4 @@
-"""Experiment 2: the four loss-balancing modes at the same budget, with their overhead (issue 7; spec section 8).
+"""Experiment 2: the four loss-balancing modes at the same budget, with their overhead (docs/results.md).
 
 * ``fixed``: the paper's ratio a_a : a_r = 1 : 1000;
 * ``posthoc``: ``qlip balance`` probes (each objective alone, half the stage-1 budget each), then the weights from

@@ -1,4 +1,4 @@
-"""Experiment 1: the balance sweep, the paper's Table 3a at small scale (issue 7; spec section 8).
+"""Experiment 1: the balance sweep, the paper's Table 3a at small scale (docs/results.md).
 
 Stage-1 runs with fixed weights a_a : a_r (the trainer's ``align`` : ``recon``; a_q = a_z keep the config's values)
 from 1:0 through 1:1, 1:10, 1:100, 1:1000, 1:10^4 to 0:1 (a_a = 0, a_r = 1000), plus the config's own weights
@@ -146,7 +146,7 @@ def run_balance_sweep(settings: Settings) -> dict[str, Any]:
 
 def done_means_check(rows: list[dict[str, Any]], default_name: str, zs_points: float = CRITERION_ZS_POINTS,
                      psnr_db: float = CRITERION_PSNR_DB) -> dict[str, Any]:  # fmt: skip
-    """Issue 7's criterion: the default within ``zs_points`` of the best zero-shot AND ``psnr_db`` of the best PSNR."""
+    """The sweep's criterion: default within ``zs_points`` of the best zero-shot AND ``psnr_db`` of the best PSNR."""
     from .tables import mean
 
     default = next(r for r in rows if r["variant"] == default_name)

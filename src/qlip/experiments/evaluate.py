@@ -1,4 +1,4 @@
-"""Evaluate one trained variant with the evaluation harness on the held-out ``shapes`` split (issue 7; spec sec. 9).
+"""Evaluate one trained variant with the evaluation harness on the held-out ``shapes`` split (docs/evaluation.md).
 
 The held-out images are those the trainer itself checks against (:func:`qlip.train.data.held_out_batches`: the
 ``val`` split of the training data config, so the same shapes preset, sizes and image size), drawn with one fixed

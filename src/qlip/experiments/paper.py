@@ -1,4 +1,4 @@
-"""The paper's numbers for the experiments we reproduce (spec section 8; QLIP-B/16, DataComp, 2B-4B samples)."""
+"""The paper's numbers for the experiments we reproduce (the QLIP paper; QLIP-B/16, DataComp, 2B-4B samples)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ BALANCE_SWEEP = [
 ]
 PAPER_RATIO = 1000.0  # the post-hoc rule's result in the paper, robust across patch and model sizes
 
-# Stage 2 and the quantizer-afterwards ablation (Table 3c and section 8).
+# Stage 2 and the quantizer-afterwards ablation (Table 3c and the paper's text).
 STAGE2 = {"stage1": {"rfid": 35.3, "psnr": 24.5}, "stage2": {"rfid": 3.21, "psnr": 23.16}}
 QUANTIZER_AFTERWARDS_RFID = 13.7  # encoder/decoder without quantizer first, quantizer added later
 TWO_STAGE_RFID = 3.21

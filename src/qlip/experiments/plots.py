@@ -1,4 +1,4 @@
-"""Pictures of the experiments (matplotlib, Agg, PNG; issue 7).
+"""Pictures of the experiments (matplotlib, Agg, PNG).
 
 * :func:`plot_pareto`: zero-shot accuracy against PSNR, one point per variant (error bars = std over seeds), the
   Pareto front (no other point is better in both) drawn through the non-dominated points;

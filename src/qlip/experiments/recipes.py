@@ -1,4 +1,4 @@
-"""Experiment 3: training recipes, the paper's Table 3c at small scale (issue 7; spec section 8).
+"""Experiment 3: training recipes, the paper's Table 3c at small scale (docs/results.md).
 
 1. ``two-stage`` (the default): stage 1 (alignment + reconstruction), then stage 2 (frozen visual encoder; bottleneck
    and decoder with the stage-2 losses), started from stage 1's export;

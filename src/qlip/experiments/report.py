@@ -1,4 +1,4 @@
-"""``docs/results.md``: the experiments' tables and plots next to the paper's numbers (issue 7).
+"""``docs/results.md``: the experiments' tables and plots next to the paper's numbers.
 
 The page is generated from ``RESULTS/{balance,modes,recipes}/table.json`` (whichever exist) and states, with the
 numbers, where the small-scale results agree with the paper and where they do not. A difference between two
@@ -21,7 +21,7 @@ from . import paper, plots
 from .tables import mean, read_table, within_criterion
 
 EXPERIMENTS = (("balance", "balance-sweep"), ("modes", "balance-modes"), ("recipes", "recipes"))
-FULL_BUDGET = 0.3  # the commands' default budget: the full set of issue 7 (about 2 h on a 2-core CPU)
+FULL_BUDGET = 0.3  # the commands' default budget: the full set of experiments (about 2 h on a 2-core CPU)
 
 
 def noise(rows: Sequence[Mapping[str, Any]], key: str) -> float:
@@ -118,7 +118,7 @@ def _sweep_section(table: Mapping[str, Any], md: str, figs: dict[str, Path], doc
     if dm:
         verdict = "MET" if dm["passed"] else "NOT MET"
         findings.append(
-            f"* Issue 7 criterion ({verdict}): the default, {dm.get('label', dm['default'])}, is "
+            f"* Default-ratio criterion ({verdict}): the default, {dm.get('label', dm['default'])}, is "
             f"{_fmt(dm['zero_shot_gap'])} points below the best mean zero-shot ({_fmt(dm['best_zero_shot'])}%; "
             f"allowed 5; best: {dm.get('best_zero_shot_variant')}) and {_fmt(dm['psnr_gap'], 2)} dB below the best "
             f"PSNR ({_fmt(dm['best_psnr'], 2)} dB; allowed 1; best: {dm.get('best_psnr_variant')})."
@@ -151,7 +151,7 @@ def _sweep_section(table: Mapping[str, Any], md: str, figs: dict[str, Path], doc
 
 def _criterion_gap(rows: Sequence[Mapping[str, Any]], dm: Mapping[str, Any],
                    chance: Mapping[str, float]) -> list[str]:  # fmt: skip
-    """Why the default misses issue 7's criterion, from the table: which task carries the gap, whether the gap is
+    """Why the default misses the sweep's criterion, from the table: which task carries the gap, whether the gap is
     clear of the seed noise, and which ratios of the sweep do meet both conditions."""
     default, best_zs = _row(rows, dm["default"]), _row(rows, dm.get("best_zero_shot_variant") or "")
     out = []

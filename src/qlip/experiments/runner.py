@@ -1,4 +1,4 @@
-"""Variants x seeds: run directories, one subprocess per (variant, seed), resume-skip of finished ones (issue 7).
+"""Variants x seeds: run directories, one subprocess per (variant, seed), resume-skip of finished ones.
 
 An experiment is a list of :class:`Variant`; each variant is one or more :class:`Stage` s (a stage-1 run, a stage-2
 run started from the previous stage's export, or the ``qlip balance`` probes). Every (variant, seed) is a *job*

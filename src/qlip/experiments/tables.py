@@ -1,4 +1,4 @@
-"""Seed aggregation and the JSON / Markdown tables of an experiment (issue 7).
+"""Seed aggregation and the JSON / Markdown tables of an experiment.
 
 A *row* is one variant: its ``meta`` (e.g. the weight ratio), the seeds it ran with, and for every metric the mean,
 the sample standard deviation over seeds (0 with one seed) and n. Markdown cells read ``mean ± std`` when several
@@ -82,7 +82,8 @@ def mean(row: Mapping[str, Any], key: str) -> float:
     return m["mean"] if m is not None else float("nan")
 
 
-# Issue 7's criterion: within this many zero-shot points of the sweep's best AND this many dB of its best PSNR.
+# The sweep's criterion for the default ratio: within this many zero-shot points of the sweep's best AND this
+# many dB of its best PSNR.
 CRITERION_ZS_POINTS = 5.0
 CRITERION_PSNR_DB = 1.0
 

@@ -1,4 +1,4 @@
-"""Execute one (variant, seed) job: train its stages in order, record time and peak memory, evaluate (issue 7).
+"""Execute one (variant, seed) job: train its stages in order, record time and peak memory, evaluate.
 
 ``python -m qlip.experiments.worker JOB.json`` (what :func:`qlip.experiments.runner.run_job` starts) or
 :func:`execute_job` in-process. Peak memory is ``getrusage(RUSAGE_SELF).ru_maxrss`` read after each stage's training

@@ -1,4 +1,4 @@
-"""Adversarial loss for stage 2: discriminators, GAN losses, R1 penalty, adaptive weight (spec section 8, stage 2).
+"""Adversarial loss for stage 2: discriminators, GAN losses, R1 penalty, adaptive weight (the paper's stage 2).
 
 Stage 2 adds ``0.1 * GAN`` to the decoder's loss. Two discriminator families are provided, both written from their
 papers' descriptions:

@@ -1,4 +1,4 @@
-"""Loss balancing for stage 1: one mechanism, four modes, the weights always returned for logging (spec section 8).
+"""Loss balancing for stage 1: one mechanism, four modes, the weights always returned for logging (the paper's stage 1).
 
 The alignment and reconstruction gradients at the last shared layer (the last MLP linear of the visual encoder)
 differ by orders of magnitude, so the weights matter (the paper's ablation: zero-shot / rFID swing from 75.7 / 367.8
@@ -30,7 +30,7 @@ at a_a:a_r = 1:0 to 35.4 / 35.6 at 1:10^4). :class:`LossBalancer` combines named
 Only the terms in ``balanced_terms`` (default ``align`` and ``recon``) are rescaled by the online modes; the others
 keep their base weights. This is deliberate: the BSQ quantizer loss is ``per_sample_entropy - codebook_entropy`` and
 is often negative or near zero, so dividing by its running value is meaningless. A measured failure
-(shared/notes/shapes-demo-probe.md): weighting EVERY loss by the inverse of its running mean, without clamps or
+(a probe on the shapes demo): weighting EVERY loss by the inverse of its running mean, without clamps or
 warm-up, left the contrastive weight at ~0.3% of the reconstruction weight and collapsed the codebook to 22 distinct
 codes (while per-bit entropy still looked fine). Hence the clamps, the warm-up and the restricted term set.
 
@@ -61,7 +61,7 @@ BALANCE_MODES = ("fixed", "posthoc", "inverse-loss", "grad-norm")
 
 
 def _default_weights() -> dict[str, float]:
-    # The paper's stage-1 default: a_a : a_r = 1 : 1000, a_q = a_z = 1 (spec section 8).
+    # The paper's stage-1 default: a_a : a_r = 1 : 1000, a_q = a_z = 1 (the paper's training recipe).
     return {"align": 1.0, "recon": 1000.0, "quant": 1.0, "commit": 1.0}
 
 

@@ -1,4 +1,4 @@
-"""Symmetric CLIP InfoNCE over the global batch (spec section 8, ``L_align``).
+"""Symmetric CLIP InfoNCE over the global batch (the paper's ``L_align``).
 
 The alignment loss of stage 1 is CLIP's symmetric cross-entropy: with L2-normalized image features ``I`` and text
 features ``T`` of the whole (global) batch of ``N`` pairs and the learnable temperature ``s = exp(logit_scale)``::
@@ -151,7 +151,7 @@ def info_nce(queries: Tensor, keys: Tensor, scale: Tensor, *, offset: int = 0, c
 
 
 class ClipLoss(nn.Module):
-    """Symmetric CLIP InfoNCE over the global batch (spec section 8); see the module docstring for the variants."""
+    """Symmetric CLIP InfoNCE over the global batch (``L_align``); see the module docstring for the variants."""
 
     def __init__(self, *, local_loss: bool = False, gather_with_grad: bool = True, chunk_size: int | None = None):
         """

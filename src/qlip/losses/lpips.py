@@ -1,6 +1,6 @@
 """LPIPS (Zhang et al. 2018, "The Unreasonable Effectiveness of Deep Features as a Perceptual Metric"), VGG variant.
 
-Spec section 8 (stage 2 loss ``0.1 * LPIPS``) and section 9 (reconstruction metric). One implementation serves as
+The paper's stage-2 loss (``0.1 * LPIPS``) and the reconstruction metric (docs/metrics.md). One implementation serves as
 the training loss and as the evaluation metric:
 
     x, y in [-1, 1]  ->  (x - shift) / scale                        (LPIPS input scaling layer)
@@ -48,7 +48,7 @@ def lpips_head_file_key(layer: int) -> str:
 
 
 def clip_normalized_to_lpips_input(pixel_values: torch.Tensor) -> torch.Tensor:
-    """Map CLIP-normalized images (the model's input/reconstruction space, spec section 6) to LPIPS's [-1, 1].
+    """Map CLIP-normalized images (the model's input/reconstruction space) to LPIPS's [-1, 1].
 
     Args:
         pixel_values: (B, 3, H, W) images normalized with the OpenAI CLIP mean/std.

@@ -1,6 +1,6 @@
-"""Pixel reconstruction losses (spec section 8: ``L_mse`` of stage 1 and stage 2).
+"""Pixel reconstruction losses (the paper's ``L_mse`` of stage 1 and stage 2).
 
-Both are computed in the space the model reconstructs in (CLIP-normalized pixels, spec section 6), in fp32 so a
+Both are computed in the space the model reconstructs in (CLIP-normalized pixels), in fp32 so a
 bf16 autocast region does not round the small residuals of a good reconstruction away.
 """
 

@@ -1,4 +1,4 @@
-"""ViT pixel decoder (spec section 4): latents (B, N, W) -> pixels (B, 3, H, W) in CLIP-normalized space."""
+"""ViT pixel decoder: latents (B, N, W) -> pixels (B, 3, H, W) in CLIP-normalized space."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The QLIP model (spec section 1): a CLIP-style image/text model whose image encoder is also a BSQ tokenizer.
+"""The QLIP model: a CLIP-style image/text model whose image encoder is also a BSQ tokenizer.
 
     image --ViT--> CLS -> post_norm -> proj -> image embedding (contrastive)
                    patches -> quant_in MLP -> BSQ (d bits / token) -> quant_out MLP -> ViT decoder -> pixels
@@ -134,7 +134,7 @@ class QLIP(nn.Module):
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def encode_image_features(self, images: Tensor, layer: int = -2, include_cls: bool = False) -> Tensor:
-        """Continuous features of one encoder block (default: second to last, the LLaVA choice of spec section 10).
+        """Continuous features of one encoder block (default: second to last, the LLaVA choice the paper follows).
 
         Returns (B, N, width) patch features, or (B, 1 + N, width) with the CLS token first.
         """

@@ -1,4 +1,4 @@
-"""OpenAI CLIP text transformer (spec section 5)."""
+"""OpenAI CLIP text transformer (QLIP's text tower)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""EVA02-style ViT image encoder with a CLS head (spec section 2)."""
+"""EVA02-style ViT image encoder with a CLS head (QLIP's image encoder)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Multi-head self-attention with separate q/k/v projections, optional sub-LN and RoPE (spec sections 2, 4, 5).
+"""Multi-head self-attention with separate q/k/v projections, optional sub-LN and RoPE (every tower).
 
 The fast path calls ``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU); the explicit
 ``reference`` path is kept for tests and benchmarks.

@@ -1,4 +1,4 @@
-"""Feed-forward layers: SwiGLU with sub-LN (EVA02, spec section 2), GELU MLP (CLIP text, section 5)."""
+"""Feed-forward layers: SwiGLU with sub-LN (EVA02 vision towers), GELU MLP (CLIP text tower)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""2-D rotary position embedding of the EVA02 vision towers (spec section 2).
+"""2-D rotary position embedding of the EVA02 vision towers (encoder and decoder).
 
 The tables are deterministic functions of (head dim, grid size, pretraining grid), so they are recomputed here and
 never read from checkpoints.

@@ -1,6 +1,6 @@
 """VGG16 convolutional trunk (no classifier) with the five ReLU taps LPIPS compares.
 
-Used by LPIPS (spec section 8, stage 2: "LPIPS on VGG features"). The layer indices follow the ``features``
+Used by LPIPS (the paper's stage-2 perceptual loss, and the metric). The layer indices follow the ``features``
 Sequential of the standard ImageNet VGG16 weights file (``vgg16-397923af.pth``, torchvision layout), so that file's
 ``features.{i}.weight/bias`` tensors load unchanged:
 

@@ -1,4 +1,4 @@
-"""Quantizers: binary spherical quantization (BSQ), spec section 3."""
+"""Quantizers: binary spherical quantization (BSQ; Zhao et al. 2024)."""
 
 from qlip.quantizers.bsq import (
     MAX_DIM,

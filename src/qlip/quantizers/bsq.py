@@ -1,4 +1,4 @@
-"""Binary Spherical Quantization (BSQ), standing alone (QLIP spec section 3; BSQ paper, Zhao et al. 2024).
+"""Binary Spherical Quantization (BSQ), standing alone (the QLIP bottleneck; BSQ paper, Zhao et al. 2024).
 
 A d-dimensional latent ``u`` is l2-normalised onto the unit sphere and quantized per channel to
 ``q = sign(u) / sqrt(d)`` with ``sign(0) = -1``, so every code is also on the unit sphere. A straight-through
@@ -122,7 +122,7 @@ def _unpack_bits(indices: Tensor, num_bits: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pure conversions between codes, bits, indices and group indices (spec section 3)
+# Pure conversions between codes, bits, indices and group indices
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -248,7 +248,7 @@ def _binary_entropy_bits(p: Tensor) -> Tensor:
 
 @torch.no_grad()
 def usage_stats(indices: Tensor, dim: int, bits: Tensor | None = None) -> dict[str, Tensor]:
-    """Codebook usage of a batch of tokens, without any 2**d tensor (spec section 3, "usage statistics").
+    """Codebook usage of a batch of tokens, without any 2**d tensor (the quantizer's usage statistics).
 
     Per-bit numbers alone can mislead: every bit may be balanced (~1 bit of entropy) while the batch uses only a
     handful of distinct codes, so the code-level entropy and perplexity of the empirical index distribution are
@@ -314,7 +314,7 @@ class BSQOutput:
 
 
 class BSQuantizer(nn.Module):
-    """Binary Spherical Quantizer with the BSQ entropy regulariser (QLIP spec section 3, BSQ paper section 3).
+    """Binary Spherical Quantizer with the BSQ entropy regulariser (BSQ paper, section 3).
 
     Args:
         dim: bits per token d (1..62); the released QLIP models use 28.

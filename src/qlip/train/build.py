@@ -1,8 +1,8 @@
 """Building what a stage trains: the model (with its init and frozen parts), the loss modules and the balancer.
 
-Stage 1 (spec section 8) trains every tower; stage 2 builds the model without the text tower, freezes the visual
-encoder including its CLS head (``requires_grad`` False, eval mode) and trains quant_in / quantizer / quant_out /
-decoder with MSE + BSQ + LPIPS + GAN.
+Stage 1 (the paper's recipe, docs/training.md) trains every tower; stage 2 builds the model without the text
+tower, freezes the visual encoder including its CLS head (``requires_grad`` False, eval mode) and trains
+quant_in / quantizer / quant_out / decoder with MSE + BSQ + LPIPS + GAN.
 """
 
 from __future__ import annotations

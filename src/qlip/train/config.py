@@ -1,9 +1,9 @@
 """The training configuration: a tree of dataclasses merged as defaults <- YAML file(s) <- ``a.b=c`` overrides.
 
-Issue 4, part 1 (spec section 8 gives the paper's values). Every field has a default, so a YAML file only names
-what it changes. Command-line overrides are parsed as YAML scalars (``optim.lr=3e-4``, ``data.shapes.sizes=[small]``,
-``init=null``). An unknown key is an error that names it and lists the valid ones. The resolved configuration is
-written to ``run_dir/config.yaml`` so a run can always be repeated.
+The paper's values are in configs/b16-256-stage*.yaml and docs/training.md. Every field has a default, so a YAML
+file only names what it changes. Command-line overrides are parsed as YAML scalars (``optim.lr=3e-4``,
+``data.shapes.sizes=[small]``, ``init=null``). An unknown key is an error that names it and lists the valid ones.
+The resolved configuration is written to ``run_dir/config.yaml`` so a run can always be repeated.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ MOVED_KEYS = {
 
 @dataclass
 class OptimSection:
-    """Optimizer and schedule (spec section 8: LAMB, betas (0.9, 0.95), wd 0.05, peak 5e-4, clip 5).
+    """Optimizer and schedule (the paper: LAMB, betas (0.9, 0.95), wd 0.05, peak 5e-4, clip 5).
 
     Attributes:
         name: "adamw" or "lamb".

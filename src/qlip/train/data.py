@@ -1,4 +1,4 @@
-"""Training data: the endless, resumable batch stream, the held-out set and the text tokenizer (issue 4, part 7).
+"""Training data: the endless, resumable batch stream, the held-out set and the text tokenizer.
 
 Streaming sources (``shapes``, tar shards) split themselves across ranks and workers and tag every sample with its
 stream position; a :class:`~qlip.data.sample.StreamTracker` follows the consumed batches so a checkpoint can

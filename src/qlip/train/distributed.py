@@ -1,4 +1,4 @@
-"""Process setup: torchrun environment, device, seeding per rank, and DDP / FSDP2 wrapping (issue 4, part 6).
+"""Process setup: torchrun environment, device, seeding per rank, and DDP / FSDP2 wrapping.
 
 One code path from a laptop to many nodes: without torchrun's environment the run is a single process; with it,
 the default process group is created (nccl on GPU, gloo on CPU) and the model is wrapped in DDP, or sharded with

@@ -1,4 +1,4 @@
-"""Exponential moving average of the weights (issue 4, part 6).
+"""Exponential moving average of the weights.
 
 The EMA copy is kept in float32 beside the model and updated after every optimizer step with one fused
 ``lerp`` over all tensors; only trainable parameters move, buffers are copied.

@@ -1,4 +1,4 @@
-"""The training loop (issue 4, parts 4-8; spec section 8): one readable story for both stages.
+"""The training loop of every stage (the paper's two-stage recipe, docs/training.md): one readable story.
 
     setup (ranks, device, seed) -> model (+ init, frozen parts) -> wrap (DDP / FSDP2) -> optimizers -> resume
     repeat: accumulate micro-batches (forward, losses, balancer, backward) -> clip -> step (unless non-finite)

@@ -1,4 +1,4 @@
-"""Optimizers and schedule (spec section 8): AdamW and LAMB, per-module learning rates, warm-up + cosine.
+"""Optimizers and schedule (the paper's recipe): AdamW and LAMB, per-module learning rates, warm-up + cosine.
 
 Parameter groups: the paper trains the visual encoder at 2e-4, the text encoder at 2e-5 and the decoder at 2e-3
 around a peak of 5e-4, so the rate is chosen per module; norms, biases, the position / class / token embeddings

@@ -1,4 +1,4 @@
-"""``qlip balance``: the paper's post-hoc loss balancing, measured (spec section 8, issue 4 part 3).
+"""``qlip balance``: the paper's post-hoc loss balancing, measured (docs/training.md, "Losses and balancing").
 
 Train each objective alone for ``probe.steps`` steps (align only: the CLIP loss; recon only: pixel loss plus the
 BSQ and commitment terms the bottleneck needs), take the mean logged loss over the last ``probe.tail_fraction``

@@ -1,4 +1,4 @@
-"""Initialization of the visual and text towers from a pretrained CLIP-family checkpoint (spec section 8).
+"""Initialization of the visual and text towers from a pretrained CLIP-family checkpoint.
 
 The paper starts the visual encoder from EVA-02 / EVA-CLIP and the text encoder from CLIP. Three key layouts are
 understood (OpenCLIP / OpenAI, EVA-CLIP, Hugging Face CLIPModel), each translated key by key into our names by
