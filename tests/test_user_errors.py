@@ -473,7 +473,11 @@ def test_library_errors_reach_the_user_as_one_line(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("command", ["write-shards", "check"])
-def test_data_commands_show_progress_unless_quiet(command, tmp_path, capsys):
+def test_data_commands_show_progress_unless_quiet(command, tmp_path, capsys, monkeypatch):
+    import qlip.progress
+
+    monkeypatch.setattr(qlip.progress, "is_terminal", lambda stream: True)  # as on a person's terminal
+
     def run(*extra: str) -> str:
         out = ["--out", str(tmp_path / f"s{len(extra)}")] if command == "write-shards" else []
         assert main(["data", command, "shapes", "--count", "3", "--image-size", "32", *out, *extra]) == 0

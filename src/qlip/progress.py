@@ -1,15 +1,23 @@
-"""Progress bars for long commands: tqdm on stderr, shown only on a terminal and never when asked to be quiet.
+"""Console output of long commands: progress bars and the one logging setup.
 
-One rule for every command that runs for minutes (evaluation stages, writing or checking shards): the bar goes to
-stderr so that piped or redirected output stays clean, and it is left out when stderr is not a terminal (a log
-file would fill with carriage-return updates) or when the caller asks for quiet.
+One rule for every command that runs for minutes (evaluation stages, writing or checking shards, encoding,
+tokenizing): the bar goes to stderr so that piped or redirected output stays clean, and it is left out when stderr
+is not a terminal (a log file would fill with carriage-return updates) or when the caller asks for quiet. Log
+records go to stderr at WARNING (INFO when verbose), with the time and the logger's name.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """The logging setup of every qlip entry point (the command line and the experiments' job processes)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")  # fmt: skip
 
 
 def is_terminal(stream: TextIO) -> bool:

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -183,10 +182,9 @@ def tokenize_dataset(
     Returns:
         A :class:`TokenizeResult`.
     """
-    from tqdm import tqdm
-
     from .data.loader import build_dataloader
     from .data.sample import StreamTracker
+    from .progress import progress_bar
     from .transforms import image_transform
 
     if batch_size < 1 or shard_size < 1:
@@ -255,8 +253,7 @@ def tokenize_dataset(
 
     thread = threading.Thread(target=writer, name="qlip-shard-writer", daemon=True)
     thread.start()
-    bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, desc=f"tokenize r{rank}",
-               smoothing=0.1)  # fmt: skip
+    bar = progress_bar(desc=f"tokenize r{rank}", total=total, unit="img", enabled=progress)
     buf_idx: list[torch.Tensor] = []
     buf_lab: list[torch.Tensor] = []
     buf_keys: list[str] = []

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import signal
 import sys
 from collections.abc import Sequence
 
+from ..progress import setup_logging
 from .common import EXIT_BAD_DATA, EXIT_USER_ERROR, CLIError
 
 COMMAND_GROUPS = ("codec", "classify", "tokenizer", "data", "train", "eval", "tokenize", "experiment")
@@ -43,12 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_GROUPS:
         importlib.import_module(f"{__name__}.{name}").register(sub)
     return parser
-
-
-def setup_logging(verbose: bool) -> None:
-    """The one logging setup of every command: WARNING (INFO with -v) to stderr, with the logger's name."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")  # fmt: skip
 
 
 class _Terminated(BaseException):

@@ -80,11 +80,10 @@ def load_batches(
     files: list[Path], transform, batch_size: int, progress: bool
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[str]]]:
     """Yield (positions of the good files, batch tensor, error messages of the bad ones) per batch of files."""
-    from tqdm import tqdm
-
+    from ..progress import progress_bar
     from ..transforms import ImageLoadError, load_image
 
-    bar = tqdm(total=len(files), unit="img", disable=not progress or len(files) < 2 * batch_size, file=sys.stderr)
+    bar = progress_bar(desc="images", total=len(files), unit="img", enabled=progress and len(files) >= 2 * batch_size)
     for start in range(0, len(files), batch_size):
         good, tensors, errors = [], [], []
         for i in range(start, min(start + batch_size, len(files))):

@@ -54,13 +54,13 @@ def _open_source(args: argparse.Namespace) -> Any:
 
 def _progress(dataset: Any, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """The samples of ``dataset`` (at most ``--count``) with a progress bar on stderr unless ``--quiet``."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     total = args.count
     if total is None and hasattr(dataset, "__len__"):
         total = len(dataset)
     samples = iter_samples(dataset, limit=args.count)
-    yield from tqdm(samples, total=total, unit="sample", disable=args.quiet, file=sys.stderr, leave=False)
+    yield from progress_bar(samples, desc=args.data_command, total=total, unit="sample", enabled=not args.quiet)
 
 
 def _add_source_arguments(p: argparse.ArgumentParser) -> None:

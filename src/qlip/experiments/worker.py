@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import write_text_atomic
+from ..progress import setup_logging
 from ..train.config import load_config
 from ..train.logger import read_metrics
 
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m qlip.experiments.worker JOB.json", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(verbose=True)
     spec = json.loads(Path(argv[0]).read_text())
     execute_job(spec, isolated=True)
     return 0
