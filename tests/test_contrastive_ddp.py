@@ -7,7 +7,7 @@ other ranks' contributions, or summed the wrong slice, fails.
 
 from __future__ import annotations
 
-import socket
+import gc
 
 import pytest
 import torch
@@ -31,9 +31,11 @@ def _global_batch():
     return img, txt, torch.tensor(11.0, dtype=torch.float64)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # A file store: no TCP store server on rank 0 that could go away while rank 1 still tears down (which made
+    # gloo abort rank 1 now and then), and no port to race for.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=WORLD)
     try:
         img, txt, scale = _global_batch()
         results = []
@@ -47,20 +49,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             dist.all_reduce(mean_loss)
             results.append((loss.detach(), mean_loss / WORLD, i.grad, t.grad, s.grad))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # no rank tears its connections down while the other is still in a collective (gloo aborts)
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        gc.collect()  # free the group's last references (autograd nodes of the gathers) while Python is alive
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(out),), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -12,6 +12,7 @@ The model keeps its shapes, so its checkpoints and the released layout are the s
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import os
@@ -156,3 +157,7 @@ def barrier(runtime: Runtime) -> None:
 def teardown(runtime: Runtime) -> None:
     if runtime.initialized_here and dist.is_initialized():
         dist.destroy_process_group()
+        # Free what still refers to the group (autograd nodes of collectives, finished work) while Python is alive:
+        # left to interpreter shutdown, gloo's threads were now and then destroyed unjoined, aborting a rank that
+        # had finished its work (SIGABRT, "terminate called without an active exception").
+        gc.collect()
