@@ -121,7 +121,7 @@ def test_a_signal_stops_after_the_current_step_with_its_exit_code(tmp_path, monk
 
 
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
-    import qlip.train.loop as loop
+    import qlip.train.tasks.qlip as loop  # where the QLIP task computes its pixel loss
 
     real = loop.pixel_loss
     bad_calls = {"n": 0}

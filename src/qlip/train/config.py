@@ -291,6 +291,9 @@ class TrainConfig:
     """Everything a training run needs.
 
     Attributes:
+        task: the model family to train (a name in ``qlip.train.tasks.TASKS``; "qlip", the tokenizer, by default).
+            A task with options of its own reads them from its top-level section (e.g. ``generator:``), kept as
+            ``task_options`` (not a field: ``to_dict`` writes it under the section's name).
         stage: 1 (alignment + reconstruction, all towers) or 2 (frozen visual encoder, no text tower,
             bottleneck + decoder with MSE + BSQ + LPIPS + GAN).
         init: a qlip model directory (ours or the released layout) to start from; None = random.
@@ -309,6 +312,7 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
     probe: ProbeSection = field(default_factory=ProbeSection)
+    task: str = "qlip"
     stage: int = 1
     init: str | None = None
     resume: str = "auto"
@@ -317,6 +321,7 @@ class TrainConfig:
     run_dir: str = "runs/default"
 
     def __post_init__(self) -> None:
+        self.task_options = default_task_options(self.task)
         self.validate()
 
     def _check_loss_weights(self) -> None:
@@ -345,6 +350,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Cross-field checks, with what to change."""
+        task = task_class(self.task)
+        options = getattr(self, "task_options", None)
+        if task.section_class is not None and hasattr(options, "validate"):
+            options.validate(self)
         choices = {
             "stage": (self.stage, (1, 2)),
             "optim.name": (self.optim.name, ("adamw", "lamb")),
@@ -453,7 +462,11 @@ class TrainConfig:
 
     # --- conversions ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        options = getattr(self, "task_options", None)
+        if options is not None:
+            out[task_class(self.task).section] = dataclasses.asdict(options)
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
@@ -613,12 +626,46 @@ def load_config(files: list[str | Path] | str | Path | None = None, overrides: l
     return config_from_dict(merged)
 
 
+def task_class(name: Any) -> type:
+    """The registered Task class called ``name``; ConfigError naming the registered ones otherwise."""
+    from .tasks import TASKS
+
+    if not isinstance(name, str) or name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; the registered tasks are {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def default_task_options(name: Any) -> Any:
+    """The task's own config section with its defaults (None for a task without one)."""
+    section_class = task_class(name).section_class
+    return section_class() if section_class is not None else None
+
+
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    """A validated TrainConfig from a (possibly partial) nested dict."""
+    """A validated TrainConfig from a (possibly partial) nested dict.
+
+    The chosen task's own section (e.g. ``generator:``) is merged into ``cfg.task_options`` by the same rules as
+    every other section; another task's section is an error.
+    """
+    from .tasks import TASKS
+
+    d = dict(d)
+    name = d.get("task", "qlip")
+    task = task_class(name)
+    own: Any = {}
+    for other, cls in TASKS.items():
+        if cls.section is not None and cls.section in d:
+            if cls is not task:
+                raise ConfigError(f"config section '{cls.section}' belongs to task '{other}' and this config trains "
+                                  f"task '{name}'; set task={other} or remove the section")  # fmt: skip
+            own = d.pop(cls.section)
     cfg = TrainConfig.__new__(TrainConfig)
     for f in fields(TrainConfig):  # defaults without running validation on half-built objects
         setattr(cfg, f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+    cfg.task_options = default_task_options(name)
     merge_into(cfg, d)
+    if task.section is not None:
+        merge_into(cfg.task_options, own if own is not None else {}, task.section)
     cfg.validate()
     return cfg
 
@@ -639,14 +686,12 @@ def split_cli_args(args: list[str]) -> tuple[list[str], list[str]]:
 def check_startup(cfg: TrainConfig) -> None:
     """What a config names that must exist on this machine, checked before a run writes anything.
 
-    ``validate`` judges values alone; this looks at the files and the hardware: the run directory, the model,
-    ``init`` and ``data.tokenizer`` paths, CUDA, and a run directory that already holds another model's checkpoints.
-    Raises ConfigError with what to change.
+    ``validate`` judges values alone; this looks at the files and the hardware: the run directory, CUDA, a run
+    directory that already holds another task's checkpoints, then what the task checks (QLIP: the data, the model,
+    ``init`` and ``data.tokenizer`` paths, a run directory holding another model's checkpoints). Raises ConfigError
+    with what to change.
     """
     import torch
-
-    from ..data.loader import describe_source
-    from ..factory import HF_HUB_PREFIX, list_models
 
     run_dir = Path(cfg.run_dir).expanduser()
     for p in (run_dir, *run_dir.parents):
@@ -654,34 +699,16 @@ def check_startup(cfg: TrainConfig) -> None:
             what = "is a file" if p == run_dir else f"lies under the file {p}"
             raise ConfigError(f"run_dir={cfg.run_dir} {what}; set run_dir to a folder (a new one, or an earlier "
                               "run's to resume it)")  # fmt: skip
-    for key, spec in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
-        if spec is not None:
-            try:
-                describe_source(spec)
-            except (FileNotFoundError, ValueError) as e:
-                raise ConfigError(f"{key}={spec}: {e}") from e
-    if cfg.init is None:
-        name = cfg.model.name
-        if not name.startswith(HF_HUB_PREFIX) and name not in list_models() and not Path(name).expanduser().is_dir():
-            raise ConfigError(f"model.name={name!r} is neither a registered model ({', '.join(list_models())}) nor a "
-                              "model directory")  # fmt: skip
-    elif not cfg.init.startswith(HF_HUB_PREFIX) and not Path(cfg.init).expanduser().is_dir():
-        raise ConfigError(f"init={cfg.init}: no such model directory; give a folder with config.json + "
-                          "model.safetensors, or init=null to start from random weights")  # fmt: skip
-    if cfg.data.tokenizer is not None and not (Path(cfg.data.tokenizer).expanduser() / "vocab.json").is_file():
-        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer}: no vocab.json + merges.txt there; give the folder "
-                          "`qlip tokenizer train` wrote (or a model directory), or data.tokenizer=null")  # fmt: skip
     if cfg.distributed.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("distributed.device=cuda but torch sees no CUDA device on this machine; use "
                           "distributed.device=cpu (or auto)")  # fmt: skip
     saved = run_dir / "config.yaml"
     if cfg.resume == "auto" and saved.is_file() and any((run_dir / "checkpoints").glob("step_*.pt")):
         try:
-            old = config_from_dict(load_yaml(saved))
+            theirs = load_yaml(saved).get("task", "qlip")
         except ConfigError:
-            return  # an older layout: the checkpoint itself is checked when it is loaded
-        ours, theirs = (cfg.init or cfg.model.name, cfg.stage), (old.init or old.model.name, old.stage)
-        if ours != theirs:
-            raise ConfigError(f"run_dir={cfg.run_dir} holds checkpoints of {theirs[0]} (stage {theirs[1]}) and this "
-                              f"config trains {ours[0]} (stage {ours[1]}); choose a new run_dir, or resume=never "
-                              "to start over there")  # fmt: skip
+            theirs = cfg.task  # unreadable: the checkpoint itself is checked when it is loaded
+        if theirs != cfg.task:
+            raise ConfigError(f"run_dir={cfg.run_dir} holds checkpoints of task {theirs!r} and this config trains "
+                              f"task {cfg.task!r}; choose a new run_dir, or resume=never to start over there")
+    task_class(cfg.task).check_startup(cfg)

@@ -1,15 +1,15 @@
-"""The training loop of every stage (the paper's two-stage recipe, docs/training.md): one readable story.
+"""The one training loop of every model family in the package: one readable story.
 
-    setup (ranks, device, seed) -> model (+ init, frozen parts) -> wrap (DDP / FSDP2) -> optimizers -> resume
-    repeat: accumulate micro-batches (forward, losses, balancer, backward) -> clip -> step (unless non-finite)
-            -> [stage 2: discriminator step] -> EMA -> log / eval / checkpoint / signal
-    export run_dir/last (save_pretrained + tokenizer)
+    setup (ranks, device, seed) -> task.build_model -> task.batches -> wrap (DDP / FSDP2) -> optimizer -> resume
+    repeat: accumulate micro-batches (task.losses, backward) -> clip -> step (unless non-finite)
+            -> task.after_step -> EMA -> log / eval / checkpoint / signal
+    export run_dir/last (task.export_model + task.save_export)
 
-Stage 1 losses: align (CLIP InfoNCE over the global batch), recon (pixel MSE), quant (BSQ), commit; stage 2:
-recon, quant, lpips, gan (+ the discriminator's own loss and R1). The balancer combines them; every term and
-every weight is logged. Host syncs in the hot loop: one boolean per optimizer step (is the gradient finite?),
-which the never-lose-a-run rule needs, and with several ranks the stop signal they agree on after every step (so
-that a preempted job checkpoints within one step); loss values are only read at log intervals.
+What a model family brings (its model, batches, losses, extra state, evaluation, export) is a Task
+(qlip.train.tasks; the config's ``task:`` key picks it, QLIP by default). Host syncs in the hot loop: one boolean
+per optimizer step (is the gradient finite?), which the never-lose-a-run rule needs, and with several ranks the stop
+signal they agree on after every step (so that a preempted job checkpoints within one step); loss values are only
+read at log intervals.
 """
 
 from __future__ import annotations
@@ -29,20 +29,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoints import check_save_target
-from ..losses.adversarial import adaptive_weight, discriminator_loss, generator_loss, r1_penalty
-from ..losses.contrastive import ClipLoss, clamp_logit_scale_
-from ..losses.reconstruction import pixel_loss
-from .build import (
-    build_balancer,
-    build_gan,
-    build_lpips,
-    build_model,
-    full_model_for_export,
-    set_train_mode,  # fmt: skip
-)
 from .checkpoint import RunCheckpoints, find_resume_checkpoint, rng_state, set_rng_state
 from .config import ConfigError, TrainConfig, check_startup
-from .data import BatchStream, build_tokenizer, held_out_batches
 from .distributed import (
     Runtime,
     all_gather_objects,
@@ -56,11 +44,15 @@ from .distributed import (
     wrap_model,
 )
 from .ema import ModelEMA
-from .evaluate import evaluate
 from .logger import RunLogger
-from .optim import build_optimizer, build_scheduler, param_groups
+from .optim import build_optimizer, build_scheduler
+from .tasks import TASKS, StepLosses
 
 log = logging.getLogger(__name__)
+
+# The checkpoint keys the loop writes; a task's state_dict adds its own beside them.
+LOOP_STATE_KEYS = ("step", "model", "optimizer", "scheduler", "scaler", "ema", "rng", "data", "world_size",
+                   "skipped_total", "config")  # fmt: skip
 
 
 class NonFiniteLossError(RuntimeError):
@@ -139,42 +131,19 @@ class _Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
         barrier(rt)
+        self.task = TASKS[cfg.task](cfg, rt)
         seed_everything(cfg.seed)  # same on every rank: identical random initialization
-        self.model = build_model(cfg)
-        self.model.to(rt.device)
-        mcfg = self.model.cfg
-        self.image_size = self.model.image_size
-        self.tokenizer = None
-        if self.model.text is not None:
-            self.tokenizer = build_tokenizer(cfg.data, init_dir=cfg.init, context_length=mcfg.text.context_length,
-                                             vocab_size=mcfg.text.vocab_size, seed=cfg.seed)  # fmt: skip
-        elif cfg.init and (cfg.data.tokenizer or (Path(cfg.init) / "vocab.json").is_file()):
-            from ..factory import get_tokenizer  # carried into the export, at the exported text tower's context
-
-            self.tokenizer = get_tokenizer(cfg.init, vocabulary=cfg.data.tokenizer)
-        self.balancer = build_balancer(cfg)
-        self.lpips = build_lpips(cfg, self.balancer, rt.device)
-        self.disc = build_gan(cfg, self.balancer, self.image_size, rt.device)
-        self.clip_loss = ClipLoss(local_loss=cfg.loss.clip_local_loss, chunk_size=cfg.loss.clip_chunk_size)
+        self.model = self.task.build_model()
         seed_everything(cfg.seed + 1000 * rt.rank + 1)  # per-rank streams from here on
-        self.stream = BatchStream(cfg.data, image_size=self.image_size, tokenizer=self.tokenizer if cfg.stage == 1
-                                  else None, seed=cfg.seed, rank=rt.rank, world_size=rt.world_size)  # fmt: skip
+        self.stream = self.task.batches()
         # Wrap before building the optimizer: FSDP2 replaces parameters by sharded ones.
-        # A switched-off stage-1 term leaves a whole tower without gradient (text for recon-only, decoder for
-        # align-only); DDP must then be told to expect unused parameters.
-        unused = cfg.stage == 1 and not all(self.balancer.is_active(t) for t in ("align", "recon"))
+        unused = self.task.find_unused_parameters()
         self.wrapped = wrap_model(self.model, rt, cfg.distributed.strategy, find_unused_parameters=unused)
         self.sharded = cfg.distributed.strategy == "fsdp" and rt.distributed
         self.unsharded = unsharded_params(self.model) if self.sharded else []  # whole on every rank (logit scale)
         self.forward_model = torch.compile(self.wrapped) if cfg.model.compile else self.wrapped
-        self.optimizer = build_optimizer(param_groups(self.model, cfg.optim), cfg.optim, rt.device)
+        self.optimizer = build_optimizer(self.task.param_groups(self.model), cfg.optim, rt.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
-        self.disc_optimizer = self.disc_scheduler = None
-        if self.disc is not None:
-            betas = tuple(cfg.optim.disc_betas)
-            self.disc_optimizer = torch.optim.AdamW(self.disc.parameters(), lr=cfg.optim.disc_lr, betas=betas,
-                                                    weight_decay=cfg.optim.disc_weight_decay)  # fmt: skip
-            self.disc_scheduler = build_scheduler(self.disc_optimizer, cfg.optim)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16)
         self.ema = ModelEMA(self.model, cfg.checkpoint.ema_decay) if cfg.checkpoint.ema_decay > 0 else None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -210,17 +179,18 @@ class _Trainer:
             "optimizer": self._optim_state(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "balancer": self.balancer.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "disc": self.disc.state_dict() if self.disc is not None else None,
-            "disc_optimizer": self.disc_optimizer.state_dict() if self.disc_optimizer is not None else None,
-            "disc_scheduler": self.disc_scheduler.state_dict() if self.disc_scheduler is not None else None,
             "rng": rngs,
             "data": streams,
             "world_size": self.rt.world_size,
             "skipped_total": self.skipped_total,
             "config": self.cfg.to_dict(),
         }
+        extra = self.task.state_dict()
+        clash = sorted(set(extra) & set(LOOP_STATE_KEYS))
+        if clash:
+            raise RuntimeError(f"{type(self.task).__name__}.state_dict uses the loop's checkpoint keys {clash}")
+        state.update(extra)
         path = None
         if self.rt.is_main:
             path = self.checkpoints.save(state, self.step)
@@ -252,13 +222,9 @@ class _Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.balancer.load_state_dict(state["balancer"])
+        self.task.load_state_dict(state)
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
-        if self.disc is not None and state.get("disc"):
-            self.disc.load_state_dict(state["disc"])
-            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
-            self.disc_scheduler.load_state_dict(state["disc_scheduler"])
         set_rng_state(state["rng"][self.rt.rank])
         self.stream.load_state_dict(state["data"][self.rt.rank])
         self.step = int(state["step"])
@@ -271,59 +237,25 @@ class _Trainer:
         dtype = self.rt.autocast_dtype
         return torch.autocast(self.rt.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def _losses(self, batch: dict[str, Any], images: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
-        cfg = self.cfg
-        text = batch["text"].to(self.rt.device, non_blocking=True) if cfg.stage == 1 else None
-        with warnings.catch_warnings():  # FSDP2 warns that an output (the latents) is a view: none is changed in place
-            warnings.filterwarnings("ignore", message=".*returned a view tensor", category=UserWarning)
-            out = self.forward_model(images, text) if text is not None else self.forward_model(images)
-        q = out["quantizer"]
-        recon = out["reconstruction"]
-        losses: dict[str, torch.Tensor] = {}
-        if cfg.stage == 1 and self.balancer.is_active("align"):
-            losses["align"] = self.clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
-        losses["recon"] = pixel_loss(recon, images, kind=cfg.loss.pixel)
-        losses["quant"] = q.loss
-        losses["commit"] = q.commit_loss
-        if self.lpips is not None:
-            from ..losses.lpips import clip_normalized_to_lpips_input
-
-            losses["lpips"] = self.lpips(clip_normalized_to_lpips_input(recon.float()),
-                                         clip_normalized_to_lpips_input(images.float())).mean()  # fmt: skip
-        if self.disc is not None and self.step >= cfg.loss.gan_start:
-            with _frozen(self.disc):
-                g_loss = generator_loss(self.disc(recon), cfg.loss.gan_loss)
-            if cfg.loss.adaptive_gan_weight:
-                rec = losses["recon"] + losses.get("lpips", 0.0)
-                g_loss = g_loss * adaptive_weight(rec, g_loss, self.model.decoder.head.out.weight)
-            losses["gan"] = g_loss
-        return {k: v for k, v in losses.items() if self.balancer.is_active(k)}, out
-
     def train_step(self) -> dict[str, Any]:
         """Accumulate ``accum_steps`` micro-batches, then one (possibly skipped) optimizer step."""
         cfg, rt = self.cfg, self.rt
         accum = cfg.optim.accum_steps
         sums: dict[str, torch.Tensor] = {}
-        weights: dict[str, Any] = {}
-        images = recon = None
-        stats = None
-        n_images = 0
+        last: StepLosses | None = None
+        samples = 0
         for micro in range(accum):
             batch = next(self.stream)
-            images = batch["image"].to(rt.device, non_blocking=True)
-            n_images += images.shape[0]
             sync = micro == accum - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
             ctx = contextlib.nullcontext() if sync else self.wrapped.no_sync()
             with ctx:
                 with self._autocast():
-                    losses, out = self._losses(batch, images)
-                    total, weights = self.balancer.combine(losses, step=self.step, return_tensors=True,
-                                                           shared_param=self._shared_param())  # fmt: skip
-                self.scaler.scale(total / accum).backward()
-            for k, v in losses.items():
+                    last = self.task.losses(self.forward_model, batch, self.step)
+                self.scaler.scale(last.total / accum).backward()
+            samples += last.samples
+            for k, v in last.terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
-            sums["total"] = sums.get("total", 0.0) + total.detach().float() / accum
-            recon, stats = out["reconstruction"], out["quantizer"].stats
+            sums["total"] = sums.get("total", 0.0) + last.total.detach().float() / accum
         average_gradients(self.unsharded, rt)
         self.scaler.unscale_(self.optimizer)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
@@ -342,14 +274,7 @@ class _Trainer:
         with warnings.catch_warnings():  # a skipped step still advances the schedule: no "step before optimizer"
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
-        if self.model.text is not None and self.model.logit_scale.requires_grad:
-            clamp_logit_scale_(self.model.logit_scale, cfg.loss.logit_scale_max)
-        if self.disc is not None and self.step >= cfg.loss.gan_start:
-            sums.update(self._disc_step(images, recon.detach()))
-        if self.disc_scheduler is not None:
-            with warnings.catch_warnings():  # the schedule runs from step 0 although the GAN starts later
-                warnings.simplefilter("ignore", UserWarning)
-                self.disc_scheduler.step()
+        sums.update(self.task.after_step(self.step, last))
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1
@@ -359,54 +284,16 @@ class _Trainer:
                 f"in {self.run_dir / 'checkpoints'} is intact: lower optim.lr, check the data, or raise "
                 "optim.max_nonfinite_steps"
             )
-        return {"sums": sums, "weights": weights, "grad_norm": grad_norm.detach(), "stats": stats,
-                "images": n_images * rt.world_size}  # fmt: skip
-
-    def _shared_param(self) -> torch.Tensor | None:
-        if self.balancer.cfg.mode != "grad-norm":
-            return None
-        return self.model.visual.transformer.blocks[-1].mlp.w3.weight
-
-    def _disc_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        with self._autocast():
-            logits = self.disc(torch.cat([real, fake]))
-            real_logits, fake_logits = logits.chunk(2)
-            d_loss = discriminator_loss(real_logits, fake_logits, cfg.loss.gan_loss)
-            out = {"disc": d_loss.detach()}
-            if cfg.loss.r1_weight > 0 and self.step % cfg.loss.r1_every == 0:
-                real_in = real.detach().requires_grad_(True)
-                r1 = r1_penalty(real_in, self.disc(real_in))
-                d_loss = d_loss + 0.5 * cfg.loss.r1_weight * cfg.loss.r1_every * r1
-                out["r1"] = r1.detach()
-        d_loss.backward()
-        average_gradients(self.disc.parameters(), self.rt)  # not DDP-wrapped (R1 needs a double backward)
-        torch.nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.optim.grad_clip or math.inf)
-        self.disc_optimizer.step()
-        self.disc_optimizer.zero_grad(set_to_none=True)
-        return out
+        return {"sums": sums, "weights": last.weights, "grad_norm": grad_norm.detach(), "last": last,
+                "samples": samples * rt.world_size}  # fmt: skip
 
     # --- the run ----------------------------------------------------------------------------------------------
     def _eval(self, final: bool = False) -> dict[str, Any]:
-        cfg = self.cfg
         results: dict[str, Any] = {}
         if self.rt.is_main:
-            if not hasattr(self, "_held_out"):
-                tok = self.tokenizer if self.model.text is not None else None
-                self._held_out = held_out_batches(cfg.data, image_size=self.image_size, tokenizer=tok,
-                                                  num_samples=cfg.eval.num_samples, batch_size=cfg.eval.batch_size,
-                                                  seed=cfg.seed)  # fmt: skip
-                tasks = {}
-                if self.model.text is not None and cfg.data.train.startswith("shapes"):
-                    all_tasks = self.stream.dataset.tasks if hasattr(self.stream.dataset, "tasks") else {}
-                    tasks = {k: all_tasks[k] for k in cfg.eval.tasks if k in all_tasks}
-                self._tasks = tasks
             name = "final" if final else f"step_{self.step:08d}"
-            results = evaluate(self.model, self._held_out, tokenizer=self.tokenizer, tasks=self._tasks,
-                               device=self.rt.device, autocast_dtype=self.rt.autocast_dtype,
-                               grid_path=self.run_dir / "grids" / f"{name}.png",
-                               grid_images=cfg.eval.grid_images)  # fmt: skip
-            set_train_mode(self.model, cfg.stage)
+            results = self.task.evaluate(self.model, name=name)
+            self.task.train_mode(self.model)
             log.info("eval at step %d: %s", self.step, results)
         barrier(self.rt)
         return results
@@ -418,20 +305,21 @@ class _Trainer:
                            progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)  # fmt: skip
         stop = _StopFlag()
         stop.install()
-        set_train_mode(self.model, cfg.stage)
+        self.task.train_mode(self.model)
         result = TrainResult(step=self.step, run_dir=self.run_dir)
+        unit = self.task.progress_unit
         t0, seen = time.perf_counter(), 0
         try:
             while self.step < last:
                 info = self.train_step()
-                seen += info["images"]
+                seen += info["samples"]
                 at_log = self.step % cfg.logging.every == 0 or self.step == last
                 if at_log:
                     elapsed = time.perf_counter() - t0
                     metrics = self._log_metrics(info, seen / max(elapsed, 1e-9))
                     logger.log(self.step, metrics)
                     logger.progress(self.step, {k: metrics[k] for k in metrics if k.startswith(("loss/", "w/"))
-                                                } | {"img/s": metrics["samples_per_s"]})  # fmt: skip
+                                                } | {unit: metrics["samples_per_s"]})  # fmt: skip
                     t0, seen = time.perf_counter(), 0
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < last:
                     logger.log(self.step, self._eval(), kind="eval")
@@ -477,43 +365,22 @@ class _Trainer:
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         for group in self.optimizer.param_groups:
             metrics[f"lr/{group.get('name', '?')}"] = group["lr"]
-        if self.model.text is not None:
-            metrics["logit_scale"] = float(self.model.logit_scale.detach().exp())
-        stats = info["stats"] or {}
-        for key in ("mean_bit_entropy", "distinct_codes", "code_entropy"):
-            if key in stats:
-                metrics[f"codes/{key}"] = float(stats[key])
+        metrics.update(self.task.log_metrics(info["last"]))
         metrics["samples_per_s"] = samples_per_s
         metrics["skipped_steps"] = self.skipped_total
         return metrics
 
     def export(self) -> Path | None:
-        """``run_dir/last`` (and ``last-ema``): save_pretrained + tokenizer, loadable by create_model / qlip encode."""
-        from ..models.qlip import QLIP
-
+        """``run_dir/last`` (and ``last-ema``) in the task's format (QLIP: save_pretrained + tokenizer)."""
         state = self._model_state()  # collective under FSDP
         ema = self.ema.state_dict() if self.ema is not None else None  # collective under FSDP: gathers the shards
         if not self.rt.is_main:
             barrier(self.rt)
             return None
-        plain = QLIP(self.model.cfg)
-        plain.load_state_dict(state)
-        out = full_model_for_export(plain, self.cfg).save_pretrained(self.run_dir / "last", self.tokenizer)
+        plain = self.task.export_model(state)
+        out = self.task.save_export(plain, self.run_dir / "last")
         if ema is not None:
             self.ema.copy_to(plain, ema["shadow"])
-            full_model_for_export(plain, self.cfg).save_pretrained(self.run_dir / "last-ema", self.tokenizer)
+            self.task.save_export(plain, self.run_dir / "last-ema")
         barrier(self.rt)
         return out
-
-
-@contextlib.contextmanager
-def _frozen(module: nn.Module):
-    """Let gradients flow through ``module`` to its input without accumulating into its parameters."""
-    flags = [p.requires_grad for p in module.parameters()]
-    for p in module.parameters():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(module.parameters(), flags):
-            p.requires_grad_(f)

@@ -1,0 +1,14 @@
+"""The model families the one training loop trains, by the name the config's ``task:`` key gives.
+
+A new family subclasses :class:`qlip.train.tasks.base.Task` and adds itself here (docs/training.md, "Adding a model
+family").
+"""
+
+from __future__ import annotations
+
+from .base import BatchSource, StepLosses, Task
+from .qlip import QLIPTask
+
+TASKS: dict[str, type[Task]] = {"qlip": QLIPTask}
+
+__all__ = ["TASKS", "BatchSource", "QLIPTask", "StepLosses", "Task"]
