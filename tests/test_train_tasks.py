@@ -211,3 +211,11 @@ def test_a_task_state_key_may_not_replace_the_loops(tmp_path, toy_task, monkeypa
     monkeypatch.setattr(ToyTask, "state_dict", lambda self: {"step": 0})
     with pytest.raises(RuntimeError, match=r"ToyTask.state_dict uses the loop's checkpoint keys \['step'\]"):
         train(load_config(toy_config(tmp_path / "c.yaml", tmp_path / "r", optim={"steps": 1})))
+
+
+def test_the_balance_probes_refuse_another_task(tmp_path, toy_task):
+    from qlip.train.probe import run_balance_probes
+
+    with pytest.raises(ConfigError, match="this config trains task 'toy'; use a QLIP config"):
+        run_balance_probes(load_config(toy_config(tmp_path / "c.yaml", tmp_path / "r")))
+    assert not (tmp_path / "r").exists()

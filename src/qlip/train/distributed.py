@@ -17,6 +17,7 @@ import inspect
 import logging
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,11 +87,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def wrap_model(model: nn.Module, runtime: Runtime, strategy: str, find_unused_parameters: bool = False) -> nn.Module:
+def wrap_model(model: nn.Module, runtime: Runtime, strategy: str, find_unused_parameters: bool = False,
+               shard_units: Iterable[nn.Module] = ()) -> nn.Module:  # fmt: skip
     """DDP (default) or FSDP2 around ``model`` when distributed; the model itself otherwise.
 
     ``find_unused_parameters``: some trainable parameters get no gradient (a loss term switched off, e.g. the
     single-objective probes of ``qlip balance``); DDP then has to look for them after every backward.
+    ``shard_units``: FSDP2 shards each of these submodules on its own (transformer blocks), then the rest of the model.
     """
     if not runtime.distributed:
         return model
@@ -102,10 +105,8 @@ def wrap_model(model: nn.Module, runtime: Runtime, strategy: str, find_unused_pa
         if fully_shard is None or "ignored_params" not in inspect.signature(fully_shard).parameters:  # < 2.7
             raise RuntimeError(f"distributed.strategy=fsdp needs torch >= 2.7 (FSDP2 fully_shard with ignored_params), "
                                f"this is torch {torch.__version__}: upgrade torch or use distributed.strategy=ddp")
-        for part in (getattr(model, "visual", None), getattr(model, "decoder", None), getattr(model, "text", None)):
-            if part is not None:
-                for block in part.transformer.blocks:
-                    fully_shard(block)
+        for unit in shard_units:
+            fully_shard(unit)
         scalars = {p for p in model.parameters() if p.dim() == 0}
         fully_shard(model, ignored_params=scalars or None)
         return model

@@ -138,7 +138,8 @@ class _Trainer:
         self.stream = self.task.batches()
         # Wrap before building the optimizer: FSDP2 replaces parameters by sharded ones.
         unused = self.task.find_unused_parameters()
-        self.wrapped = wrap_model(self.model, rt, cfg.distributed.strategy, find_unused_parameters=unused)
+        self.wrapped = wrap_model(self.model, rt, cfg.distributed.strategy, find_unused_parameters=unused,
+                                  shard_units=self.task.shard_units(self.model))  # fmt: skip
         self.sharded = cfg.distributed.strategy == "fsdp" and rt.distributed
         self.unsharded = unsharded_params(self.model) if self.sharded else []  # whole on every rank (logit scale)
         self.forward_model = torch.compile(self.wrapped) if cfg.model.compile else self.wrapped

@@ -72,6 +72,9 @@ def run_balance_probes(cfg: TrainConfig) -> BalanceResult:
     """Run the probes of ``cfg.probe.objectives`` and write ``run_dir/balance.yaml``."""
     from .loop import train
 
+    if cfg.task != "qlip":
+        raise ConfigError(f"qlip balance measures the QLIP tokenizer's objectives and this config trains task "
+                          f"{cfg.task!r}; use a QLIP config (task: qlip)")  # fmt: skip
     if cfg.stage != 1:
         raise ConfigError("qlip balance measures the stage-1 objectives; use a stage-1 config (stage=1)")
     if "align" not in cfg.probe.objectives:

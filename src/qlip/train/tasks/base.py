@@ -9,7 +9,7 @@ its held-out evaluation and its export format. The loop calls, in this order:
     check_startup(cfg)                       (class method, before anything is written)
     build_model()                            under seed_everything(cfg.seed): the same weights on every rank
     batches()                                under a per-rank seed
-    find_unused_parameters(), param_groups(model)
+    find_unused_parameters(), shard_units(model), param_groups(model)
     [resume: load_state_dict(checkpoint)]
     train_mode(model)
     repeat: losses(model, batch, step) per micro-batch -> backward -> clip -> optimizer step
@@ -115,6 +115,11 @@ class Task:
         """True when some trainable parameters get no gradient in a step (DDP must then look for them)."""
         return False
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """The submodules FSDP2 shards one by one (``distributed.strategy=fsdp``), usually the transformer blocks;
+        whatever is left is sharded with the model. Default: none (the whole model is one unit)."""
+        return []
+
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Optimizer groups of the unwrapped model's trainable parameters, each with ``lr``, ``weight_decay`` and a
         ``name`` (logged as ``lr/<name>``). Default: ``qlip.train.optim.param_groups`` (``optim.lr`` for names it does
@@ -152,6 +157,10 @@ class Task:
         """Restore what :meth:`state_dict` wrote, from the whole checkpoint dict."""
 
     # --- evaluation and export ------------------------------------------------------------------------------------
+    def grid_path(self, name: str) -> Path:
+        """Where :meth:`evaluate` writes its picture of ``name`` (reconstructions, samples): ``run_dir/grids``."""
+        return Path(self.cfg.run_dir) / "grids" / f"{name}.png"
+
     def evaluate(self, model: nn.Module, *, name: str) -> dict[str, Any]:
         """Held-out checks on rank 0 (the unwrapped model), as flat metrics in the package's evaluation vocabulary
         (``qlip.eval.schema``); ``name`` ("step_00000500" or "final") names any picture it writes under run_dir."""

@@ -117,6 +117,10 @@ class QLIPTask(Task):
         # align-only).
         return self.cfg.stage == 1 and not all(self.balancer.is_active(t) for t in ("align", "recon"))
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        towers = (model.visual, model.decoder, model.text)
+        return [block for tower in towers if tower is not None for block in tower.transformer.blocks]
+
     def train_mode(self, model: nn.Module) -> None:
         set_train_mode(model, self.cfg.stage)
 
@@ -232,7 +236,7 @@ class QLIPTask(Task):
                 tasks = {k: all_tasks[k] for k in cfg.eval.tasks if k in all_tasks}
             self._tasks = tasks
         return evaluate(model, self._held_out, tokenizer=self.tokenizer, tasks=self._tasks, device=self.rt.device,
-                        autocast_dtype=self.rt.autocast_dtype, grid_path=Path(cfg.run_dir) / "grids" / f"{name}.png",
+                        autocast_dtype=self.rt.autocast_dtype, grid_path=self.grid_path(name),
                         grid_images=cfg.eval.grid_images)  # fmt: skip
 
     def export_model(self, state: dict[str, torch.Tensor]) -> nn.Module:
