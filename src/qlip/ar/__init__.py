@@ -1,0 +1,22 @@
+"""The autoregressive core shared by every sequence model of the package (text-to-image now, others later).
+
+A Llama-style decoder and its sampling utilities::
+
+    from qlip.ar import ARConfig, ARTransformer, KVCache
+    from qlip.ar.sampling import sample, cfg_logits
+
+    core = ARTransformer(ARConfig(vocab_size=1024, width=256, depth=4, heads=4, max_seq_len=128))
+    logits = core(tokens)                                   # (B, T) -> (B, T, V), causal
+    hidden = core.forward_embeds(x)                         # (B, T, W) embeddings in: prepend conditions, mix vocabularies
+    cache = core.new_cache(batch=B, max_len=T_max)          # static KV cache for incremental decoding
+    h = core.forward_embeds(prefix, cache=cache)            # prefill; the cache position advances by T
+    h = core.forward_embeds(next_embed, cache=cache)        # one step; RoPE positions follow the cache position
+
+Models that own their input embeddings and output heads (the image-token codecs of qlip.generation) build the
+core with ``vocab_size=0`` and use :meth:`ARTransformer.forward_embeds` only.
+"""
+
+from .model import ARConfig, ARTransformer, KVCache, set_ar_attention_impl
+from .sampling import cfg_logits, filter_logits, sample
+
+__all__ = ["ARConfig", "ARTransformer", "KVCache", "cfg_logits", "filter_logits", "sample", "set_ar_attention_impl"]
