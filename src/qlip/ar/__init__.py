@@ -7,7 +7,7 @@ A Llama-style decoder and its sampling utilities::
 
     core = ARTransformer(ARConfig(vocab_size=1024, width=256, depth=4, heads=4, max_seq_len=128))
     logits = core(tokens)                                   # (B, T) -> (B, T, V), causal
-    hidden = core.forward_embeds(x)                         # (B, T, W) embeddings in: prepend conditions, mix vocabularies
+    hidden = core.forward_embeds(x)                         # (B, T, W) in: prepend conditions, mix vocabularies
     cache = core.new_cache(batch=B, max_len=T_max)          # static KV cache for incremental decoding
     h = core.forward_embeds(prefix, cache=cache)            # prefill; the cache position advances by T
     h = core.forward_embeds(next_embed, cache=cache)        # one step; RoPE positions follow the cache position

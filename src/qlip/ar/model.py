@@ -177,7 +177,8 @@ class ARTransformer(nn.Module):
         self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.width) if cfg.vocab_size else None
         self.blocks = nn.ModuleList(ARBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False) if cfg.vocab_size and not cfg.tie_embeddings else None
+        own_head = cfg.vocab_size and not cfg.tie_embeddings
+        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False) if own_head else None
         cos, sin = rope_1d_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # deterministic: recomputed, never saved
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -199,7 +200,8 @@ class ARTransformer(nn.Module):
             return hidden @ self.tok_embed.weight.t()
         return self.lm_head(hidden)
 
-    def forward(self, tokens: Tensor, *, cache: KVCache | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, *, cache: KVCache | None = None,
+                key_padding_mask: Tensor | None = None) -> Tensor:  # fmt: skip
         """Token ids (B, T) -> logits (B, T, V)."""
         return self.head(self.forward_embeds(self.embed(tokens), cache=cache, key_padding_mask=key_padding_mask))
 
