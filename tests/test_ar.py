@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlip.ar import ARConfig, ARTransformer, cfg_logits, filter_logits, sample, set_ar_attention_impl
+from qlip.ar import ARConfig, ARTransformer, cfg_logits, decode, filter_logits, sample, set_ar_attention_impl
 from qlip.ar.sampling import Chooser
 
 
@@ -129,3 +129,19 @@ def test_cfg_arithmetic_and_chooser():
     assert torch.equal(guided, logits[:3].argmax(-1))
     with pytest.raises(ValueError, match="cfg_scale"):
         Chooser(guided=True, cfg_scale=float("nan"))
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_decode_cached_equals_recomputed(guided):
+    m = _model()
+    prompt = torch.randint(0, 50, (4 if guided else 2, 5))
+    mask = torch.ones_like(prompt, dtype=torch.bool)
+    mask[:, 1] = False
+    runs = []
+    for use_cache in (True, False):
+        chooser = Chooser(guided=guided, cfg_scale=2.0, top_k=10, generator=torch.Generator().manual_seed(0))
+        runs.append(decode(m, prompt, 8, chooser, prompt_mask=mask, use_cache=use_cache))
+    assert runs[0].shape == (2, 8) and torch.equal(runs[0], runs[1])
+    greedy = decode(m, prompt[:2], 3, Chooser(guided=False, temperature=0))
+    with torch.no_grad():
+        assert torch.equal(greedy[:, 0], m(prompt[:2]).argmax(-1)[:, -1])
