@@ -82,3 +82,17 @@ def test_bit_flips_only_in_training():
     torch.manual_seed(0)
     assert not torch.equal(codec.train().embed(seq), codec.embed(seq))
     assert torch.equal(codec.eval().embed(seq), codec.embed(seq))
+
+
+def test_depth_head_guidance_feeds_the_same_choices_to_both_halves():
+    torch.manual_seed(0)
+    codec = DepthHeadCodec(8, 16, parts=2).eval()
+    hidden = torch.randn(2 * 32, 16)
+    chooser = Chooser(guided=True, cfg_scale=3.0, temperature=0)
+    with torch.no_grad():
+        got = codec.sample_step(hidden, 0, chooser)  # (32, 2)
+        h0 = codec.depth.forward_embeds(hidden[:, None])[:, -1]
+        c0 = chooser(codec.tables.logits(h0, 0))
+        x = torch.cat([hidden[:, None], codec.tables.embed(c0.repeat(2)[:, None], torch.zeros(1, dtype=torch.long))], 1)
+        c1 = chooser(codec.tables.logits(codec.depth.forward_embeds(x)[:, -1], 1))
+    assert torch.equal(got, torch.stack([c0, c1], dim=1))

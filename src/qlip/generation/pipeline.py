@@ -13,7 +13,6 @@ Layout of a generator directory (self-contained)::
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -73,8 +72,6 @@ class Generator:
         """Tokens (len(prompts) * n, h, w): the n samples of prompt 0 first, then those of prompt 1, ..."""
         if not isinstance(n, int) or n < 1:
             raise GenerationInputError(f"n (images per prompt) must be a positive integer, got {n!r}")
-        if not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale) or cfg_scale < 0:
-            raise GenerationInputError(f"cfg_scale must be a finite number >= 0 (1 = no guidance), got {cfg_scale}")
         ids = self.tokenize(list(prompts) if not isinstance(prompts, str) else [prompts]).repeat_interleave(n, 0)
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
         return self.model.generate(ids, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
