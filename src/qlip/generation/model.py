@@ -18,6 +18,11 @@ API::
     model.save_pretrained(dir); T2IModel.from_pretrained(dir, text_encoder=qlip_model.text)
 
 ``model.trainable_parameters()`` lists what an optimizer should update (everything but the frozen text tower).
+
+A training loop needs, per batch of token-file samples (image tokens + caption ids from the QLIP model's
+tokenizer, padded to its text context): ``loss = model(tokens, text_ids)["loss"]`` (the other entries are scalar
+metrics to log); before training, :func:`check_token_spec` against the token files' spec; to publish,
+:func:`qlip.generation.save_generator` (the generator plus its QLIP model, one self-contained directory).
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ class T2IConfig:
 
     @property
     def image_steps(self) -> int:
-        steps = make_codec_steps(self.codec, self.bits)
+        steps = make_codec_steps(self.codec)
         return self.grid * self.grid * steps
 
     @property
@@ -94,7 +99,7 @@ class T2IConfig:
         """A config for tokens of ``spec``, conditioned on a QLIP text tower of config ``text`` (a TextConfig)."""
         codec = codec or CodecConfig()
         cond = ConditioningConfig("qlip", context_length=text.context_length, width=text.width, dropout=dropout)
-        max_len = cond.context_length + 1 + spec.grid * spec.grid * make_codec_steps(codec, spec.bits)
+        max_len = cond.context_length + 1 + spec.grid * spec.grid * make_codec_steps(codec)
         ar = ARConfig(vocab_size=0, width=width, depth=depth, heads=heads, max_seq_len=max_len, **ar_options)
         return cls(ar=ar, token_spec=dataclasses.asdict(spec), codec=codec, conditioning=cond)
 
@@ -118,7 +123,7 @@ class T2IConfig:
         )
 
 
-def make_codec_steps(codec: CodecConfig, bits: int) -> int:
+def make_codec_steps(codec: CodecConfig) -> int:
     """AR steps per image position of a codec config (without building it)."""
     return codec.parts if codec.kind == "subtoken" else 1
 
