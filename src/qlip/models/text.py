@@ -36,6 +36,16 @@ class TextEncoder(nn.Module):
         The EOT token is the largest id of the vocabulary, so its position is the argmax of each row (this is
         what the released configs' legacy ``eos_token_id`` 2 selects as well).
         """
+        x = self.token_states(text)  # (B, L, W)
+        eot = text.argmax(dim=-1)  # (B,)
+        return x[torch.arange(x.shape[0], device=x.device), eot]  # (B, W)
+
+    def token_states(self, text: Tensor) -> Tensor:
+        """Token ids (B, L) -> the final-normed hidden state of every token (B, L, width), for conditioning.
+
+        The tower is causal, so the states up to the end token do not depend on the padding after it; the padding
+        positions' states are meaningless (mask them with ``text_mask``).
+        """
         if text.ndim != 2 or text.shape[1] > self.cfg.context_length:
             raise ValueError(
                 f"expected token ids (B, L <= {self.cfg.context_length}), got {tuple(text.shape)}: tokenize with "
@@ -49,9 +59,13 @@ class TextEncoder(nn.Module):
             )
         n = text.shape[1]
         x = self.token_embed(text) + self.pos_embed[:n]  # (B, L, W)
-        x = self.final_norm(self.transformer(x))
-        eot = text.argmax(dim=-1)  # (B,)
-        return x[torch.arange(x.shape[0], device=x.device), eot]  # (B, W)
+        return self.final_norm(self.transformer(x))
+
+    @staticmethod
+    def text_mask(text: Tensor) -> Tensor:
+        """(B, L) bool, True for the tokens up to and including the end token (the argmax id), False after it."""
+        positions = torch.arange(text.shape[1], device=text.device)
+        return positions[None, :] <= text.argmax(dim=-1, keepdim=True)
 
     def embed(self, pooled: Tensor) -> Tensor:
         return self.proj(pooled)

@@ -1,0 +1,44 @@
+"""Incremental decoding of a token-vocabulary :class:`ARTransformer` with its KV cache (language models).
+
+Models whose steps are not plain tokens (the image-token codecs of qlip.generation) write their own loop over
+:meth:`ARTransformer.forward_embeds` with a cache and a :class:`qlip.ar.sampling.Chooser`, as this one does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .model import ARTransformer
+from .sampling import Chooser
+
+
+@torch.no_grad()
+def decode(core: ARTransformer, prompt: Tensor, max_new_tokens: int, chooser: Chooser, *,
+           prompt_mask: Tensor | None = None, use_cache: bool = True) -> Tensor:  # fmt: skip
+    """Continue ``prompt`` (copies*B, T) by ``max_new_tokens`` ids -> (B, max_new_tokens).
+
+    With a guided chooser the prompt rows are the B conditional prompts followed by the B unconditional ones; the
+    chosen ids are fed to both halves. ``prompt_mask`` (copies*B, T) bool marks real prompt tokens (False: padding).
+    ``use_cache=False`` recomputes the whole sequence at every step (the reference for the cache).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    rows, t = prompt.shape
+    cache = core.new_cache(rows, max_len=t + max_new_tokens) if use_cache else None
+    logits = core(prompt, cache=cache, key_padding_mask=prompt_mask)[:, -1]
+    seq, mask, out = prompt, prompt_mask, []
+    for step in range(max_new_tokens):
+        ids = chooser(logits)  # (B,)
+        out.append(ids)
+        if step == max_new_tokens - 1:
+            break
+        fed = ids.repeat(chooser.copies)[:, None]  # (copies*B, 1)
+        if cache is not None:
+            logits = core(fed, cache=cache)[:, -1]
+        else:
+            seq = torch.cat([seq, fed], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(fed, dtype=torch.bool)], dim=1)
+            logits = core(seq, key_padding_mask=mask)[:, -1]
+    return torch.stack(out, dim=1)
