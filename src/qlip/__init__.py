@@ -6,8 +6,10 @@ The public API, re-exported::
     tokenizer = qlip.get_tokenizer("./QLIP-B-16-256")
     tokens = model.encode(images)          # (B, h, w) int64 in [0, 2**28)
     recon = model.decode(tokens)           # (B, 3, H, W), CLIP-normalized
+    gen = qlip.generation.load("runs/t2i-shapes/last")   # a text-to-image generator over QLIP tokens
 """
 
+from . import generation
 from .config import DecoderConfig, QLIPConfig, QuantizerConfig, TextConfig, VisionConfig
 from .factory import create_model, create_model_and_transforms, get_model_config, get_tokenizer, list_models
 from .models.qlip import QLIP
@@ -18,6 +20,7 @@ from .transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageLoadError, image
 __version__ = "0.1.0"
 
 __all__ = [
+    "generation",
     "QLIP",
     "BSQOutput",
     "BSQuantizer",

@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoints import check_save_target
 from .checkpoint import RunCheckpoints, find_resume_checkpoint, rng_state, set_rng_state
 from .config import ConfigError, TrainConfig, check_startup
 from .distributed import (
@@ -126,7 +125,7 @@ class _Trainer:
         self.run_dir = Path(cfg.run_dir)
         if cfg.checkpoint.export:  # every rank: refused at start, not after the training
             for name in ("last", "last-ema"):
-                check_save_target(self.run_dir / name)
+                TASKS[cfg.task].check_export_target(self.run_dir / name)
         if rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")

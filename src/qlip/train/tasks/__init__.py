@@ -7,8 +7,9 @@ family").
 from __future__ import annotations
 
 from .base import BatchSource, StepLosses, Task
+from .generator import GeneratorTask
 from .qlip import QLIPTask
 
-TASKS: dict[str, type[Task]] = {"qlip": QLIPTask}
+TASKS: dict[str, type[Task]] = {"qlip": QLIPTask, "generator": GeneratorTask}
 
-__all__ = ["TASKS", "BatchSource", "QLIPTask", "StepLosses", "Task"]
+__all__ = ["TASKS", "BatchSource", "GeneratorTask", "QLIPTask", "StepLosses", "Task"]

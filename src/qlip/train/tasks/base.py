@@ -99,6 +99,14 @@ class Task:
         Raise ConfigError with what to change. ``validate`` of the section class judges values alone.
         """
 
+    @classmethod
+    def check_export_target(cls, out_dir: Path) -> None:
+        """Raise when the export could not be written to ``out_dir`` (``run_dir/last``), before training starts.
+        Default: where ``save_pretrained`` of a QLIP-style model directory would refuse."""
+        from ...checkpoints import check_save_target
+
+        check_save_target(out_dir)
+
     # --- building ---------------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         """The model on ``self.rt.device``, initialized, with frozen parameters at ``requires_grad=False`` (the loop

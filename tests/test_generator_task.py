@@ -1,0 +1,85 @@
+"""The text-to-image generator through the package's one training loop and its command line:
+`qlip tokenize` -> `qlip train` (task: generator) -> `qlip generate`, plus the task's config errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from qlip.cli import main
+from qlip.factory import create_model
+from qlip.train.config import ConfigError, load_config
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("gen")
+    torch.manual_seed(0)
+    create_model("qlip-tiny").save_pretrained(root / "tok", tokenizer=tiny_tokenizer)
+    assert main(["tokenize", "--model", str(root / "tok"), "--data", "shapes:easy", "--count", "24", "--out",
+                 str(root / "tokens"), "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet"]) == 0
+    return root
+
+
+def _config(root, run, **generator) -> str:
+    cfg = {
+        "task": "generator",
+        "generator": {"tokenizer": str(root / "tok"), "tokens": str(root / "tokens"), "width": 32, "depth": 2,
+                      "heads": 2, "eval_prompts": 4, **generator},
+        "data": {"batch_size": 4},
+        "optim": {"steps": 3, "warmup_steps": 1, "lr": 1e-3},
+        "eval": {"at_end": True},
+        "logging": {"every": 1, "progress": False, "tensorboard": False},
+        "checkpoint": {"every": 0, "export": True},
+        "distributed": {"threads": 1},
+        "run_dir": str(run),
+    }
+    path = root / f"{run.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_train_then_generate_through_the_cli(tokenized, tmp_path, capsys):
+    run = tmp_path / "t2i"
+    assert main(["train", _config(tokenized, run)]) == 0
+    assert (run / "grids" / "final.png").is_file()
+    last = run / "last"
+    assert (last / "config.json").is_file() and (last / "qlip" / "config.json").is_file()
+    capsys.readouterr()
+    out = tmp_path / "samples"
+    assert main(["generate", "a red circle", "a blue square", "--model", str(last), "--n", "2", "--cfg", "2",
+                 "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["000-00.png", "000-01.png", "001-00.png", "001-01.png"]
+    assert Image.open(out / "000-00.png").size == (32, 32)
+    assert "a blue square" in (out / "prompts.tsv").read_text()
+    # user mistakes: one line, exit 2
+    assert main(["generate", "  ", "--model", str(last), "--out", str(tmp_path / "x")]) == 2
+    assert main(["generate", "a circle", "--model", str(last), "--out", str(tmp_path / "x"), "--cfg", "-1"]) == 2
+    assert main(["generate", "a circle", "--model", str(tokenized / "tok"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["generate", "a circle", "--model", str(last), "--out", str(out)]) == 2  # exists: --overwrite
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 4
+
+
+def test_resume_continues_the_generator_exactly(tokenized, tmp_path):
+    from qlip.train.logger import read_metrics
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(["train", _config(tokenized, whole), "eval.at_end=false", "checkpoint.export=false"]) == 0
+    assert main(["train", _config(tokenized, parts), "eval.at_end=false", "checkpoint.export=false",
+                 "stop_at=2", "checkpoint.every=1"]) == 0  # fmt: skip
+    assert main(["train", _config(tokenized, parts), "eval.at_end=false", "checkpoint.export=false"]) == 0
+    a = [r["loss/image_tokens"] for r in read_metrics(whole)]
+    b = [r["loss/image_tokens"] for r in read_metrics(parts)]
+    assert a == b and len(a) == 3
+
+
+def test_config_errors_name_what_to_change(tokenized, tmp_path):
+    with pytest.raises(ConfigError, match="generator.codec"):
+        load_config([_config(tokenized, tmp_path / "a", codec="nope")])
+    with pytest.raises(ConfigError, match="generator.tokenizer is not set"):
+        load_config([_config(tokenized, tmp_path / "b", tokenizer="")])
+    assert main(["train", _config(tokenized, tmp_path / "c", tokens=str(tmp_path / "missing"))]) == 2
