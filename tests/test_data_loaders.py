@@ -167,3 +167,19 @@ def test_describe_source(tmp_path):
     ds = build_dataset("shapes:easy", image_size=32, length=5, split="val")
     assert len(ds) == 5 and ds[0]["image"].size == (32, 32) and ds[0]["key"].startswith("shapes-val")
     assert np.asarray(ds[0]["image"]).dtype == np.uint8
+
+
+def test_a_shapes_spec_can_change_any_field_of_its_preset():
+    from qlip.data.loader import build_dataset, describe_source, shapes_config_from_spec
+
+    spec = "shapes:easy?sizes=large&colors=red,blue&rotation_deg=5&antialias=2"
+    cfg = shapes_config_from_spec(spec, image_size=48)
+    assert describe_source(spec) == "shapes"
+    assert cfg.sizes == ("large",) and cfg.colors == ("red", "blue") and cfg.rotation_deg == 5.0
+    assert cfg.antialias == 2 and cfg.image_size == 48 and cfg.backgrounds == ("solid",)  # the rest: easy
+    sample = next(iter(build_dataset(spec, length=1, image_size=48)))
+    assert sample["labels"]["color"] in (0, 1) and sample["image"].size == (48, 48)
+    bad_specs = ("shapes:easy?nope=1", "shapes:easy?sizes", "shapes:easy?antialias=maybe", "shapes?max_shapes=x")
+    for bad in bad_specs:
+        with pytest.raises(ValueError, match="shapes"):
+            shapes_config_from_spec(bad)

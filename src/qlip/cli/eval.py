@@ -58,7 +58,12 @@ def _tokenizer(args: argparse.Namespace) -> Any:
 
 
 def _is_shapes(data: str) -> bool:
-    return data == "shapes" or data.startswith("shapes:")
+    from ..data.loader import describe_source
+
+    try:
+        return describe_source(data) == "shapes"
+    except FileNotFoundError:
+        return False
 
 
 def open_dataset(data: str, split: str, limit: int | None, image_size: int, *, default_shapes: int) -> Any:

@@ -34,9 +34,41 @@ logger = logging.getLogger(__name__)
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
 
+def shapes_config_from_spec(spec: str, image_size: int | None = None) -> ShapesConfig:
+    """The :class:`ShapesConfig` a ``shapes[:preset][?field=value&...]`` spec names.
+
+    ``shapes:easy?sizes=large&holdout_combinations=0.1`` is the ``easy`` preset with those fields changed; a
+    tuple field takes a comma-separated list (``colors=red,blue``). ``image_size`` (the
+    model's resolution) applies unless the spec sets it.
+    """
+    import dataclasses
+
+    head, _, query = spec.partition("?")
+    preset = head.partition(":")[2] or "default"
+    defaults = ShapesConfig()
+    fields = {f.name for f in dataclasses.fields(ShapesConfig)}
+    overrides: dict[str, Any] = {"image_size": image_size} if image_size else {}
+    for item in filter(None, query.split("&")):
+        key, eq, text = item.partition("=")
+        if key not in fields or not eq:
+            raise ValueError(f"{spec!r}: {item!r} is not field=value with a shapes field; fields: {sorted(fields)}")
+        default = getattr(defaults, key)
+        try:
+            if isinstance(default, tuple):
+                value: Any = tuple(v.strip() for v in text.split(",") if v.strip())
+            elif isinstance(default, (int, float)):
+                value = type(default)(text)
+            else:
+                value = text
+        except ValueError as e:
+            raise ValueError(f"{spec!r}: {key}={text!r} ({e})") from None
+        overrides[key] = value
+    return ShapesConfig.preset(preset, **overrides)
+
+
 def describe_source(spec: str) -> str:
     """Which kind of source ``spec`` names: "shapes", "shards", "captions" or "folder"."""
-    if spec == "shapes" or spec.startswith("shapes:"):
+    if spec == "shapes" or spec.startswith(("shapes:", "shapes?")):
         return "shapes"
     if spec.lower().endswith(CAPTION_FILE_SUFFIXES):
         return "captions"
@@ -90,8 +122,7 @@ def build_dataset(
     """
     kind = describe_source(spec)
     if kind == "shapes":
-        preset = spec.partition(":")[2] or "default"
-        config = shapes_config or ShapesConfig.preset(preset, **({"image_size": image_size} if image_size else {}))
+        config = shapes_config or shapes_config_from_spec(spec, image_size=image_size)
         return ShapesDataset(config, split=split, seed=seed, length=length, rank=rank, world_size=world_size)
     if kind == "shards":
         return ShardDataset(spec, shuffle=shuffle, shuffle_buffer=shuffle_buffer, seed=seed, endless=endless,
