@@ -153,3 +153,24 @@ def test_load_judge_refuses_what_is_not_a_judge(tmp_path, released_dir):
 def test_the_default_judge_reads_real_held_out_images_at_98_percent_or_better():
     _, report = train_judge(None)
     assert min(report["accuracy"][a] for a in ATTRIBUTES) >= 98.0, report["accuracy"]
+
+
+def test_cli_trains_a_judge_and_refuses_a_folder_it_would_clobber(tmp_path, released_dir, capsys):
+    from qlip.cli import main
+
+    out = tmp_path / "judge"
+    argv = ["eval", "train-judge", "--out", str(out), "--steps", "2", "--num-train", "16", "--num-eval", "4"]
+    assert main(argv) == 0
+    assert "held-out accuracy shape" in capsys.readouterr().out
+    report = json.loads((out / "judge.json").read_text())
+    assert report["command"].startswith("qlip eval train-judge --out ") and report["settings"]["steps"] == 2
+    load_judge(out)
+    assert main(argv) == 0  # a judge folder is replaced in place
+    # A QLIP model folder holds config.json + model.safetensors too: never overwritten.
+    before = (released_dir / "config.json").read_bytes()
+    assert main(["eval", "train-judge", "--out", str(released_dir), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and "not a ShapesEval judge" in err and len(err.splitlines()) == 1
+    assert (released_dir / "config.json").read_bytes() == before
+    (tmp_path / "file").write_text("x")
+    assert main(["eval", "train-judge", "--out", str(tmp_path / "file")]) == 2

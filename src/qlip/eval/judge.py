@@ -216,6 +216,8 @@ def train_judge(out_dir: str | Path | None, *, steps: int = 600, seed: int = 0, 
     cfg = JudgeConfig(image_size=train_cfg.image_size, channels=tuple(channels),
                       classes={"shape": train_cfg.shapes, "color": train_cfg.colors, "position": train_cfg.positions},
                       shapes=train_cfg.to_dict(), training=settings)  # fmt: skip
+    if out_dir is not None:
+        check_judge_target(out_dir)  # before the minutes of training, not after
     torch.manual_seed(seed)
     judge = ShapesJudge(cfg)
     start = time.perf_counter()
@@ -265,9 +267,37 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def save_judge(judge: ShapesJudge, out_dir: str | Path, report: dict[str, Any] | None = None) -> Path:
-    """Write config.json, model.safetensors (and judge.json when given) into ``out_dir``, together and atomically."""
+def check_judge_target(out_dir: str | Path) -> None:
+    """Refuse a folder whose config.json or model.safetensors a judge would replace but did not write.
+
+    Raises:
+        FileExistsError: ``out_dir`` is a file, or holds another kind of config.json / model.safetensors.
+    """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; name a folder for the judge")
+    config = out / JUDGE_CONFIG
+    ours = False
+    if config.is_file():
+        try:
+            ours = json.loads(config.read_text(encoding="utf-8")).get("kind") == JUDGE_KIND
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            ours = False
+    if not ours and (config.exists() or (out / JUDGE_WEIGHTS).exists()):
+        raise FileExistsError(f"{out} holds a {JUDGE_CONFIG} or {JUDGE_WEIGHTS} that is not a ShapesEval judge's; "
+                              "choose a new or empty folder for the judge")  # fmt: skip
+
+
+def save_judge(judge: ShapesJudge, out_dir: str | Path, report: dict[str, Any] | None = None) -> Path:
+    """Write config.json, model.safetensors (and judge.json when given) into ``out_dir``, together and atomically.
+
+    ``out_dir`` may be new, empty, a judge folder (its judge files are replaced) or hold other files (kept).
+
+    Raises:
+        FileExistsError: see :func:`check_judge_target`.
+    """
+    out = Path(out_dir)
+    check_judge_target(out)
     cfg = judge.cfg
     payload = {"kind": JUDGE_KIND, "image_size": cfg.image_size, "channels": list(cfg.channels),
                "classes": {a: list(v) for a, v in cfg.classes.items()}, "shapes": cfg.shapes,
