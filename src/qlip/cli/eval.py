@@ -4,7 +4,7 @@
     qlip eval linear-probe --model M --data ... [--features cls|patch-mean|codes] [--train-data PATH]
     qlip eval recon        --model M --data ... [--inception-weights FILE] [--lpips-weights DIR]
     qlip eval all          --model M --data ... --out report/ [--run-dir RUN]
-    qlip eval train-judge  --out DIR [--steps 600] [--seed 0]   (the ShapesEval judge: a CNN, no QLIP model)
+    qlip eval train-judge  --out DIR [--steps 1500] [--seed 0]   (the ShapesEval judge: a CNN, no QLIP model)
 
 ``--data`` is ``shapes[:preset]`` (the held-out ``--split`` of the built-in data), a class folder (ImageNet layout;
 ``DATA/<split>`` is used when it exists), or anything :func:`qlip.data.build_dataset` accepts (caption lists and
@@ -418,8 +418,8 @@ def register(subparsers: Any) -> None:
 
     j = sub.add_parser("train-judge", help="train the ShapesEval judge (a small CNN) on real shapes images")
     j.add_argument("--out", required=True, help="judge folder (config.json, model.safetensors, judge.json)")
-    j.add_argument("--steps", type=positive_int, default=600, help="optimizer steps (600)")
+    j.add_argument("--steps", type=positive_int, default=1500, help="optimizer steps (1500)")
     j.add_argument("--seed", type=int, default=0)
-    j.add_argument("--num-train", type=positive_int, default=4000, help="training images (4000)")
-    j.add_argument("--num-eval", type=positive_int, default=1000, help="held-out images for the accuracy (1000)")
+    j.add_argument("--num-train", type=positive_int, default=6000, help="training images (6000)")
+    j.add_argument("--num-eval", type=positive_int, default=2000, help="held-out images for the accuracy (2000)")
     j.set_defaults(func=cmd_train_judge)

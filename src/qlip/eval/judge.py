@@ -174,8 +174,8 @@ def _names(config: ShapesConfig, labels: dict[str, Tensor]) -> dict[str, list[st
     return {a: [classes[a][int(i)] for i in labels[a]] for a in ATTRIBUTES}
 
 
-def train_judge(out_dir: str | Path | None, *, steps: int = 600, seed: int = 0, num_train: int = 4000,
-                num_eval: int = 1000, batch_size: int = 64, lr: float = 3e-3, noise: float = 6.0,
+def train_judge(out_dir: str | Path | None, *, steps: int = 1500, seed: int = 0, num_train: int = 6000,
+                num_eval: int = 2000, batch_size: int = 64, lr: float = 3e-3, noise: float = 6.0,
                 shapes: ShapesConfig | None = None, eval_shapes: ShapesConfig | None = None,
                 channels: Sequence[int] = (16, 24, 32, 32),
                 command: str | None = None) -> tuple[ShapesJudge, dict[str, Any]]:  # fmt: skip
