@@ -174,3 +174,15 @@ def test_cli_trains_a_judge_and_refuses_a_folder_it_would_clobber(tmp_path, rele
     assert (released_dir / "config.json").read_bytes() == before
     (tmp_path / "file").write_text("x")
     assert main(["eval", "train-judge", "--out", str(tmp_path / "file")]) == 2
+
+
+def test_the_blur_augmentation_keeps_flat_images_and_spreads_a_point_without_losing_mass():
+    from qlip.eval.judge import _blur
+
+    flat = torch.full((2, 3, 16, 16), 100.0)
+    assert torch.allclose(_blur(flat, 1.2), flat)
+    point = torch.zeros(1, 3, 17, 17)
+    point[..., 8, 8] = 1.0
+    out = _blur(point, 1.0)
+    assert out.sum().item() == pytest.approx(3.0, abs=1e-5) and out[0, 0, 8, 8] < 0.5 and out[0, 0, 8, 9] > 0.05
+    assert torch.equal(_blur(point, 0.05), point)

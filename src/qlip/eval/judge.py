@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import time
 from collections.abc import Sequence
@@ -175,14 +176,15 @@ def _names(config: ShapesConfig, labels: dict[str, Tensor]) -> dict[str, list[st
 
 
 def train_judge(out_dir: str | Path | None, *, steps: int = 1500, seed: int = 0, num_train: int = 6000,
-                num_eval: int = 2000, batch_size: int = 64, lr: float = 3e-3, noise: float = 6.0,
+                num_eval: int = 2000, batch_size: int = 64, lr: float = 3e-3, noise: float = 6.0, blur: float = 1.5,
                 shapes: ShapesConfig | None = None, eval_shapes: ShapesConfig | None = None,
                 channels: Sequence[int] = (16, 24, 32, 32),
                 command: str | None = None) -> tuple[ShapesJudge, dict[str, Any]]:  # fmt: skip
     """Train a judge on real shapes images (train split) and measure it on held-out ones (test split).
 
-    The training set is ``num_train`` images drawn once; each step reads a seeded random batch with Gaussian pixel
-    noise of standard deviation up to ``noise`` levels (so that the judge tolerates the grain of decoded images).
+    The training set is ``num_train`` images drawn once; each step reads a seeded random batch, blurred by a
+    Gaussian of up to ``blur`` pixels and with Gaussian pixel noise of up to ``noise`` levels, so that the judge
+    reads decoded images (softer and grainier than the originals) as well as real ones.
     AdamW with a cosine schedule. Everything is seeded by ``seed``.
 
     Args:
@@ -194,6 +196,7 @@ def train_judge(out_dir: str | Path | None, *, steps: int = 1500, seed: int = 0,
         batch_size: images per step.
         lr: peak learning rate.
         noise: largest pixel-noise standard deviation of the augmentation, in 8-bit levels.
+        blur: largest Gaussian-blur standard deviation of the augmentation, in pixels.
         shapes: the data it learns from (default: preset "easy", medium and large shapes, which covers the demo's).
         eval_shapes: the data of the reported accuracy (default: the demo's, :func:`demo_shapes_config`).
         channels: the four block widths.
@@ -212,7 +215,8 @@ def train_judge(out_dir: str | Path | None, *, steps: int = 1500, seed: int = 0,
         if getattr(eval_cfg, name) != getattr(train_cfg, name):
             raise ValueError(f"the eval shapes must use the training classes: {name} differ")
     settings = dict(steps=steps, seed=seed, num_train=num_train, num_eval=num_eval, batch_size=batch_size, lr=lr,
-                    noise=noise, optimizer="adamw", schedule="cosine", threads=torch.get_num_threads())  # fmt: skip
+                    noise=noise, blur=blur, optimizer="adamw", schedule="cosine",
+                    threads=torch.get_num_threads())  # fmt: skip
     cfg = JudgeConfig(image_size=train_cfg.image_size, channels=tuple(channels),
                       classes={"shape": train_cfg.shapes, "color": train_cfg.colors, "position": train_cfg.positions},
                       shapes=train_cfg.to_dict(), training=settings)  # fmt: skip
@@ -229,6 +233,7 @@ def train_judge(out_dir: str | Path | None, *, steps: int = 1500, seed: int = 0,
     for step in range(steps):
         idx = torch.randint(0, num_train, (batch_size,), generator=gen)
         batch = x[idx].float()
+        batch = _blur(batch, float(torch.rand((), generator=gen)) * blur)
         sigma = torch.rand(batch_size, 1, 1, 1, generator=gen) * noise
         batch = (batch + sigma * torch.randn(batch.shape, generator=gen)).clamp(0, 255)
         logits = judge(batch)
@@ -255,6 +260,19 @@ def train_judge(out_dir: str | Path | None, *, steps: int = 1500, seed: int = 0,
     if out_dir is not None:
         save_judge(judge, out_dir, report)
     return judge, report
+
+
+def _blur(x: Tensor, sigma: float) -> Tensor:
+    """Gaussian blur of (B, 3, H, W) with standard deviation ``sigma`` pixels (none below 0.1)."""
+    if sigma < 0.1:
+        return x
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)  # rows
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)  # columns
 
 
 def _cpu_name() -> str:
