@@ -186,3 +186,11 @@ def test_the_blur_augmentation_keeps_flat_images_and_spreads_a_point_without_los
     out = _blur(point, 1.0)
     assert out.sum().item() == pytest.approx(3.0, abs=1e-5) and out[0, 0, 8, 8] < 0.5 and out[0, 0, 8, 9] > 0.05
     assert torch.equal(_blur(point, 0.05), point)
+
+
+def test_the_committed_judge_reads_real_held_out_demo_images_at_98_percent_or_better():
+    from pathlib import Path
+
+    judge = load_judge(Path(__file__).resolve().parents[1] / "docs" / "results" / "judge")
+    ceiling = judge_ceiling(judge, demo_shapes_config(), num_images=300, seed=5)
+    assert min(ceiling[f"judge_real/{a}"] for a in ATTRIBUTES) >= 98.0, ceiling
