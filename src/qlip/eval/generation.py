@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..data.shapes import POSITION_PHRASE, ShapesConfig
 from ..transforms import image_transform, to_uint8
-from .judge import ATTRIBUTES, ShapesJudge, _names, judge_accuracy, shapes_images
+from .judge import ATTRIBUTES, ShapesJudge, judge_accuracy, label_names, shapes_images
 
 ImageBatch = Sequence[Image.Image] | Tensor  # PIL images or uint8 (B, 3, H, W)
 
@@ -129,7 +129,7 @@ def judge_ceiling(judge: ShapesJudge, config: ShapesConfig, *, num_images: int =
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     x, y = shapes_images(config, num_images, split=split, seed=seed)
-    names = _names(config, y)
+    names = label_names(config, y)
     out = {f"judge_real/{k}": v for k, v in judge_accuracy(judge, x, names).items()}
     if model is not None:
         transform = image_transform(model.image_size, train=False)

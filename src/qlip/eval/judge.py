@@ -170,7 +170,8 @@ def judge_accuracy(judge: ShapesJudge, images: Sequence[Image.Image] | Tensor,
     return out
 
 
-def _names(config: ShapesConfig, labels: dict[str, Tensor]) -> dict[str, list[str]]:
+def label_names(config: ShapesConfig, labels: dict[str, Tensor]) -> dict[str, list[str]]:
+    """Class indices of ``config`` (attribute -> (N,), as :func:`shapes_images` gives) -> class names."""
     classes = {"shape": config.shapes, "color": config.colors, "position": config.positions}
     return {a: [classes[a][int(i)] for i in labels[a]] for a in ATTRIBUTES}
 
@@ -247,7 +248,7 @@ def train_judge(out_dir: str | Path | None, *, steps: int = 1500, seed: int = 0,
     judge.eval()
     train_seconds = time.perf_counter() - start
     xe, ye = shapes_images(eval_cfg, num_eval, split="test", seed=seed)
-    accuracy = judge_accuracy(judge, xe, _names(eval_cfg, ye))
+    accuracy = judge_accuracy(judge, xe, label_names(eval_cfg, ye))
     report = {
         "accuracy": accuracy,
         "accuracy_on": {"split": "test", "num_images": num_eval, "shapes": eval_cfg.to_dict()},
