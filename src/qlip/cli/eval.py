@@ -4,6 +4,7 @@
     qlip eval linear-probe --model M --data ... [--features cls|patch-mean|codes] [--train-data PATH]
     qlip eval recon        --model M --data ... [--inception-weights FILE] [--lpips-weights DIR]
     qlip eval all          --model M --data ... --out report/ [--run-dir RUN]
+    qlip eval train-judge  --out DIR [--steps 1500] [--seed 0]   (the ShapesEval judge: a CNN, no QLIP model)
 
 ``--data`` is ``shapes[:preset]`` (the held-out ``--split`` of the built-in data), a class folder (ImageNet layout;
 ``DATA/<split>`` is used when it exists), or anything :func:`qlip.data.build_dataset` accepts (caption lists and
@@ -329,6 +330,26 @@ def cmd_all(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_judge(args: argparse.Namespace) -> int:
+    import shlex
+
+    from ..eval.judge import check_judge_target, train_judge
+
+    out = check_output_dir(args.out)
+    try:
+        check_judge_target(out)
+    except FileExistsError as e:
+        raise CLIError(f"--out {e}") from e
+    command = shlex.join(["qlip", "eval", "train-judge", "--out", str(out), "--steps", str(args.steps), "--seed",
+                          str(args.seed), "--num-train", str(args.num_train), "--num-eval", str(args.num_eval)])
+    _, report = train_judge(out, steps=args.steps, seed=args.seed, num_train=args.num_train,
+                            num_eval=args.num_eval, command=command)  # fmt: skip
+    acc = report["accuracy"]
+    print(f"judge saved to {out} ({report['train_seconds']:.0f} s): held-out accuracy shape {acc['shape']:.1f}%, "
+          f"color {acc['color']:.1f}%, position {acc['position']:.1f}%, all {acc['all']:.1f}%")  # fmt: skip
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 
@@ -372,7 +393,7 @@ def _recon_flags(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Register ``qlip eval {zero-shot,linear-probe,recon,all}`` on the top-level subparsers."""
+    """Register ``qlip eval {zero-shot,linear-probe,recon,all,train-judge}`` on the top-level subparsers."""
     p = subparsers.add_parser("eval", help="evaluate a model: zero-shot, linear probe, reconstruction, reports")
     sub = p.add_subparsers(dest="eval_command", required=True, metavar="SUBCOMMAND")
 
@@ -399,3 +420,11 @@ def register(subparsers: Any) -> None:
     _recon_flags(a)
     a.add_argument("--run-dir", default=None, help="training run directory (metrics.jsonl) for the loss curves")
     a.set_defaults(func=cmd_all)
+
+    j = sub.add_parser("train-judge", help="train the ShapesEval judge (a small CNN) on real shapes images")
+    j.add_argument("--out", required=True, help="judge folder (config.json, model.safetensors, judge.json)")
+    j.add_argument("--steps", type=positive_int, default=1500, help="optimizer steps (1500)")
+    j.add_argument("--seed", type=int, default=0)
+    j.add_argument("--num-train", type=positive_int, default=6000, help="training images (6000)")
+    j.add_argument("--num-eval", type=positive_int, default=2000, help="held-out images for the accuracy (2000)")
+    j.set_defaults(func=cmd_train_judge)

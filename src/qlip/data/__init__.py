@@ -12,7 +12,15 @@ from .sample import (
     bad_marker,
     is_bad,
 )
-from .shapes import SHAPES_TASKS, ShapesConfig, ShapesDataset, generate_shapes_sample, shapes_attributes, shapes_tasks
+from .shapes import (
+    SHAPES_TASKS,
+    ShapesConfig,
+    ShapesDataset,
+    generate_shapes_sample,
+    held_out_combinations,
+    shapes_attributes,
+    shapes_tasks,
+)
 from .shards import ShardDataset, ShardWriter, expand_braces, list_shards
 
 __all__ = [
@@ -35,6 +43,7 @@ __all__ = [
     "describe_source",
     "expand_braces",
     "generate_shapes_sample",
+    "held_out_combinations",
     "is_bad",
     "iter_samples",
     "list_shards",

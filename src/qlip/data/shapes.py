@@ -14,13 +14,23 @@ training demo, ``preset("hard")`` adds multi-shape images, textures, rotation an
 
 Labels (for zero-shot and linear-probe tasks, see :data:`SHAPES_TASKS`) describe the first shape of the image;
 use single-shape configs for classification.
+
+Held-out combinations (opt-in, ``ShapesConfig(holdout_combinations=0.1)``): a fixed share of the (shape, color,
+position) triples never appears in the train split, neither drawn nor captioned, so that a model trained on it
+can be tested on compositions it never saw (:func:`held_out_combinations` says which;
+``eval_combinations="held_out"`` restricts val/test to them). The choice ranks the config's triples by a hash of
+their three names, so it depends neither on the seed, nor on the process, nor on the order of the config's lists.
+With the default ``holdout_combinations=0.0`` every sample is the same, byte for
+byte, as without the option.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -64,6 +74,7 @@ POSITIONS = tuple(POSITION_CELL)
 BACKGROUNDS = ("solid", "gradient", "noise", "texture")
 SPLITS = {"train": 0, "val": 1, "test": 2}
 CAPTION_MODES = ("full", "varied")
+EVAL_COMBINATIONS = ("all", "held_out", "seen")
 _COUNT_WORDS = ("zero", "one", "two", "three", "four")
 
 # Caption templates that state every attribute ("full"), and extra ones that drop some ("varied").
@@ -109,6 +120,10 @@ class ShapesConfig:
         caption_mode: "full" (every caption states shape, color, size and position of every shape) or "varied"
             (templates that may drop attributes).
         antialias: supersampling factor for drawing (1 = aliased).
+        holdout_combinations: share of the (shape, color, position) triples kept out of the train split (0 to
+            0.5; 0 = none, the default); see :func:`held_out_combinations`.
+        eval_combinations: what the val and test splits draw when triples are held out: "all" (the same samples
+            as without holdout), "held_out" (only held-out triples: composition) or "seen" (only training triples).
     """
 
     image_size: int = 64
@@ -126,6 +141,8 @@ class ShapesConfig:
     noise_std: float = 0.04
     caption_mode: str = "full"
     antialias: int = 4
+    holdout_combinations: float = 0.0
+    eval_combinations: str = "all"
 
     def __post_init__(self) -> None:
         for name in ("shapes", "colors", "sizes", "positions", "backgrounds"):
@@ -144,6 +161,15 @@ class ShapesConfig:
             raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, got {self.caption_mode!r}")
         if not 1 <= self.antialias <= 8:
             raise ValueError(f"antialias must be in 1..8, got {self.antialias}")
+        if not 0.0 <= self.holdout_combinations <= 0.5:
+            raise ValueError(f"holdout_combinations must be a share in 0..0.5, got {self.holdout_combinations}")
+        if self.eval_combinations not in EVAL_COMBINATIONS:
+            raise ValueError(f"eval_combinations must be one of {EVAL_COMBINATIONS}, got {self.eval_combinations!r}")
+        if self.eval_combinations != "all" and not self.holdout_combinations:
+            raise ValueError(f"eval_combinations={self.eval_combinations!r} needs held-out triples: set "
+                             "holdout_combinations (e.g. 0.1)")  # fmt: skip
+        if self.holdout_combinations:
+            held_out_combinations(self)  # fail now if the share cannot be held out
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ShapesConfig:
@@ -299,14 +325,94 @@ def make_caption(shapes: list[dict[str, Any]], mode: str, rng: np.random.Generat
     return f"{_COUNT_WORDS[len(shapes)]} shapes: a {listed}."
 
 
-def _sample_shapes(cfg: ShapesConfig, rng: np.random.Generator) -> list[dict[str, Any]]:
+Triple = tuple[str, str, str]  # (shape, color, position)
+
+
+def _triple_rank(triple: Triple) -> bytes:
+    return hashlib.sha256("|".join(triple).encode()).digest()
+
+
+@lru_cache(maxsize=64)
+def _held_out(shapes: tuple[str, ...], colors: tuple[str, ...], positions: tuple[str, ...],
+              share: float) -> tuple[Triple, ...]:  # fmt: skip
+    triples = sorted(((s, c, p) for s in shapes for c in colors for p in positions), key=_triple_rank)
+    want = max(1, round(share * len(triples)))
+    # Keep at least one training triple for every shape, color and position, so that each attribute of a
+    # held-out triple is learnt from other combinations.
+    left = [{}, {}, {}]
+    for triple in triples:
+        for axis, value in enumerate(triple):
+            left[axis][value] = left[axis].get(value, 0) + 1
+    chosen: list[Triple] = []
+    for triple in triples:
+        if len(chosen) == want:
+            break
+        if all(left[axis][value] > 1 for axis, value in enumerate(triple)):
+            chosen.append(triple)
+            for axis, value in enumerate(triple):
+                left[axis][value] -= 1
+    if len(chosen) < want:
+        raise ValueError(f"holdout_combinations={share} cannot hold out {want} of {len(triples)} triples while "
+                         "every shape, color and position keeps a training triple; use a smaller share")  # fmt: skip
+    return tuple(sorted(chosen, key=lambda t: (shapes.index(t[0]), colors.index(t[1]), positions.index(t[2]))))
+
+
+def held_out_combinations(config: ShapesConfig) -> tuple[Triple, ...]:
+    """The (shape, color, position) triples that the train split of ``config`` never draws nor captions.
+
+    ``round(holdout_combinations * n)`` of the config's n triples (at least one when the share is not 0): the
+    triples ranked first by the SHA-256 of ``"shape|color|position"``, skipping any whose removal would leave a
+    shape, a color or a position without a training triple. Empty when ``holdout_combinations`` is 0.
+    """
+    if not config.holdout_combinations:
+        return ()
+    return _held_out(config.shapes, config.colors, config.positions, float(config.holdout_combinations))
+
+
+@lru_cache(maxsize=64)
+def _allowed_triples(shapes: tuple[str, ...], colors: tuple[str, ...], positions: tuple[str, ...], share: float,
+                     kind: str) -> tuple[Triple, ...]:  # fmt: skip
+    held = set(_held_out(shapes, colors, positions, share))
+    every = [(s, c, p) for p in positions for c in colors for s in shapes]
+    return tuple(t for t in every if (t in held) == (kind == "held_out"))
+
+
+def split_triples(config: ShapesConfig, split: str) -> tuple[Triple, ...] | None:
+    """The triples ``split`` draws from, or None when it draws every triple the plain way (no restriction)."""
+    if not config.holdout_combinations:
+        return None
+    kind = "seen" if split == "train" else config.eval_combinations
+    if kind == "all":
+        return None
+    return _allowed_triples(config.shapes, config.colors, config.positions, float(config.holdout_combinations),
+                            kind)  # fmt: skip
+
+
+def _pick_triples(allowed: tuple[Triple, ...], count: int, rng: np.random.Generator) -> list[Triple]:
+    """Up to ``count`` triples drawn uniformly from ``allowed``, each on its own position."""
+    picks: list[Triple] = []
+    for _ in range(count):
+        free = [t for t in allowed if all(t[2] != p[2] for p in picks)] if picks else allowed
+        if not free:
+            break
+        picks.append(free[int(rng.integers(len(free)))])
+    return picks
+
+
+def _sample_shapes(cfg: ShapesConfig, rng: np.random.Generator, split: str = "train") -> list[dict[str, Any]]:
     count = 1
     if cfg.max_shapes > 1 and rng.random() < cfg.multi_shape_prob:
         count = int(rng.integers(2, cfg.max_shapes + 1))
-    cells = rng.choice(len(cfg.positions), size=count, replace=False)
+    allowed = split_triples(cfg, split)
+    if allowed is None:
+        cells = rng.choice(len(cfg.positions), size=count, replace=False)
+        picks = None
+        positions = [cfg.positions[int(cell)] for cell in cells]
+    else:
+        picks = _pick_triples(allowed, count, rng)
+        positions = [p for _, _, p in picks]
     shapes = []
-    for cell in cells:
-        position = cfg.positions[int(cell)]
+    for i, position in enumerate(positions):
         col, row = POSITION_CELL[position]
         size_name = cfg.sizes[int(rng.integers(len(cfg.sizes)))]
         diameter = SIZE_FRACTION[size_name] * (1 + rng.uniform(-cfg.size_jitter, cfg.size_jitter))
@@ -314,10 +420,11 @@ def _sample_shapes(cfg: ShapesConfig, rng: np.random.Generator) -> list[dict[str
         half = diameter / 2
         cx = float(np.clip((2 * col + 1) / 6 + rng.uniform(-1, 1) * cfg.position_jitter, half, 1 - half))
         cy = float(np.clip((2 * row + 1) / 6 + rng.uniform(-1, 1) * cfg.position_jitter, half, 1 - half))
-        color = cfg.colors[int(rng.integers(len(cfg.colors)))]
+        color = cfg.colors[int(rng.integers(len(cfg.colors)))] if picks is None else picks[i][1]
         rgb = np.clip(np.array(COLOR_RGB[color]) + rng.integers(-cfg.color_jitter, cfg.color_jitter + 1, 3), 0, 255)
+        kind = cfg.shapes[int(rng.integers(len(cfg.shapes)))] if picks is None else picks[i][0]
         shapes.append({
-            "shape": cfg.shapes[int(rng.integers(len(cfg.shapes)))], "color": color, "size": size_name,
+            "shape": kind, "color": color, "size": size_name,
             "position": position, "center": (cx, cy), "diameter": float(diameter),
             "rotation": float(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg)), "rgb": tuple(int(v) for v in rgb),
         })  # fmt: skip
@@ -340,7 +447,7 @@ def shapes_attributes(index: int, config: ShapesConfig | None = None, *, split: 
     Equal to ``generate_shapes_sample(index, config, split=split, seed=seed)["attributes"]["shapes"]`` at a
     fraction of the cost (microseconds), for whoever orders samples by their content (hard-negative batches).
     """
-    return _sample_shapes(config or ShapesConfig(), _sample_rng(index, split, seed))
+    return _sample_shapes(config or ShapesConfig(), _sample_rng(index, split, seed), split)
 
 
 def generate_shapes_sample(index: int, config: ShapesConfig | None = None, *, split: str = "train",
@@ -353,7 +460,7 @@ def generate_shapes_sample(index: int, config: ShapesConfig | None = None, *, sp
     """
     cfg = config or ShapesConfig()
     rng = _sample_rng(index, split, seed)
-    shapes = _sample_shapes(cfg, rng)
+    shapes = _sample_shapes(cfg, rng, split)
     background = cfg.backgrounds[int(rng.integers(len(cfg.backgrounds)))]
     canvas = _background(background, cfg.image_size, cfg, rng)
     for shape in shapes:

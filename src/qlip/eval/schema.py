@@ -19,6 +19,12 @@ key                    unit      meaning
 ``code_entropy``       bits      entropy of the empirical token-index distribution
 ``mean_bit_entropy``   bits      per-bit usage entropy, averaged over the d bits (0..1)
 ``bits_used``          fraction  share of the d bits whose usage entropy exceeds :data:`USED_BIT_ENTROPY` (0..1)
+``gen/<task>``         percent   ShapesEval: generated images whose shape / color / position the judge reads as
+                                 the caption asked (``gen/shape``, ``gen/color``, ``gen/position``), 0..100
+``gen/all``            percent   ShapesEval: generated images right on all three attributes at once
+``judge_real/<task>``  percent   the ShapesEval judge's accuracy on real held-out shapes images (its ceiling)
+``judge_recon/<task>`` percent   the judge's accuracy on a QLIP model's reconstructions of those images
+``clip_score``         --        100 x mean cosine of image and caption QLIP embeddings (generated images)
 ``num_eval``           count     images evaluated
 =====================  ========  ================================================================================
 
@@ -49,6 +55,10 @@ METRIC_UNITS: dict[str, str] = {
     "code_entropy": "bits",
     "mean_bit_entropy": "bits",
     "bits_used": "fraction",
+    "gen/<task>": "%",
+    "judge_real/<task>": "%",
+    "judge_recon/<task>": "%",
+    "clip_score": "",
     "num_eval": "count",
 }
 
