@@ -83,3 +83,25 @@ def test_config_errors_name_what_to_change(tokenized, tmp_path):
     with pytest.raises(ConfigError, match="generator.tokenizer is not set"):
         load_config([_config(tokenized, tmp_path / "b", tokenizer="")])
     assert main(["train", _config(tokenized, tmp_path / "c", tokens=str(tmp_path / "missing"))]) == 2
+
+
+def test_eval_generation_scores_samples_with_the_judge(tokenized, tmp_path, capsys):
+    import json
+
+    from qlip.eval.judge import train_judge
+
+    run = tmp_path / "t2i"
+    assert main(["train", _config(tokenized, run), "eval.at_end=false"]) == 0
+    train_judge(tmp_path / "judge", steps=2, num_train=32, num_eval=16)
+    out = tmp_path / "report"
+    spec = "shapes:easy?holdout_combinations=0.1&eval_combinations=held_out&image_size=32"
+    assert main(["eval", "generation", "--model", str(run / "last"), "--judge", str(tmp_path / "judge"),
+                 "--data", spec, "--limit", "4", "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    metrics = json.loads((out / "report.json").read_text())["metrics"]
+    for key in ("gen/shape", "gen/color", "gen/position", "gen/all", "judge_real/shape", "judge_recon/shape",
+                "clip_score"):
+        assert key in metrics, key
+    assert metrics["num_eval"] == 4 and (out / "samples.png").is_file()
+    assert main(["eval", "generation", "--model", str(run / "last"), "--judge", str(tmp_path / "nope"),
+                 "--limit", "4", "--out", str(tmp_path / "r2")]) == 2
+    assert "Traceback" not in capsys.readouterr().err

@@ -353,6 +353,74 @@ def cmd_train_judge(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ parser
 
 
+DEMO_HELD_OUT = "shapes:easy?sizes=large&holdout_combinations=0.1&eval_combinations=held_out"
+
+
+def cmd_generation(args: argparse.Namespace) -> int:
+    """ShapesEval of a text-to-image generator on held-out captions, the judge's ceiling, the CLIP score."""
+    import warnings
+
+    from .. import __version__
+    from ..data.loader import shapes_config_from_spec
+    from ..data.shapes import generate_shapes_sample
+    from ..eval.generation import clip_score, judge_ceiling, shapes_eval
+    from ..eval.judge import load_judge
+    from ..factory import create_model
+    from ..generation import load
+    from ..generation.pipeline import QLIP_SUBDIR
+
+    if not _is_shapes(args.data):
+        raise CLIError(f"--data {args.data}: ShapesEval reads shapes captions; give a shapes spec such as "
+                       f"{DEMO_HELD_OUT!r}")  # fmt: skip
+    out = check_output_dir(args.out)
+    device = resolve_device(args.device)
+    try:
+        config = shapes_config_from_spec(args.data)
+        judge = load_judge(args.judge)
+        gen = load(args.model, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from e
+    captions = [generate_shapes_sample(i, config, split=args.split)["caption"] for i in range(args.limit)]
+    images = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a caption cut to the text context is the generator's own convention
+        for start in range(0, len(captions), args.batch_size):
+            images += gen.generate(captions[start : start + args.batch_size], cfg_scale=args.cfg,
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                   seed=args.seed + start)  # fmt: skip
+    try:
+        result = shapes_eval(images, captions, judge)
+    except ValueError as e:
+        raise CLIError(f"--data {args.data}: {e}") from e
+    metrics: dict[str, Any] = dict(result.metrics)
+    qlip_model = create_model(str(Path(args.model) / QLIP_SUBDIR), device=device)  # with its image encoder
+    if qlip_model.visual is not None:
+        metrics.update(judge_ceiling(judge, shapes_config_from_spec(args.data.replace("eval_combinations=held_out",
+                                                                                      "eval_combinations=all")),
+                                     num_images=args.limit, split=args.split, model=qlip_model))  # fmt: skip
+        metrics["clip_score"] = clip_score(qlip_model, gen.tokenizer, images, captions)
+    report = {"model": args.model, "data": args.data, "split": args.split, "limit": args.limit, "cfg_scale": args.cfg,
+              "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+              "judge": args.judge, "qlip_version": __version__, "metrics": metrics,
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    from ..eval.report import write_report
+    from ..fileio import atomic_write
+
+    for key, value in metrics.items():
+        print(f"{key}\t{value:.2f}" if isinstance(value, float) else f"{key}\t{value}")
+    shown = images[:16]
+    if shown:
+        from PIL import Image
+
+        row = np.concatenate([np.asarray(im.convert("RGB")) for im in shown], axis=1)
+        atomic_write(out / "samples.png", lambda tmp: Image.fromarray(row).save(tmp, format="PNG"))
+        atomic_write(out / "samples.txt", lambda tmp: tmp.write_text("\n".join(captions[: len(shown)]) + "\n"))
+    paths = write_report(report, out)
+    print(f"wrote {paths['json']} and {paths['markdown']}; samples.png shows the first {len(shown)} samples "
+          "(captions in samples.txt)")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--model", required=True, help="model directory, registered name or hf-hub:ORG/NAME")
     p.add_argument("--data", required=True, help="shapes[:preset], a class folder (ImageNet layout), or a source "
@@ -419,6 +487,23 @@ def register(subparsers: Any) -> None:
     _probe_flags(a)
     _recon_flags(a)
     a.add_argument("--run-dir", default=None, help="training run directory (metrics.jsonl) for the loss curves")
+
+    g = sub.add_parser("generation", help="ShapesEval of a text-to-image generator on held-out captions")
+    g.add_argument("--model", required=True, help="a generator directory (run_dir/last of a text-to-image run)")
+    g.add_argument("--judge", default="docs/results/judge", help="a ShapesEval judge (qlip eval train-judge)")
+    g.add_argument("--data", default=DEMO_HELD_OUT, help="the shapes whose captions are drawn (default: the demo's "
+                   "held-out compositions)")  # fmt: skip
+    g.add_argument("--split", default="test", choices=("val", "test"))
+    g.add_argument("--limit", type=positive_int, default=200, help="captions (default 200)")
+    g.add_argument("--batch-size", type=positive_int, default=32)
+    g.add_argument("--cfg", type=float, default=3.0, help="guidance scale (default 3)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--out", default="report-generation", help="report directory (default report-generation)")
+    g.set_defaults(func=cmd_generation)
     a.set_defaults(func=cmd_all)
 
     j = sub.add_parser("train-judge", help="train the ShapesEval judge (a small CNN) on real shapes images")

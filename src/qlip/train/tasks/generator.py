@@ -172,7 +172,9 @@ class GeneratorTask(Task):
         from ...tokenfile import TokenSpec
 
         opts = self.options
-        self.qlip = create_model(opts.tokenizer, parts=("quantizer", "decoder", "text"), device=self.rt.device)
+        # The whole model (the image encoder too): the exported generator directory carries it, so that its
+        # evaluation can reconstruct real images (the judge's ceiling) and score samples against captions.
+        self.qlip = create_model(opts.tokenizer, device=self.rt.device)
         self.qlip.requires_grad_(False).eval()
         self.text_tokenizer = get_tokenizer(opts.tokenizer)
         self.tokens, self.captions, spec = read_token_folder(opts.tokens)
