@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from qlip.inference import BF16_CPU_FLAGS, cpu_capability, cpu_flags
+from qlip.inference import BF16_CPU_FLAGS, cpu_capability, cpu_flags, cpu_name
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # The CPU flags recorded with every result: the ones that decide whether bf16 is native, and the vector width.
@@ -134,16 +134,6 @@ def measure_matmul_peak(device: str, dtype: torch.dtype, size: int | None = None
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -159,7 +149,7 @@ def environment(device: str) -> dict[str, Any]:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_name(),
         "cpu_capability": cpu_capability(),  # the kernels torch picked: AVX512, AVX2, ...
         "cpu_flags": sorted(f for f in cpu_flags() if f in _BF16_RELEVANT_FLAGS),  # no *_bf16: bf16 is slow
         "cpu_count": os.cpu_count(),

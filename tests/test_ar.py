@@ -20,7 +20,7 @@ def test_config_round_trip_and_defaults():
     cfg = ARConfig(vocab_size=10, width=96, heads=3)
     assert cfg.mlp_hidden == 256 and cfg.mlp_hidden % 64 == 0  # 8/3 * 96 = 256
     assert ARConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="unknown ARConfig"):
+    with pytest.raises(ValueError, match="unknown field.*section 'ARConfig'"):
         ARConfig.from_dict({"widht": 3})
 
 

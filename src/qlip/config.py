@@ -173,7 +173,7 @@ class QLIPConfig:
             raise ValueError(f"unknown QLIP config field(s) {sorted(unknown)}; known fields: {sorted(known)}")
         for key, value in d.items():
             if key in sub and value is not None:
-                kwargs[key] = _dataclass_from_dict(sub[key], value, where=key)
+                kwargs[key] = dataclass_from_dict(sub[key], value, where=key)
             else:
                 kwargs[key] = value
         _check_types(cls, {k: v for k, v in kwargs.items() if k not in sub}, where="the top level")
@@ -187,14 +187,19 @@ class QLIPConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _dataclass_from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
+def dataclass_from_dict(cls: type, d: dict[str, Any], where: str, error: type[ValueError] = ValueError) -> Any:
+    """``cls(**d)`` for a config dataclass read from JSON: unknown fields and wrong scalar types raise ``error``
+    (a ValueError) with one line naming the section ``where``, the field and the known ones."""
     if not isinstance(d, dict):
-        raise ValueError(f"config section '{where}' must be a JSON object of fields, got {d!r}")
+        raise error(f"config section '{where}' must be a JSON object of fields, got {d!r}")
     known = {f.name for f in fields(cls)}
     unknown = set(d) - known
     if unknown:
-        raise ValueError(f"unknown field(s) {sorted(unknown)} in config section '{where}'; known: {sorted(known)}")
-    _check_types(cls, d, where=f"section '{where}'")
+        raise error(f"unknown field(s) {sorted(unknown)} in config section '{where}'; known: {sorted(known)}")
+    try:
+        _check_types(cls, d, where=f"section '{where}'")
+    except ValueError as e:
+        raise error(str(e)) from None
     return cls(**d)
 
 

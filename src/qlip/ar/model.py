@@ -73,11 +73,9 @@ class ARConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ARConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown ARConfig field(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        from ..config import dataclass_from_dict
+
+        return dataclass_from_dict(cls, d, where="ARConfig")
 
 
 def rope_1d_tables(head_dim: int, max_len: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from ..data.shapes import ShapesConfig, generate_shapes_sample
 from ..fileio import replace_files, write_json_atomic
+from ..inference import cpu_name
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def train_judge(out_dir: str | Path | None, *, steps: int = 1500, seed: int = 0,
         "accuracy": accuracy,
         "accuracy_on": {"split": "test", "num_images": num_eval, "shapes": eval_cfg.to_dict()},
         "train_seconds": round(train_seconds, 1),
-        "hardware": {"cpu": _cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "hardware": {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "parameters": sum(p.numel() for p in judge.parameters()),
         "settings": settings,
         "command": command,
@@ -274,16 +274,6 @@ def _blur(x: Tensor, sigma: float) -> Tensor:
     x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
     x = F.conv2d(x, k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)  # rows
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)  # columns
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def check_judge_target(out_dir: str | Path) -> None:

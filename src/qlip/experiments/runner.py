@@ -278,15 +278,9 @@ def machine_summary() -> dict[str, Any]:
     import torch
 
     from .. import __version__
+    from ..inference import cpu_name
 
-    processor = platform.processor() or platform.machine()
-    try:  # Linux names the CPU model here; platform.processor() often says only "x86_64"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                processor = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    processor = cpu_name()
     return {"platform": platform.platform(), "processor": processor,
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "qlip": __version__, "cuda": torch.cuda.is_available(),

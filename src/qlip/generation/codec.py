@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ..ar.model import ARConfig, ARTransformer
 from ..ar.sampling import Chooser
+from ..config import dataclass_from_dict
 from ..quantizers.bsq import bits_to_indices, group_indices_to_indices, indices_to_bits, indices_to_group_indices
 
 CODEC_KINDS = ("subtoken", "depth", "bits")
@@ -63,11 +64,7 @@ class CodecConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CodecConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise CodecConfigError(f"unknown codec option(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, where="codec", error=CodecConfigError)
 
 
 def check_split(bits: int, parts: int) -> int:

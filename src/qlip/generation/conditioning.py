@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..config import dataclass_from_dict
+
 CONDITIONING_ENCODERS = ("qlip",)
 
 
@@ -42,11 +44,7 @@ class ConditioningConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ConditioningConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown conditioning option(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, where="conditioning")
 
 
 class FrozenTextEncoder(nn.Module):
