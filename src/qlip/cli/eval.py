@@ -358,6 +358,7 @@ DEMO_HELD_OUT = "shapes:easy?sizes=large&holdout_combinations=0.1&eval_combinati
 
 def cmd_generation(args: argparse.Namespace) -> int:
     """ShapesEval of a text-to-image generator on held-out captions, the judge's ceiling, the CLIP score."""
+    import dataclasses
     import warnings
 
     from .. import __version__
@@ -365,9 +366,7 @@ def cmd_generation(args: argparse.Namespace) -> int:
     from ..data.shapes import generate_shapes_sample
     from ..eval.generation import clip_score, judge_ceiling, shapes_eval
     from ..eval.judge import load_judge
-    from ..factory import create_model
     from ..generation import load
-    from ..generation.pipeline import QLIP_SUBDIR
 
     if not _is_shapes(args.data):
         raise CLIError(f"--data {args.data}: ShapesEval reads shapes captions; give a shapes spec such as "
@@ -393,12 +392,10 @@ def cmd_generation(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CLIError(f"--data {args.data}: {e}") from e
     metrics: dict[str, Any] = dict(result.metrics)
-    qlip_model = create_model(str(Path(args.model) / QLIP_SUBDIR), device=device)  # with its image encoder
-    if qlip_model.visual is not None:
-        metrics.update(judge_ceiling(judge, shapes_config_from_spec(args.data.replace("eval_combinations=held_out",
-                                                                                      "eval_combinations=all")),
-                                     num_images=args.limit, split=args.split, model=qlip_model))  # fmt: skip
-        metrics["clip_score"] = clip_score(qlip_model, gen.tokenizer, images, captions)
+    if gen.qlip.visual is not None:  # the tokenizer's image encoder: its reconstructions cap what the judge can read
+        real = dataclasses.replace(config, eval_combinations="all")  # the ceiling reads every composition
+        metrics.update(judge_ceiling(judge, real, num_images=args.limit, split=args.split, model=gen.qlip))
+        metrics["clip_score"] = clip_score(gen.qlip, gen.tokenizer, images, captions)
     report = {"model": args.model, "data": args.data, "split": args.split, "limit": args.limit, "cfg_scale": args.cfg,
               "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
               "judge": args.judge, "qlip_version": __version__, "metrics": metrics,

@@ -27,7 +27,6 @@ from .model import T2IModel, check_generator_target, check_token_spec, read_gene
 log = logging.getLogger(__name__)
 
 QLIP_SUBDIR = "qlip"
-QLIP_PARTS = ("quantizer", "decoder", "text")
 
 
 class CaptionTruncatedWarning(UserWarning):
@@ -111,7 +110,7 @@ def load(directory: str | Path, device: str | torch.device | None = None) -> Gen
     if not (sub / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no {QLIP_SUBDIR}/ QLIP model; a generator directory carries the "
                                 f"tokenizer it was trained on (save it with qlip.generation.save_generator)")
-    qlip_model = create_model(str(sub), parts=QLIP_PARTS)
+    qlip_model = create_model(str(sub))  # every part it was saved with (the image encoder serves evaluation)
     check_token_spec(cfg, TokenSpec.of(qlip_model), what=f"the QLIP model in {sub}")
     model = T2IModel.from_pretrained(directory, text_encoder=qlip_model.text)
     gen = Generator(model, qlip_model, get_tokenizer(str(sub)))
