@@ -104,4 +104,10 @@ def test_eval_generation_scores_samples_with_the_judge(tokenized, tmp_path, caps
     assert metrics["num_eval"] == 4 and (out / "samples.png").is_file()
     assert main(["eval", "generation", "--model", str(run / "last"), "--judge", str(tmp_path / "nope"),
                  "--limit", "4", "--out", str(tmp_path / "r2")]) == 2
+    for bad in (["--cfg", "-1"], ["--top-p", "0"]):  # out of the model's range: one line, exit 2
+        assert main(["eval", "generation", "--model", str(run / "last"), "--judge", str(tmp_path / "judge"),
+                     "--data", spec, "--limit", "2", "--out", str(tmp_path / "r3"), *bad]) == 2, bad
+    with pytest.raises(SystemExit) as stop:  # not a finite number: argparse's usage error, exit 2
+        main(["eval", "generation", "--model", str(run / "last"), "--temperature", "nan"])
+    assert stop.value.code == 2
     assert "Traceback" not in capsys.readouterr().err

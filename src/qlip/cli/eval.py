@@ -23,7 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import CLIError, check_output_dir, load_model, non_negative_int, positive_int, resolve_device
+from .common import (
+    CLIError,
+    check_output_dir,
+    finite_float,
+    load_model,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -384,9 +392,12 @@ def cmd_generation(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a caption cut to the text context is the generator's own convention
         for start in range(0, len(captions), args.batch_size):
-            images += gen.generate(captions[start : start + args.batch_size], cfg_scale=args.cfg,
-                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                   seed=args.seed + start)  # fmt: skip
+            try:
+                images += gen.generate(captions[start : start + args.batch_size], cfg_scale=args.cfg,
+                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                       seed=args.seed + start)  # fmt: skip
+            except ValueError as e:  # a sampling setting out of range (the generation errors are ValueErrors)
+                raise CLIError(str(e)) from e
     try:
         result = shapes_eval(images, captions, judge)
     except ValueError as e:
@@ -493,10 +504,10 @@ def register(subparsers: Any) -> None:
     g.add_argument("--split", default="test", choices=("val", "test"))
     g.add_argument("--limit", type=positive_int, default=200, help="captions (default 200)")
     g.add_argument("--batch-size", type=positive_int, default=32)
-    g.add_argument("--cfg", type=float, default=3.0, help="guidance scale (default 3)")
-    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--cfg", type=finite_float, default=3.0, help="guidance scale (default 3)")
+    g.add_argument("--temperature", type=finite_float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-p", type=finite_float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--out", default="report-generation", help="report directory (default report-generation)")

@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-from .common import CLIError, check_output_dir, plan_outputs, positive_int, resolve_device
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
+from .common import CLIError, check_output_dir, finite_float, plan_outputs, positive_int, resolve_device
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -57,10 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="a generator directory (run_dir/last of a text-to-image run)")
     p.add_argument("--out", required=True, help="output folder: NNN-MM.png per prompt and sample, prompts.tsv")
     p.add_argument("--n", type=positive_int, default=4, help="images per prompt (default 4)")
-    p.add_argument("--cfg", type=_finite, default=3.0, help="classifier-free guidance scale (default 3; 1 = none)")
-    p.add_argument("--temperature", type=_finite, default=1.0)
+    p.add_argument("--cfg", type=finite_float, default=3.0, help="classifier-free guidance scale (default 3; 1 = none)")
+    p.add_argument("--temperature", type=finite_float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=_finite, default=1.0, help="nucleus sampling mass in (0, 1] (1: all)")
+    p.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling mass in (0, 1] (1: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="replace existing PNGs in --out")
