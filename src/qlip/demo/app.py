@@ -100,11 +100,12 @@ def build_app(model_dir: str | Path | None = None, generator_dir: str | Path | N
         with gr.Tab("Tokenize", id="tokenize"):
             with gr.Row():
                 upload = gr.File(label="image", type="filepath", elem_id="tok-upload")
-                seen = gr.Image(label="input (as the model sees it)", type="pil", format="png", elem_id="tok-input")
+                seen = gr.Image(label="input (as the model sees it)", type="pil", format="png", height=256,
+                                elem_id="tok-input")  # fmt: skip
             with gr.Row():
                 grid = gr.Image(label="token grid (one color per token)", type="pil", format="png",
                                 elem_id="tok-grid")  # fmt: skip
-                recon = gr.Image(label="reconstruction", type="pil", elem_id="tok-recon", format="png")
+                recon = gr.Image(label="reconstruction", type="pil", format="png", height=256, elem_id="tok-recon")
             stats = gr.Textbox(label="tokens", interactive=False, elem_id="tok-stats")
             status = gr.Textbox(label="status", interactive=False, elem_id="tok-status")
             button = gr.Button("Tokenize", elem_id="tok-run")
@@ -124,7 +125,7 @@ def build_app(model_dir: str | Path | None = None, generator_dir: str | Path | N
                 c_button.click(bind(classify_outputs, 1), [c_upload, labels], [probs, c_status])
         if session.generator is not None:
             with gr.Tab("Generate", id="generate"):
-                prompt = gr.Textbox(label="prompt", value="a red circle on the left", elem_id="gen-prompt")
+                prompt = gr.Textbox(label="prompt", value="a red circle", elem_id="gen-prompt")
                 with gr.Row():
                     seed = gr.Number(label="seed", value=0, precision=0, elem_id="gen-seed")
                     cfg_scale = gr.Slider(0.0, 10.0, value=3.0, step=0.5, label="CFG scale", elem_id="gen-cfg")
