@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -61,6 +62,13 @@ def test_save_pretrained_refreshes_its_own_card_and_never_replaces_a_foreign_rea
     model.save_pretrained(target)
     assert (target / "README.md").read_text() == "# my own notes\n"  # theirs: kept
     assert qlip.create_model(str(target)) is not None
+
+
+def test_a_yaml_file_that_is_not_a_training_config_stays_out_of_the_card(tmp_path):
+    (tmp_path / "config.yaml").write_text("secret: value\n")
+    model = randomize_(qlip.create_model("qlip-tiny"))
+    card = (model.save_pretrained(tmp_path / "m") / "README.md").read_text()
+    assert "secret" not in card and "## Training config" not in card
 
 
 def test_card_shows_the_numbers_of_an_eval_report(run_dir, tmp_path):
@@ -144,6 +152,40 @@ def test_hub_push_offline_is_one_line_and_exit_2(run_dir, tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "offline" in err and "--dry-run" in err
     assert not out.exists()  # nothing written when nothing can be pushed
+
+
+class FakeApi:
+    """Stands in for huggingface_hub.HfApi: records the calls, or fails like a machine without a network."""
+
+    calls: list = []
+    fail: Exception | None = None
+
+    def create_repo(self, repo_id, **kwargs):
+        if FakeApi.fail is not None:
+            raise FakeApi.fail
+        FakeApi.calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, folder_path, repo_id, **kwargs):
+        FakeApi.calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+
+def test_hub_push_uploads_the_assembled_folder(run_dir, monkeypatch, capsys):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    import qlip.hub
+
+    monkeypatch.setattr(qlip.hub, "hub_offline", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(FakeApi, "calls", [])
+    assert main(["hub", "push", str(run_dir / "last"), "--repo", "alice/qlip-tiny", "--private"]) == 0
+    (_, repo, options), (_, repo2, files) = FakeApi.calls
+    assert repo == repo2 == "alice/qlip-tiny" and options["private"] is True
+    assert "README.md" in files and "model.safetensors" in files
+    assert "pushed" in capsys.readouterr().out
+    monkeypatch.setattr(FakeApi, "fail", ConnectionError("Failed to resolve 'huggingface.co'"))
+    assert main(["hub", "push", str(run_dir / "last"), "--repo", "alice/qlip-tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not push to alice/qlip-tiny" in err and "Failed to resolve" in err
 
 
 @pytest.mark.parametrize(

@@ -42,9 +42,19 @@ class ModelCardError(FileExistsError):
 
 
 def run_config_path(model_dir: str | Path) -> Path | None:
-    """The training config of the run a model directory was exported from (``RUN_DIR/last`` -> ``RUN_DIR``)."""
+    """The training config of the run a model directory was exported from (``RUN_DIR/last`` -> ``RUN_DIR``).
+
+    Only a ``config.yaml`` that reads as a qlip training config (a mapping with ``model`` and ``optim`` sections)
+    counts: a model saved beside some other YAML file gets no training section.
+    """
     path = Path(model_dir).resolve().parent / RUN_CONFIG_NAME
-    return path if path.is_file() else None
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if isinstance(config, dict) and isinstance(config.get("model"), dict) and isinstance(config.get("optim"), dict):
+        return path
+    return None
 
 
 def read_report_metrics(path: str | Path) -> dict[str, Any]:
@@ -237,7 +247,7 @@ def update_model_card(model_dir: str | Path, cfg: QLIPConfig) -> Path | None:
         return None
     try:
         text = model_card_for(model_dir, cfg)
-    except ModelCardError as e:  # an unreadable report.json in the folder: the card goes without its numbers
-        log.warning("%s; the model card leaves out the evaluation", e)
-        text = render_model_card(cfg, run_config=run_config_path(model_dir))
+    except (ModelCardError, OSError) as e:  # an unreadable report.json or config.yaml: a card without them
+        log.warning("%s; the model card leaves out the evaluation and the training config", e)
+        text = render_model_card(cfg)
     return write_text_atomic(path, text)
