@@ -11,5 +11,18 @@ is missing. Every failure to find or load a model is an :class:`HFModelError` (o
 
 from .causal_lm import SMOLLM2, HFCache, HFCausalLM, HFTokenizer, load_causal_lm
 from .errors import HFModelError
+from .text_encoder import MINILM, HFCaptionTokenizer, HFTextEncoder, TextTruncatedWarning, load_text_encoder
 
-__all__ = ["SMOLLM2", "HFCache", "HFCausalLM", "HFModelError", "HFTokenizer", "load_causal_lm"]
+__all__ = [
+    "MINILM",
+    "SMOLLM2",
+    "HFCache",
+    "HFCaptionTokenizer",
+    "HFCausalLM",
+    "HFModelError",
+    "HFTextEncoder",
+    "HFTokenizer",
+    "TextTruncatedWarning",
+    "load_causal_lm",
+    "load_text_encoder",
+]

@@ -241,7 +241,7 @@ def load_causal_lm(source: str | Path, *, dtype: torch.dtype = torch.float32,
             raise HFModelError(f"{where} is not a causal language model ({first_line(e)}); give a decoder-only LM such "
                                "as Llama, SmolLM or Qwen") from None  # fmt: skip
         raise HFModelError(f"{where} could not be loaded as a causal LM ({first_line(e)})") from None
-    except (OSError, KeyError, RuntimeError, TypeError) as e:
+    except Exception as e:  # safetensors' Rust error derives from Exception only; a user's file, one line
         raise HFModelError(f"{where} could not be loaded as a causal LM ({first_line(e)}); check the files") from None
     _check_causal(model, info, where)
     lm = HFCausalLM(model.to(device))
