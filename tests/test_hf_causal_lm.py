@@ -115,6 +115,10 @@ def test_missing_or_wrong_models_are_one_line_errors(tmp_path, tiny_lm_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(HFModelError, match="no config.json"):
         load_causal_lm(tmp_path / "empty")
+    if importlib.util.find_spec("gguf") is not None:
+        (tmp_path / "bad.gguf").write_bytes(b"GGUF" + bytes(12))
+        with pytest.raises(HFModelError, match="bad.gguf could not be loaded as a causal LM"):
+            load_causal_lm(tmp_path / "bad.gguf")
     bert = tmp_path / "bert"
     transformers.BertModel(transformers.BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1,
                                                    num_attention_heads=2, intermediate_size=16)).save_pretrained(bert)

