@@ -229,7 +229,7 @@ def load_causal_lm(source: str | Path, *, dtype: torch.dtype = torch.float32,
     if gguf_file is not None:
         require_gguf()
     where = folder / gguf_file if gguf_file else folder
-    options: dict[str, Any] = {"local_files_only": True}
+    options: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}  # offline; no code from files
     if gguf_file:
         options["gguf_file"] = gguf_file
     try:

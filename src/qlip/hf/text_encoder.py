@@ -165,11 +165,12 @@ def load_text_encoder(source: str | Path, *, context_length: int = DEFAULT_CONTE
     folder = resolve_text_encoder_source(source)
     if not (folder / "tokenizer.json").is_file() and any(folder.glob("*.model")):
         require_sentencepiece()
+    options = {"local_files_only": True, "trust_remote_code": False}  # offline; no code from the folder runs
     try:
-        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(str(folder), **options)
         cls = _model_class(transformers, config, folder)
-        model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        model, info = cls.from_pretrained(str(folder), output_loading_info=True, **options)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), **options)
     except HFModelError:
         raise
     except Exception as e:  # safetensors' Rust error derives from Exception only; a user's file, one line
