@@ -102,6 +102,26 @@ def test_a_padded_row_decodes_like_the_same_prompt_alone(tiny):
     assert torch.equal(batch[1], single[0])
 
 
+def test_lora_adapts_the_wrapped_lm(tiny_lm_dir):
+    from qlip.nn.lora import add_lora, merge_lora
+
+    lm, tok = load_causal_lm(tiny_lm_dir)
+    ids = torch.tensor([tok.encode("what is the capital of france ?")])
+    before = lm(ids).detach()
+    add_lora(lm, ["q_proj", "v_proj"], rank=2, alpha=4)
+    out = lm(ids)
+    assert torch.equal(out.detach(), before)
+    out[:, -1, 5].sum().backward()
+    grads = sorted(n for n, p in lm.named_parameters() if p.grad is not None)
+    assert grads and all("lora_" in n for n in grads) and len(grads) == 8  # a and b of 2 layers x 2 targets
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if n.endswith("lora_b"):
+                p.normal_(std=0.1)
+        adapted = lm(ids)
+        torch.testing.assert_close(merge_lora(lm)(ids), adapted, rtol=1e-5, atol=1e-5)
+
+
 def test_the_cache_refuses_too_long_sequences(tiny):
     lm, tok = tiny
     cache = lm.new_cache(1, max_len=4)

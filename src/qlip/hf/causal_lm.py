@@ -81,8 +81,9 @@ class HFCausalLM(nn.Module):
         return self.head(self.forward_embeds(self.embed(tokens), cache=cache, key_padding_mask=key_padding_mask))
 
     # --- sequence side -------------------------------------------------------------------------------------------
-    def new_cache(self, batch: int, max_len: int | None = None) -> HFCache:
-        """An empty :class:`HFCache` for ``batch`` rows of at most ``max_len`` slots (default: ``max_seq_len``)."""
+    def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None) -> HFCache:
+        """An empty :class:`HFCache` for ``batch`` rows of at most ``max_len`` slots (default: ``max_seq_len``).
+        ``dtype`` is accepted like the core's and ignored: the keys and values keep the model's dtype."""
         return HFCache(batch, max_len or self.max_seq_len, self.lm.get_input_embeddings().weight.device)
 
     def forward_embeds(self, x: Tensor, *, cache: HFCache | None = None,
