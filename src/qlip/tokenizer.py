@@ -187,10 +187,12 @@ class CLIPTokenizer:
         sot_token_id: id of ``<|startoftext|>``, read from the vocabulary by name.
         eot_token_id: id of ``<|endoftext|>``; the largest id, which the text model's argmax pooling relies on.
         pad_token_id: 0, the padding value CLIP uses after the end token.
+        num_special_tokens: 2, the start and end tokens of every row.
         context_length: default length of the rows returned by ``__call__``.
     """
 
     pad_token_id: int = 0
+    num_special_tokens: int = 2  # the start and end tokens every row carries
 
     def __init__(
         self,

@@ -65,13 +65,14 @@ def _library_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseE
     from ..checkpoints import ModelDirectoryError
     from ..data.sample import BadDataError
     from ..eval.zero_shot import TemplateError
+    from ..hf.errors import HFModelError
     from ..tokenfile import TokenFileError
     from ..train.checkpoint import CheckpointLoadError
     from ..train.config import ConfigError
     from ..weights import WeightFileError, WeightsMismatchError
 
     user_errors = (ConfigError, TokenFileError, WeightsMismatchError, WeightFileError, CheckpointLoadError,
-                   ModelDirectoryError, TemplateError)  # fmt: skip
+                   ModelDirectoryError, TemplateError, HFModelError)  # fmt: skip
     return user_errors, (BadDataError,)
 
 
