@@ -45,6 +45,22 @@ def _pick(columns: list[str], wanted: str | None, defaults: tuple[str, ...], wha
     raise ValueError(f"{file}: cannot find the {what} column among {columns}; name it with the {what}_key option")
 
 
+def _label_text(value: Any) -> str | None:
+    """A label cell as text (None when missing or blank); JSON numbers become their decimal form."""
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _is_whole_number(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
 def read_caption_rows(file: str | os.PathLike) -> tuple[list[str], list[dict[str, Any] | None]]:
     """Parse a CSV/TSV/JSONL caption file into (column names, rows); a row that cannot be parsed is None."""
     file = Path(file)
@@ -83,7 +99,9 @@ class CaptionFileDataset(Dataset):
         file: the list file.
         image_key: name of the path column (None: the first of PATH_COLUMNS present).
         caption_key: name of the caption column (None: the first of CAPTION_COLUMNS present).
-        label_key: optional name of an integer label column.
+        label_key: optional name of a label column. When every row's value is a whole number, the label is that
+            number (``classnames`` is None); otherwise the values are class names: ``classnames`` are the distinct
+            values sorted, and a row's label is the position of its value among them.
         min_size: images smaller than this on either side are bad ("too_small").
         max_pixels: images with more pixels are bad ("decompression_bomb"); None uses PIL's limit.
     """
@@ -104,12 +122,37 @@ class CaptionFileDataset(Dataset):
             raise ValueError(f"caption list {self.file} has no rows")
         self.image_key = _pick(columns, self.image_key, PATH_COLUMNS, "image", self.file)
         self.caption_key = _pick(columns, self.caption_key, CAPTION_COLUMNS, "caption", self.file)
+        self.classnames: list[str] | None = None
         if self.label_key is not None:
             _pick(columns, self.label_key, (), "label", self.file)
+            values = {_label_text(row.get(self.label_key)) for row in self.rows if row is not None} - {None}
+            if not values:
+                raise ValueError(f"{self.file}: the label column {self.label_key!r} is empty in every row")
+            if not all(_is_whole_number(v) for v in values):
+                self.classnames = sorted(values)
+                self._label_of = {name: i for i, name in enumerate(self.classnames)}
         self.base = self.file.parent
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def image_path_of(self, index: int) -> str | None:
+        """The image path row ``index`` names, as written in the list (None for an unparsable row)."""
+        row = self.rows[index]
+        value = None if row is None else row.get(self.image_key)
+        return value if isinstance(value, str) else None
+
+    def first_row_per_image(self) -> list[int]:
+        """Row indices keeping the first row of each image (a list may give one image several captions)."""
+        seen: set[str] = set()
+        keep = []
+        for i in range(len(self.rows)):
+            path = self.image_path_of(i)
+            if path is None or path not in seen:
+                keep.append(i)
+                if path is not None:
+                    seen.add(path)
+        return keep
 
     def __getitem__(self, index: int) -> Sample:
         row = self.rows[index]
@@ -129,10 +172,10 @@ class CaptionFileDataset(Dataset):
             return bad_marker(key, "missing_caption", f"row {index + 1} of {self.file}")
         label = None
         if self.label_key is not None:
-            try:
-                label = int(row[self.label_key])
-            except (KeyError, TypeError, ValueError):
-                return bad_marker(key, "bad_row", f"row {index + 1} of {self.file}: label is not an integer")
+            value = _label_text(row.get(self.label_key))
+            if value is None:
+                return bad_marker(key, "bad_row", f"row {index + 1} of {self.file}: no {self.label_key!r} label")
+            label = self._label_of[value] if self.classnames is not None else int(value)
         path = Path(rel) if os.path.isabs(rel) else self.base / rel
         try:
             image = read_image_checked(path, str(path), min_size=self.min_size, max_pixels=self.max_pixels)

@@ -120,7 +120,8 @@ def retrieval_embeddings(model: torch.nn.Module, batches: Iterable[Mapping[str, 
     """Embeddings of the distinct images and of every caption of collated batches, and which image each caption has.
 
     Samples with the same key (one image listed with several captions) are one image: it is encoded once and owns
-    all their captions. Captions come tokenized in ``batch["text"]`` or are tokenized here with ``tokenizer``.
+    all their captions. Captions come tokenized in ``batch["text"]`` or are tokenized here with ``tokenizer``; then
+    the captions cut to the text context are counted and logged once.
 
     Returns:
         ``(image_emb (N, D), text_emb (M, D), caption_image (M,))``, float32 / int64 on the CPU.
@@ -131,6 +132,7 @@ def retrieval_embeddings(model: torch.nn.Module, batches: Iterable[Mapping[str, 
     images: list[Tensor] = []
     texts: list[Tensor] = []
     owners: list[int] = []
+    truncated, context = 0, 0
     for batch in batches:
         keys, captions = list(batch["key"]), list(batch["caption"])
         if not keys:
@@ -143,11 +145,20 @@ def retrieval_embeddings(model: torch.nn.Module, batches: Iterable[Mapping[str, 
             images.append(model.encode_image(x, normalize=True).float().cpu())
             for i in new:
                 index[keys[i]] = len(index)
-        ids = batch["text"] if "text" in batch else tokenizer(captions)
+        if "text" in batch:
+            ids = batch["text"]
+        else:
+            ids = tokenizer(captions)
+            if hasattr(tokenizer, "count_truncated"):
+                truncated += tokenizer.count_truncated(captions, ids.shape[1])
+                context = ids.shape[1]
         texts.append(model.encode_text(ids.to(device), normalize=True).float().cpu())
         owners.extend(index[k] for k in keys)
     if not images:
         raise ValueError("no images to evaluate: the data gave no readable samples")
+    if truncated:
+        logger.warning("%d of %d captions were longer than the %d-token context and were truncated", truncated,
+                       len(owners), context)  # fmt: skip
     return torch.cat(images), torch.cat(texts), torch.tensor(owners, dtype=torch.long)
 
 
