@@ -136,6 +136,14 @@ class CaptionFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def caption_of(self, index: int) -> str | None:
+        """The caption row ``index`` gives, stripped (None when it has no usable one); reads no image."""
+        row = self.rows[index]
+        caption = None if row is None else row.get(self.caption_key)
+        if not isinstance(caption, str) or not caption.strip() or _has_undecodable(caption):
+            return None
+        return caption.strip()
+
     def image_path_of(self, index: int) -> str | None:
         """The image path row ``index`` names, as written in the list (None for an unparsable row)."""
         row = self.rows[index]
