@@ -136,32 +136,57 @@ def _scan_shard(path: str, want: Callable[[int], bool]) -> Iterator[dict[str, An
             yield {"key": key, "shard": shard, "data": data}
 
 
+def _read_meta(data: dict[str, bytes]) -> dict[str, Any]:
+    """The ``.json`` member of a raw sample ({} when absent or not an object); raises on bad bytes or JSON."""
+    if "json" not in data:
+        return {}
+    meta = json.loads(data["json"].decode("utf-8"))
+    return meta if isinstance(meta, dict) else {}
+
+
+def _read_caption(data: dict[str, bytes], meta: dict[str, Any]) -> str | None:
+    """The caption of a raw sample: its ``.txt`` member, else the json's caption/text field; raises on bad UTF-8."""
+    if "txt" in data:
+        return data["txt"].decode("utf-8").strip()
+    text = meta.get("caption", meta.get("text"))
+    return text.strip() if isinstance(text, str) else None
+
+
+def shard_captions(spec: str | os.PathLike | list[str]) -> Iterator[str]:
+    """Every non-empty caption of a set of shards, in shard order, without decoding an image.
+
+    Samples whose caption cannot be read (bad UTF-8 or JSON, a cut-short shard) are left out.
+    """
+    for path in list_shards(spec):
+        for item in _scan_shard(path, lambda i: True):
+            if "bad" in item:
+                continue
+            try:
+                caption = _read_caption(item["data"], _read_meta(item["data"]))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if caption:
+                yield caption
+
+
 def decode_shard_sample(item: dict[str, Any], *, require_caption: bool = True, min_size: int = 1,
                         max_pixels: int | None = None) -> Sample:  # fmt: skip
     """Turn a raw tar sample into the common sample dict, or a bad marker saying why it cannot be used."""
     if "bad" in item:
         return item
     data, key = item["data"], f"{item['shard']}/{item['key']}"
-    meta: dict[str, Any] = {}
-    if "json" in data:
-        try:
-            meta = json.loads(data["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            return bad_marker(key, "non_utf8_caption" if isinstance(err, UnicodeDecodeError) else "bad_row", str(err))
-        if not isinstance(meta, dict):
-            meta = {}
+    try:
+        meta = _read_meta(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return bad_marker(key, "non_utf8_caption" if isinstance(err, UnicodeDecodeError) else "bad_row", str(err))
     key = str(meta.get("key", key))
     image_ext = next((ext for ext in IMAGE_EXTS if ext in data), None)
     if image_ext is None:
         return bad_marker(key, "missing_image", f"members: {sorted(data)}")
-    caption = None
-    if "txt" in data:
-        try:
-            caption = data["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError as err:
-            return bad_marker(key, "non_utf8_caption", str(err))
-    elif isinstance(meta.get("caption", meta.get("text")), str):
-        caption = meta.get("caption", meta.get("text")).strip()
+    try:
+        caption = _read_caption(data, meta)
+    except UnicodeDecodeError as err:
+        return bad_marker(key, "non_utf8_caption", str(err))
     if require_caption and not caption:
         return bad_marker(key, "missing_caption", "no .txt member and no caption in .json")
     try:
