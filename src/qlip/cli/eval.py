@@ -28,9 +28,11 @@ import torch
 from .common import (
     EXIT_BAD_DATA,
     CLIError,
+    add_image_options,
     check_output_dir,
     finite_float,
     fraction,
+    image_transform_for,
     load_model,
     non_negative_int,
     positive_int,
@@ -89,7 +91,8 @@ def _subset(dataset: Any, indices: list[int]) -> Any:
 
 
 def open_dataset(data: str, split: str, limit: int | None, image_size: int, *, default_shapes: int,
-                 label_column: str | None = None, per_image: bool = False) -> Any:  # fmt: skip
+                 label_column: str | None = None, per_image: bool = False,
+                 background: str = "white") -> Any:  # fmt: skip
     """The dataset a ``--data`` / ``--split`` / ``--limit`` combination names (a subset when limited).
 
     ``label_column`` labels a caption list by one of its columns; ``per_image`` keeps one row per image of a caption
@@ -107,7 +110,7 @@ def open_dataset(data: str, split: str, limit: int | None, image_size: int, *, d
         path = Path(data).expanduser()
         if (path / split).is_dir():
             path = path / split
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = {"background": background}
         if label_column:
             if describe_source(str(path)) != "captions":
                 raise CLIError(f"--label-column applies to caption lists (.csv/.tsv/.jsonl), not to {data}; a class "
@@ -164,9 +167,7 @@ def batches(dataset: Any, args: argparse.Namespace, image_size: int, limit: int 
     """
     from ..data import build_dataloader
     from ..eval.progress import TrackedBatches
-    from ..transforms import image_transform
-
-    loader = build_dataloader(dataset, batch_size=args.batch_size, transform=image_transform(image_size, train=False),
+    loader = build_dataloader(dataset, batch_size=args.batch_size, transform=image_transform_for(args, image_size),
                               num_workers=args.workers)  # fmt: skip
     total = len(dataset) if hasattr(dataset, "__len__") else None
     if total is not None and limit is not None:
@@ -186,7 +187,10 @@ def dataset_name(args: argparse.Namespace, split: str, limit: int | None) -> str
     """Names the evaluated images for the FID reference cache: source, split and count."""
     source = args.data if _is_shapes(args.data) else str(Path(args.data).expanduser().resolve())
     count = limit or (DEFAULT_SHAPES_EVAL if _is_shapes(args.data) else "all")
-    return f"{source}|split={split}|n={count}"
+    name = f"{source}|split={split}|n={count}"
+    if (args.resize, args.background) != ("crop", "white"):  # other preprocessing: other reference statistics
+        name += f"|resize={args.resize}|background={args.background}"
+    return name
 
 
 def _tasks(dataset: Any, args: argparse.Namespace, model_has_text: bool) -> dict[str, Any]:
@@ -238,7 +242,7 @@ def run_zero_shot(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     tokenizer = _tokenizer(args)
     dataset = open_dataset(args.data, args.split, args.limit, model.image_size, default_shapes=DEFAULT_SHAPES_EVAL,
-                           label_column=args.label_column, per_image=True)  # fmt: skip
+                           label_column=args.label_column, per_image=True, background=args.background)  # fmt: skip
     tasks = _tasks(dataset, args, model_has_text=True)
     try:
         stream = batches(dataset, args, model.image_size, args.limit, "zero-shot")
@@ -255,7 +259,8 @@ def run_linear_probe(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     column = args.label_column
     train_source = args.train_data or args.data
     if column and not args.train_data:  # one labelled list: a seeded split into the probe's training and test part
-        whole = open_dataset(args.data, args.split, None, size, default_shapes=0, label_column=column, per_image=True)
+        whole = open_dataset(args.data, args.split, None, size, default_shapes=0, label_column=column, per_image=True,
+                             background=args.background)
         train, test = split_dataset(whole, args.test_fraction, args.seed)
         if args.limit is not None and args.limit < len(test):
             test = _subset(test, list(range(args.limit)))
@@ -267,9 +272,10 @@ def run_linear_probe(model: Any, args: argparse.Namespace) -> dict[str, Any]:
                            "pass --train-data DIR (a class folder with the same classes), or --label-column COLUMN "
                            "for a caption list")  # fmt: skip
         test = open_dataset(args.data, args.split, args.limit, size, default_shapes=DEFAULT_SHAPES_EVAL,
-                            label_column=column, per_image=True)  # fmt: skip
+                            label_column=column, per_image=True, background=args.background)  # fmt: skip
         train = open_dataset(train_source, args.train_split, args.train_limit, size,
-                             default_shapes=DEFAULT_SHAPES_TRAIN, label_column=column, per_image=True)  # fmt: skip
+                             default_shapes=DEFAULT_SHAPES_TRAIN, label_column=column, per_image=True,
+                             background=args.background)  # fmt: skip
         if getattr(train, "classnames", None) != getattr(test, "classnames", None):
             raise CLIError(f"--train-data {train_source} has the classes {getattr(train, 'classnames', None)} but "
                            f"{args.data} has {getattr(test, 'classnames', None)}; the probe needs the same classes "
@@ -297,7 +303,8 @@ def run_recon(model: Any, args: argparse.Namespace) -> tuple[dict[str, Any], tup
     from ..eval.fid import load_fid_network
     from ..eval.recon import evaluate_reconstruction, resolve_lpips_weights
 
-    dataset = open_dataset(args.data, args.split, args.limit, model.image_size, default_shapes=DEFAULT_SHAPES_EVAL)
+    dataset = open_dataset(args.data, args.split, args.limit, model.image_size, default_shapes=DEFAULT_SHAPES_EVAL,
+                           background=args.background)
     fid = load_fid_network(Path(args.inception_weights).expanduser() if args.inception_weights else None)
     lpips = resolve_lpips_weights(args.lpips_weights)
     for option, given, network in (("--inception-weights", args.inception_weights, fid),
@@ -325,7 +332,8 @@ def run_retrieval(model: Any, args: argparse.Namespace) -> dict[str, Any]:
                        "captions; evaluate retrieval on image-caption pairs (a .csv/.tsv/.jsonl list or shards) "
                        "and shapes with zero-shot")  # fmt: skip
     tokenizer = _tokenizer(args, "retrieval")
-    dataset = open_dataset(args.data, args.split, args.limit, model.image_size, default_shapes=0)
+    dataset = open_dataset(args.data, args.split, args.limit, model.image_size, default_shapes=0,
+                           background=args.background)
     stream = batches(dataset, args, model.image_size, args.limit, "retrieval")
     try:
         return evaluate_retrieval(model, stream, tokenizer=tokenizer)
@@ -570,6 +578,7 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", default=out_default, help=f"report directory (default {out_default})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_image_options(p)
 
 
 def _zero_shot_flags(p: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from ..transforms import ImageLoadError
+from ..transforms import Background, ImageLoadError
 from .sample import Sample, bad_marker, read_image_checked
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class CaptionFileDataset(Dataset):
             values sorted, and a row's label is the position of its value among them.
         min_size: images smaller than this on either side are bad ("too_small").
         max_pixels: images with more pixels are bad ("decompression_bomb"); None uses PIL's limit.
+        background: the color transparent images are flattened onto (white, black or #rrggbb).
     """
 
     file: str | os.PathLike
@@ -112,6 +113,7 @@ class CaptionFileDataset(Dataset):
     label_key: str | None = None
     min_size: int = 1
     max_pixels: int | None = None
+    background: Background = "white"
 
     def __post_init__(self) -> None:
         self.file = Path(self.file)
@@ -186,7 +188,8 @@ class CaptionFileDataset(Dataset):
             label = self._label_of[value] if self.classnames is not None else int(value)
         path = Path(rel) if os.path.isabs(rel) else self.base / rel
         try:
-            image = read_image_checked(path, str(path), min_size=self.min_size, max_pixels=self.max_pixels)
+            image = read_image_checked(path, str(path), min_size=self.min_size, max_pixels=self.max_pixels,
+                                       background=self.background)  # fmt: skip
         except ImageLoadError as err:
             return bad_marker(key, err.reason, str(err))
         return {"image": image, "caption": caption.strip(), "label": label, "key": key}

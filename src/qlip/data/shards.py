@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from ..transforms import ImageLoadError
+from ..transforms import Background, ImageLoadError
 from .sample import Sample, bad_marker, current_slot, read_image_checked, resume_point
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def shard_captions(spec: str | os.PathLike | list[str]) -> Iterator[str]:
 
 
 def decode_shard_sample(item: dict[str, Any], *, require_caption: bool = True, min_size: int = 1,
-                        max_pixels: int | None = None) -> Sample:  # fmt: skip
+                        max_pixels: int | None = None, background: Background = "white") -> Sample:  # fmt: skip
     """Turn a raw tar sample into the common sample dict, or a bad marker saying why it cannot be used."""
     if "bad" in item:
         return item
@@ -190,7 +190,8 @@ def decode_shard_sample(item: dict[str, Any], *, require_caption: bool = True, m
     if require_caption and not caption:
         return bad_marker(key, "missing_caption", "no .txt member and no caption in .json")
     try:
-        image = read_image_checked(data[image_ext], key, min_size=min_size, max_pixels=max_pixels)
+        image = read_image_checked(data[image_ext], key, min_size=min_size, max_pixels=max_pixels,
+                                   background=background)  # fmt: skip
     except ImageLoadError as err:
         return bad_marker(key, err.reason, str(err))
     label = meta.get("label")
@@ -222,6 +223,7 @@ class ShardDataset(IterableDataset):
         require_caption: samples without a caption are bad ("missing_caption").
         min_size: images smaller than this on either side are bad ("too_small").
         max_pixels: images with more pixels are bad ("decompression_bomb"); None uses PIL's limit.
+        background: the color transparent images are flattened onto (white, black or #rrggbb).
     """
 
     shards: str | os.PathLike | list[str]
@@ -235,6 +237,7 @@ class ShardDataset(IterableDataset):
     require_caption: bool = True
     min_size: int = 1
     max_pixels: int | None = None
+    background: Background = "white"
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -304,7 +307,7 @@ class ShardDataset(IterableDataset):
 
         def emit(item: dict[str, Any]) -> Sample:
             sample = decode_shard_sample(item, require_caption=self.require_caption, min_size=self.min_size,
-                                         max_pixels=self.max_pixels)  # fmt: skip
+                                         max_pixels=self.max_pixels, background=self.background)  # fmt: skip
             sample["position"] = (slot, num_slots, epoch, emitted)
             return sample
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from ..transforms import RESIZE_MODES, parse_background
+
 
 class ConfigError(ValueError):
     """A configuration the user must fix (unknown key, wrong type, impossible value)."""
@@ -90,6 +92,9 @@ class DataSection:
         hflip: random horizontal flip when augmenting (off for shapes: left/right is a label).
         max_bad_fraction: stop when more than this fraction of samples cannot be read.
         shuffle_buffer: shards: block size of the within-slot shuffle.
+        resize: how an image becomes the model's square: "crop" (fill it, cut the longer side; the released recipe)
+            or "pad" (keep the whole image, fill the rest with ``background``); training and held-out checks alike.
+        background: the color transparent images are flattened onto, and "pad" fills with: white, black or #rrggbb.
     """
 
     train: str = "shapes:easy"
@@ -104,6 +109,8 @@ class DataSection:
     hflip: bool = False
     max_bad_fraction: float = 0.05
     shuffle_buffer: int = 0
+    resize: str = "crop"
+    background: str = "white"
 
 
 # Keys that moved, old -> new: an old key is an error that names its new place.
@@ -419,6 +426,13 @@ class TrainConfig:
             raise ConfigError(f"optim.eps must be a finite number > 0, got {self.optim.eps}")
         if not 0 <= self.optim.min_lr_ratio <= 1:
             raise ConfigError(f"optim.min_lr_ratio must lie in [0, 1], got {self.optim.min_lr_ratio}")
+        if self.data.resize not in RESIZE_MODES:
+            raise ConfigError(f"data.resize={self.data.resize!r} is not one of {list(RESIZE_MODES)} (crop fills the "
+                              "square, pad keeps the whole image)")  # fmt: skip
+        try:
+            parse_background(self.data.background)
+        except ValueError as e:
+            raise ConfigError(f"data.background: {e}") from None
         if not 0.0 <= self.data.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must lie in [0, 1) (the share of data.train held out), got "
                               f"{self.data.val_fraction}")  # fmt: skip

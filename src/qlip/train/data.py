@@ -123,7 +123,8 @@ class BatchStream:
                  world_size: int) -> None:  # fmt: skip
         self.data, self.rank, self.world = data, rank, world_size
         self.kind = describe_source(data.train)
-        transform = image_transform(image_size, train=data.augment, hflip=data.hflip)
+        transform = image_transform(image_size, train=data.augment, hflip=data.hflip, resize=data.resize,
+                                    background=data.background)  # fmt: skip
         self.counter = BadSampleCounter(max_bad_fraction=data.max_bad_fraction, name=data.train)
         self.collate = SampleCollator(transform, tokenizer)
         groups = data.shapes_training
@@ -141,7 +142,8 @@ class BatchStream:
         else:
             try:
                 self.dataset = build_dataset(data.train, seed=seed, shuffle=True, endless=True, rank=rank,
-                                             world_size=world_size, shuffle_buffer=data.shuffle_buffer)  # fmt: skip
+                                             world_size=world_size, shuffle_buffer=data.shuffle_buffer,
+                                             background=data.background)  # fmt: skip
             except (FileNotFoundError, ValueError) as e:  # a missing path, an empty or malformed list
                 raise ConfigError(f"data.train={data.train}: {e}") from e
         if data.val is None and data.val_fraction:
@@ -211,7 +213,7 @@ def held_out_batches(data: DataSection, *, image_size: int, tokenizer: Any, num_
                      seed: int) -> list[dict[str, Any]]:  # fmt: skip
     """The held-out set as a list of collated batches: ``data.val``, the ``val`` split of shapes, or the part of a
     caption list or class folder ``data.val_fraction`` holds out of training (see :func:`held_out_description`)."""
-    transform = image_transform(image_size, train=False)
+    transform = image_transform(image_size, train=False, resize=data.resize, background=data.background)
     collate = SampleCollator(transform, tokenizer)
     if data.val is None and not data.val_fraction and describe_source(data.train) == "shapes":
         cfg = shapes_config(data, image_size)
@@ -219,7 +221,8 @@ def held_out_batches(data: DataSection, *, image_size: int, tokenizer: Any, num_
     elif data.val is not None or data.val_fraction:
         key, spec = ("data.val", data.val) if data.val is not None else ("data.train", data.train)
         try:
-            ds = build_dataset(spec, split="val", seed=seed, length=num_samples, rank=0, world_size=1)
+            options = {} if describe_source(spec) == "shapes" else {"background": data.background}
+            ds = build_dataset(spec, split="val", seed=seed, length=num_samples, rank=0, world_size=1, **options)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"{key}={spec}: {e}") from e
         if data.val is None:
