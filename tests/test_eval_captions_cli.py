@@ -110,3 +110,19 @@ def test_caption_list_mistakes_are_one_line(tiny_dir, pairs, tmp_path, capsys):
     assert main(["eval", "retrieval", "--model", str(tiny_dir), "--data", "shapes", "--out", str(tmp_path / "d"),
                  "--device", "cpu"]) == 2  # fmt: skip
     assert "shapes captions repeat" in capsys.readouterr().err
+
+
+def test_retrieval_counts_the_captions_cut_to_the_context(tiny_dir, caplog):
+    import logging
+
+    import qlip
+    from qlip.eval.retrieval import evaluate_retrieval
+
+    model, tok = qlip.create_model(str(tiny_dir)).eval(), qlip.get_tokenizer(str(tiny_dir))
+    size = model.image_size
+    batches = [{"image": torch.randn(2, 3, size, size), "key": ["a", "b"], "caption": ["a red thing", "red " * 40]},
+               {"image": torch.randn(1, 3, size, size), "key": ["a"], "caption": ["green " * 40]}]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="qlip.eval.retrieval"):
+        result = evaluate_retrieval(model, batches, tokenizer=tok)
+    assert result["num_images"] == 2 and result["num_captions"] == 3  # "a" has two captions
+    assert caplog.text.count("2 of 3 captions were longer than the 32-token context and were truncated") == 1

@@ -208,7 +208,8 @@ def tokenize_dataset(
     if mpath.exists():
         old = json.loads(mpath.read_text())
         if old.get("settings") != settings:
-            changed = sorted(k for k in settings if old.get("settings", {}).get(k) != settings[k])
+            before = old.get("settings", {})
+            changed = sorted(k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k))
             raise ValueError(
                 f"{out} holds tokens of a different run (settings differ in {changed}); resume with the same "
                 "settings, or write to a new --out directory"
