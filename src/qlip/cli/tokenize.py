@@ -8,7 +8,15 @@ from typing import Any
 
 import torch
 
-from .common import CLIError, check_output_dir, load_model, non_negative_int, positive_int, resolve_device
+from .common import (
+    CLIError,
+    add_image_options,
+    check_output_dir,
+    load_model,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+)
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
@@ -31,10 +39,12 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         options["caption_template"] = args.caption_template
     if args.allow_missing_caption:
         options["require_caption"] = False
+    if args.background != "white":
+        options["background"] = args.background
     try:
         result = tokenize_dataset(fast, args.data, args.out, batch_size=args.batch_size, num_workers=args.workers,
                                   shard_size=args.shard_size, limit=args.limit, progress=not args.quiet,
-                                  source_options=options)  # fmt: skip
+                                  source_options=options, resize=args.resize)  # fmt: skip
     except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
         raise CLIError(str(e)) from e
     bad = ", ".join(f"{k}={v}" for k, v in sorted(result.bad.items())) or "none"
@@ -61,4 +71,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--caption-template", default=None, help='class folders: caption such as "a photo of a {}."')
     p.add_argument("--allow-missing-caption", action="store_true", help="shards: keep samples without a caption")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_image_options(p)
     p.set_defaults(func=cmd_tokenize)
