@@ -154,3 +154,26 @@ def test_minilm_conditions_the_generator(tokenized, tmp_path):
     assert main(["generate", "a red circle", "--model", str(run / "last"), "--out", str(tmp_path / "s"), "--device",
                  "cpu"]) == 0  # fmt: skip
     assert (tmp_path / "s" / "000-00.png").is_file()
+
+
+def test_generate_grid_writes_one_png_with_a_caption_under_each_image(tokenized, tmp_path, capsys):
+    run = tmp_path / "t2i"
+    assert main(["train", _config(tokenized, run), "eval.at_end=false"]) == 0
+    grid = tmp_path / "grid.png"
+    argv = ["generate", "a red circle", "a blue square in the top left corner", "--model", str(run / "last"),
+            "--n", "2", "--out", str(tmp_path / "s"), "--device", "cpu", "--grid", str(grid), "--grid-columns", "2"]
+    assert main(argv) == 0
+    picture = Image.open(grid)
+    cell = 32 * (192 // 32)  # 32-px samples enlarged 6x
+    assert picture.width == 8 + 2 * (cell + 8) and picture.height > 8 + 2 * (cell + 8)  # 2 x 2, captions below
+    samples = [Image.open(tmp_path / "s" / f"{i:03d}-{j:02d}.png") for i in range(2) for j in range(2)]
+    assert picture.crop((8, 8, 8 + cell, 8 + cell)).resize((32, 32), Image.NEAREST).tobytes() == samples[0].tobytes()
+    caption = picture.crop((8, 8 + cell, 8 + cell, 8 + cell + 20)).convert("L")
+    assert caption.getextrema()[0] < 100  # text drawn under the image
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"]) == 0  # replaces its own grid
+    assert main(argv[:-4] + ["--out", str(tmp_path / "s2"), "--grid", str(grid)]) == 2  # exists: --overwrite
+    assert main(argv[:-4] + ["--out", str(tmp_path / "s3"), "--grid", str(tmp_path / "g.jpg")]) == 2
+    assert main(argv[:-4] + ["--out", str(tmp_path / "s4"), "--grid", str(tmp_path / "no" / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 3 and not (tmp_path / "s2").exists()

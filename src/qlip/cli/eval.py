@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..eval.generation import DEMO_HELD_OUT
 from .common import (
     EXIT_BAD_DATA,
     CLIError,
@@ -498,20 +499,13 @@ def cmd_train_judge(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ parser
 
 
-DEMO_HELD_OUT = "shapes:easy?sizes=large&holdout_combinations=0.1&eval_combinations=held_out"
-
-
 def cmd_generation(args: argparse.Namespace) -> int:
     """ShapesEval of a text-to-image generator on held-out captions, the judge's ceiling, the CLIP score."""
-    import dataclasses
-    import warnings
-
     from .. import __version__
     from ..data.loader import shapes_config_from_spec
-    from ..data.shapes import generate_shapes_sample
-    from ..eval.generation import clip_score, judge_ceiling, shapes_eval
+    from ..eval.generation import evaluate_generator
     from ..eval.judge import load_judge
-    from ..generation import load
+    from ..generation import GenerationInputError, load
 
     if not _is_shapes(args.data):
         raise CLIError(f"--data {args.data}: ShapesEval reads shapes captions; give a shapes spec such as "
@@ -524,26 +518,15 @@ def cmd_generation(args: argparse.Namespace) -> int:
         gen = load(args.model, device=device)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
-    captions = [generate_shapes_sample(i, config, split=args.split)["caption"] for i in range(args.limit)]
-    images = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a caption cut to the text context is the generator's own convention
-        for start in range(0, len(captions), args.batch_size):
-            try:
-                images += gen.generate(captions[start : start + args.batch_size], cfg_scale=args.cfg,
-                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                       seed=args.seed + start)  # fmt: skip
-            except ValueError as e:  # a sampling setting out of range (the generation errors are ValueErrors)
-                raise CLIError(str(e)) from e
     try:
-        result = shapes_eval(images, captions, judge)
-    except ValueError as e:
+        result = evaluate_generator(gen, judge, config, split=args.split, limit=args.limit,
+                                    batch_size=args.batch_size, cfg_scale=args.cfg, temperature=args.temperature,
+                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # fmt: skip
+    except GenerationInputError as e:  # a sampling setting out of range
+        raise CLIError(str(e)) from e
+    except ValueError as e:  # captions ShapesEval cannot read
         raise CLIError(f"--data {args.data}: {e}") from e
-    metrics: dict[str, Any] = dict(result.metrics)
-    if gen.qlip.visual is not None:  # the tokenizer's image encoder: its reconstructions cap what the judge can read
-        real = dataclasses.replace(config, eval_combinations="all")  # the ceiling reads every composition
-        metrics.update(judge_ceiling(judge, real, num_images=args.limit, split=args.split, model=gen.qlip))
-        metrics["clip_score"] = clip_score(gen.qlip, gen.tokenizer, images, captions)
+    metrics, captions, images = result.metrics, result.captions, result.images
     report = {"model": args.model, "data": args.data, "split": args.split, "limit": args.limit, "cfg_scale": args.cfg,
               "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
               "judge": args.judge, "qlip_version": __version__, "metrics": metrics,

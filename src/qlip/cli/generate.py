@@ -21,6 +21,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out_dir = check_output_dir(args.out)
     names = [Path(f"{i:03d}-{j:02d}.png") for i in range(len(prompts)) for j in range(args.n)]
     outputs = plan_outputs(names, out_dir, ".png", args.overwrite)
+    grid = Path(args.grid) if args.grid else None
+    if grid is not None:
+        if grid.suffix.lower() != ".png":
+            raise CLIError(f"--grid {grid}: the grid is a PNG; give a path ending in .png")
+        if grid.exists() and not args.overwrite:
+            raise CLIError(f"--grid {grid} exists; choose another path or pass --overwrite to replace it")
+        if not grid.parent.is_dir():
+            raise CLIError(f"--grid {grid}: the folder {grid.parent} does not exist; create it first")
     device = resolve_device(args.device)
     try:
         gen = load(args.model, device=device)
@@ -37,6 +45,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     lines = [f"{i:03d}\t{p}" for i, p in enumerate(prompts)]
     atomic_write(out_dir / "prompts.tsv", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     print(f"wrote {len(images)} image(s) for {len(prompts)} prompt(s) to {out_dir} (prompts.tsv names them)")
+    if grid is not None:
+        from ..generation.grid import caption_grid
+
+        picture = caption_grid(images, [p for p in prompts for _ in range(args.n)], columns=args.grid_columns)
+        atomic_write(grid, lambda tmp: picture.save(tmp, format="PNG"))
+        print(f"wrote {grid}: every image with its caption under it")
     return 0
 
 
@@ -52,5 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling mass in (0, 1] (1: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing PNGs in --out")
+    p.add_argument("--grid", default=None, metavar="FILE.png",
+                   help="also write one PNG of every image with its caption under it")
+    p.add_argument("--grid-columns", type=positive_int, default=None, help="images per row of --grid (default: up "
+                   "to 6)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace existing PNGs in --out (and the --grid file)")
     p.set_defaults(func=cmd_generate)
