@@ -193,3 +193,32 @@ def test_config_errors_name_what_to_change(runs, tmp_path):
     cfg["run_dir"] = str(tmp_path / "r")
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(tmp_path / "b.yaml")]) == 2
+
+
+def test_eval_unified_writes_one_report(runs, tmp_path, capsys):
+    import json
+
+    from qlip.eval.judge import train_judge
+    from qlip.unified.evaluate import caption_accuracy
+
+    train_judge(tmp_path / "judge", steps=2, num_train=32, num_eval=16)
+    spec = "shapes:easy?holdout_combinations=0.1&eval_combinations=held_out&image_size=32"
+    out = tmp_path / "report"
+    assert main(["eval", "unified", "--model", str(runs / "um" / "last"), "--judge", str(tmp_path / "judge"),
+                 "--data", spec, "--limit", "3", "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    metrics = json.loads((out / "report.json").read_text())["metrics"]
+    for key in ("text_ppl", "text_ppl_init", "text_ppl_change", "cap/shape", "cap/color", "cap/position", "cap/all",
+                "gen/shape", "gen/all"):
+        assert key in metrics, key
+    assert (out / "report.md").is_file() and (out / "samples.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", "unified", "--model", str(runs / "lm" / "last"), "--judge", "none", "--out",
+                 str(tmp_path / "r2")]) == 2  # a text-only LM
+    assert main(["eval", "unified", "--model", str(runs / "tok"), "--out", str(tmp_path / "r3")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    # the scoring itself
+    got = caption_accuracy(["a red circle at the top.", "a blue star", "a red star in the center."],
+                           ["a large red circle at the top.", {"shape": "circle", "color": "blue", "position": "top"},
+                            "a small red circle in the center."])  # fmt: skip
+    assert got["cap/color"] == 100.0 and got["cap/shape"] == pytest.approx(100 / 3)
+    assert got["cap/position"] == pytest.approx(200 / 3) and got["cap/all"] == pytest.approx(100 / 3)
