@@ -15,7 +15,15 @@ schedule), ``pipeline`` (the model directory, :class:`UnifiedModel`, :func:`load
 
 from .corpus import TextCorpus, load_corpus, stdlib_docstrings
 from .model import ImageVocab, UnifiedConfig, UnifiedLM, extend_vocabulary, split_nll, text_config, training_row
-from .pipeline import UnifiedDirectoryError, UnifiedInputError, UnifiedModel, load, load_lm, save_unified
+from .pipeline import (
+    UnifiedDirectoryError,
+    UnifiedInputError,
+    UnifiedModel,
+    is_unified_directory,
+    load,
+    load_lm,
+    save_unified,
+)
 
 __all__ = [
     "ImageVocab",
@@ -26,6 +34,7 @@ __all__ = [
     "UnifiedLM",
     "UnifiedModel",
     "extend_vocabulary",
+    "is_unified_directory",
     "load",
     "load_corpus",
     "load_lm",
