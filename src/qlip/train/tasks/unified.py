@@ -300,14 +300,14 @@ class UnifiedTask(_SequenceTask):
         model = extend_vocabulary(lm, image)
         model.cfg.reference = reference
         self.model_cfg = model.cfg
-        longest = 4 + image.steps + max(len(self.tokenizer.encode(c)) for c in captions[:1000])
+        cache: dict[str, list[int]] = {}
+        self.captions = [cache.setdefault(c, self.tokenizer.encode(c)) for c in captions]
+        longest = 4 + image.steps + max(map(len, cache.values()))  # the markers, sot and eot
         if longest > model.cfg.ar.max_seq_len:
             raise ConfigError(f"an image row holds {longest} tokens but {opts.init} reads at most "
                               f"{model.cfg.ar.max_seq_len}; train the language model with a larger lm.context")
         with torch.no_grad():
             self.visual = model.to_visual_ids(tokens.to(self.rt.device)).cpu()
-        cache: dict[str, list[int]] = {}
-        self.captions = [cache.setdefault(c, self.tokenizer.encode(c)) for c in captions]
         self.caption_text, self.tokens = captions, tokens
         log.info("unified: %d images with captions; text perplexity of %s: %.2f", len(captions), opts.init,
                  reference["text_ppl"])  # fmt: skip
