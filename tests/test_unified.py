@@ -180,7 +180,7 @@ def test_complete_cli_and_its_user_errors(runs, capsys):
     assert "Traceback" not in err and err.count("error:") == 4
 
 
-def test_config_errors_name_what_to_change(runs, tmp_path):
+def test_config_errors_name_what_to_change(runs, tmp_path, capsys):
     from qlip.train.config import ConfigError, load_config
 
     cfg = yaml.safe_load((runs / "um.yaml").read_text())
@@ -193,6 +193,13 @@ def test_config_errors_name_what_to_change(runs, tmp_path):
     cfg["run_dir"] = str(tmp_path / "r")
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(tmp_path / "b.yaml")]) == 2
+    cfg = yaml.safe_load((runs / "um.yaml").read_text())
+    cfg["unified"]["parts"] = 3  # 8-bit tokens do not split into 3 sub-tokens
+    cfg["run_dir"] = str(tmp_path / "c")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "3 equal parts" in err and "qlip" in err
 
 
 def test_eval_unified_writes_one_report(runs, tmp_path, capsys):
