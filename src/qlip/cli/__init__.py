@@ -7,6 +7,7 @@
     qlip eval {zero-shot,linear-probe,recon,all} ...            (eval.py)
     qlip tokenize --model M --data SRC --out DIR                (tokenize.py)
     qlip generate PROMPT... --model GEN --out DIR              (generate.py)
+    qlip complete PROMPT --model LM                            (complete.py)
     qlip experiment {balance-sweep,balance-modes,recipes,report} (experiment.py)
     qlip demo --model M [--generator G] [--vlm V]               (demo.py)
     qlip hub {push,card} DIR [--repo USER/NAME]                 (hub.py)
@@ -26,8 +27,8 @@ from collections.abc import Sequence
 from ..progress import setup_logging
 from .common import EXIT_BAD_DATA, EXIT_USER_ERROR, CLIError
 
-COMMAND_GROUPS = ("codec", "classify", "tokenizer", "data", "train", "eval", "tokenize", "generate", "experiment",
-                  "demo", "hub")
+COMMAND_GROUPS = ("codec", "classify", "tokenizer", "data", "train", "eval", "tokenize", "generate", "complete",
+                  "experiment", "demo", "hub")
 
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143

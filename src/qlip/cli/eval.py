@@ -654,3 +654,7 @@ def register(subparsers: Any) -> None:
     j.add_argument("--num-train", type=positive_int, default=6000, help="training images (6000)")
     j.add_argument("--num-eval", type=positive_int, default=2000, help="held-out images for the accuracy (2000)")
     j.set_defaults(func=cmd_train_judge)
+
+    from .unified_eval import add_eval_unified  # the unified model's evaluation lives beside its own command
+
+    add_eval_unified(sub, DEMO_HELD_OUT)

@@ -34,6 +34,19 @@ ImageBatch = Sequence[Image.Image] | Tensor  # PIL images or uint8 (B, 3, H, W)
 DEMO_HELD_OUT = "shapes:easy?sizes=large&holdout_combinations=0.1&eval_combinations=held_out"
 
 
+def attribute_mentions(caption: str, classes: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """Every shape, color and position class a caption names (lists, maybe empty or several): shapes and colors
+    as whole words, positions by their caption phrase (:data:`qlip.data.shapes.POSITION_PHRASE`)."""
+    text = caption.lower()
+    found: dict[str, list[str]] = {}
+    for attribute in ATTRIBUTES:
+        if attribute == "position":
+            found[attribute] = [p for p in classes[attribute] if POSITION_PHRASE[p] in text]
+        else:
+            found[attribute] = [c for c in classes[attribute] if re.search(rf"\b{re.escape(c)}\b", text)]
+    return found
+
+
 def caption_attributes(caption: str, classes: Mapping[str, Sequence[str]]) -> dict[str, str]:
     """The shape, color and position a one-shape caption asks for, e.g. "a red triangle in the top left corner".
 
@@ -43,13 +56,8 @@ def caption_attributes(caption: str, classes: Mapping[str, Sequence[str]]) -> di
     Raises:
         ValueError: the caption names none or several of one attribute (the message names the caption).
     """
-    text = caption.lower()
     found: dict[str, str] = {}
-    for attribute in ATTRIBUTES:
-        if attribute == "position":
-            hits = [p for p in classes[attribute] if POSITION_PHRASE[p] in text]
-        else:
-            hits = [c for c in classes[attribute] if re.search(rf"\b{re.escape(c)}\b", text)]
+    for attribute, hits in attribute_mentions(caption, classes).items():
         if len(hits) != 1:
             what = "no" if not hits else f"several ({', '.join(hits)})"
             raise ValueError(f"caption {caption!r} names {what} {attribute}; ShapesEval needs captions of one shape "

@@ -30,6 +30,11 @@ key                    unit      meaning
 ``judge_real/<task>``  percent   the ShapesEval judge's accuracy on real held-out shapes images (its ceiling)
 ``judge_recon/<task>`` percent   the judge's accuracy on a QLIP model's reconstructions of those images
 ``clip_score``         --        100 x mean cosine of image and caption QLIP embeddings (generated images)
+``text_ppl``           --        held-out text perplexity of a language / unified model (exp of the mean NLL)
+``text_ppl_init``      --        the same for the language model a unified model started from
+``text_ppl_change``    percent   change of ``text_ppl`` from ``text_ppl_init`` (negative: better)
+``cap/<task>``         percent   image->text: captions that name the image's true shape / color / position
+``cap/all``            percent   image->text: captions right on all three attributes at once
 ``num_eval``           count     images evaluated
 =====================  ========  ================================================================================
 
@@ -66,6 +71,10 @@ METRIC_UNITS: dict[str, str] = {
     "judge_real/<task>": "%",
     "judge_recon/<task>": "%",
     "clip_score": "",
+    "text_ppl": "",
+    "text_ppl_init": "",
+    "text_ppl_change": "%",
+    "cap/<task>": "%",
     "num_eval": "count",
 }
 

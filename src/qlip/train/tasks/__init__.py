@@ -9,7 +9,8 @@ from __future__ import annotations
 from .base import BatchSource, StepLosses, Task
 from .generator import GeneratorTask
 from .qlip import QLIPTask
+from .unified import LMTask, UnifiedTask
 
-TASKS: dict[str, type[Task]] = {"qlip": QLIPTask, "generator": GeneratorTask}
+TASKS: dict[str, type[Task]] = {"qlip": QLIPTask, "generator": GeneratorTask, "lm": LMTask, "unified": UnifiedTask}
 
-__all__ = ["TASKS", "BatchSource", "GeneratorTask", "QLIPTask", "StepLosses", "Task"]
+__all__ = ["TASKS", "BatchSource", "GeneratorTask", "LMTask", "QLIPTask", "StepLosses", "Task", "UnifiedTask"]
