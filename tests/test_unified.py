@@ -180,6 +180,21 @@ def test_complete_cli_and_its_user_errors(runs, capsys):
     assert "Traceback" not in err and err.count("error:") == 4
 
 
+def test_generate_cli_takes_a_unified_model_and_refuses_a_text_only_one(runs, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "samples"
+    assert main(["generate", "a red circle", "--model", str(runs / "um" / "last"), "--n", "2", "--cfg", "2",
+                 "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    assert sorted(p.name for p in out.glob("*.png")) == ["000-00.png", "000-01.png"]
+    assert Image.open(out / "000-00.png").size == (32, 32)
+    capsys.readouterr()
+    assert main(["generate", "a red circle", "--model", str(runs / "lm" / "last"), "--out", str(tmp_path / "t"),
+                 "--device", "cpu"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "text-only" in err and "Traceback" not in err
+
+
 def test_config_errors_name_what_to_change(runs, tmp_path, capsys):
     from qlip.train.config import ConfigError, load_config
 

@@ -14,6 +14,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from ..fileio import atomic_write
     from ..generation import CaptionTruncatedWarning, load
+    from ..unified import is_unified_directory
 
     prompts = [p.strip() for p in args.prompts]
     if not all(prompts):
@@ -31,7 +32,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise CLIError(f"--grid {grid}: the folder {grid.parent} does not exist; create it first")
     device = resolve_device(args.device)
     try:
-        gen = load(args.model, device=device)
+        if is_unified_directory(args.model):  # a unified model (UM3) generates images too
+            from ..unified import load as load_unified
+
+            gen = load_unified(args.model, device=device)
+        else:
+            gen = load(args.model, device=device)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", CaptionTruncatedWarning)
             images = gen.generate(prompts, cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
@@ -57,7 +63,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="text -> images with a trained generator")
     p.add_argument("prompts", nargs="+", help="captions, one image set per caption")
-    p.add_argument("--model", required=True, help="a generator directory (run_dir/last of a text-to-image run)")
+    p.add_argument("--model", required=True, help="a generator directory (run_dir/last of a text-to-image run) "
+                   "or a unified model directory")
     p.add_argument("--out", required=True, help="output folder: NNN-MM.png per prompt and sample, prompts.tsv")
     p.add_argument("--n", type=positive_int, default=4, help="images per prompt (default 4)")
     p.add_argument("--cfg", type=finite_float, default=3.0, help="classifier-free guidance scale (default 3; 1 = none)")
