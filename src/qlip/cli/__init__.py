@@ -8,6 +8,7 @@
     qlip tokenize --model M --data SRC --out DIR                (tokenize.py)
     qlip generate PROMPT... --model GEN --out DIR              (generate.py)
     qlip experiment {balance-sweep,balance-modes,recipes,report} (experiment.py)
+    qlip export MODEL --format F --out DIR | export check DIR   (export.py)
 
 Each module of this package is one command group with a ``register(subparsers)`` function; a new group is one
 new module named in :data:`COMMAND_GROUPS`. The conventions (exit codes, errors) are in :mod:`qlip.cli.common`.
@@ -24,7 +25,8 @@ from collections.abc import Sequence
 from ..progress import setup_logging
 from .common import EXIT_BAD_DATA, EXIT_USER_ERROR, CLIError
 
-COMMAND_GROUPS = ("codec", "classify", "tokenizer", "data", "train", "eval", "tokenize", "generate", "experiment")
+COMMAND_GROUPS = ("codec", "classify", "tokenizer", "data", "train", "eval", "tokenize", "generate", "experiment",
+                  "export")
 
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
