@@ -90,6 +90,10 @@ def test_onnx_round_trip_of_a_released_layout_model(released_dir, images, tmp_pa
     assert main(["export", str(released_dir), "--format", "onnx", "--out", str(out)]) == 0
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["exports"]["onnx"]["opset"] == 18 and manifest["model"] == "QLIP-tiny"
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.load(str(out / "encoder.onnx"))
+    assert {o.domain: o.version for o in graph.opset_import}[""] == 18
+    assert [i.name for i in graph.graph.input] == ["images"] and [o.name for o in graph.graph.output] == ["indices"]
     capsys.readouterr()
     assert main(["export", "check", str(out), "--images", *images]) == 0
     line = capsys.readouterr().out.strip()
