@@ -18,12 +18,15 @@ unpickling (``torch.export.load`` would unpickle some entries).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import io
 import json
 import logging
+import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,11 +113,26 @@ def _batch_dim(max_batch: int) -> dict[int, Any]:
     return {0: torch.export.Dim("batch", min=1, max=max_batch)}
 
 
+@contextlib.contextmanager
+def quiet_exporters() -> Iterator[None]:
+    """Keep torch's exporter chatter (torchvision ops it skips, its own deprecations) out of qlip's output."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_program(model: QLIP, graph: str, max_batch: int = DEFAULT_MAX_BATCH,
                    output: str = "indices") -> torch.export.ExportedProgram:  # fmt: skip
     """``torch.export`` of one graph ("encoder" or "decoder") with a batch axis of 1 to ``max_batch``."""
     module, example = _graph_and_example(model, graph, output)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_exporters():
         return torch.export.export(module, (example,), dynamic_shapes=(_batch_dim(max_batch),))
 
 
@@ -122,8 +140,9 @@ def onnx_program(model: QLIP, graph: str, max_batch: int = DEFAULT_MAX_BATCH, ou
     """The ONNX program (``torch.onnx.ONNXProgram``) of one graph; needs the ``onnxscript`` package."""
     ep = export_program(model, graph, max_batch, output)
     names = {"encoder": (["images"], [output]), "decoder": (["indices"], ["pixels"])}[graph]
-    return torch.onnx.export(ep, dynamo=True, opset_version=ONNX_OPSET, input_names=names[0],
-                             output_names=names[1], verbose=False)  # fmt: skip
+    with quiet_exporters():
+        return torch.onnx.export(ep, dynamo=True, opset_version=ONNX_OPSET, input_names=names[0],
+                                 output_names=names[1], verbose=False)  # fmt: skip
 
 
 def onnx_session(model_bytes_or_path: bytes | str | Path, threads: int | None = None):
@@ -237,7 +256,8 @@ def export_model(model: QLIP, directory: str | Path, fmt: str, *, graphs: Sequen
     """Write the encoder and/or decoder graph of ``model`` in ``fmt`` ("onnx" or "torch-export") and the manifest.
 
     Args:
-        model: a float32 QLIP model on the CPU (any layout it was loaded from).
+        model: a QLIP model (any layout it was loaded from); exported as float32 on the CPU, from a copy when it
+            is elsewhere.
         directory: the export folder (created; other files in it are left alone).
         fmt: "onnx" (needs onnxscript) or "torch-export".
         graphs: ("encoder", "decoder") by default, each only when the model has the parts it needs.
@@ -263,7 +283,9 @@ def export_model(model: QLIP, directory: str | Path, fmt: str, *, graphs: Sequen
         raise ExportError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'qlip[export]'")
     directory = Path(directory)
     existing = plan_export(directory, model, fmt, graphs, overwrite, max_batch)
-    model = model.float().cpu().eval()
+    if model.device.type != "cpu" or any(t.dtype != torch.float32 for t in model.parameters()):
+        model = copy.deepcopy(model).float().cpu()  # the graphs are float32 CPU graphs; the caller's model stays
+    model.eval()
     files: dict[str, Path] = {}
     entries: dict[str, Any] = {}
     for g in graphs:
@@ -371,11 +393,14 @@ class ExportedTokenizer:
 
     def _load(self, path: Path, threads: int | None):
         if self.format == "onnx":
+            if not onnx_available():
+                raise ExportError(f"running {path.name} needs onnxruntime: pip install 'qlip[export]'")
             session = onnx_session(path, threads)
             name = session.get_inputs()[0].name
             return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
         check_pt2_archive(path)
-        module = torch.export.load(str(path)).module()
+        with quiet_exporters():
+            module = torch.export.load(str(path)).module()
         return lambda x: module(x)
 
     @property

@@ -8,10 +8,7 @@ compares with PyTorch eager: token indices must be identical, pixels within a st
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -30,21 +27,6 @@ from .common import (
 log = logging.getLogger("qlip")
 
 PARTS_FOR_GRAPH = {"encoder": ("vision", "quantizer"), "decoder": ("quantizer", "decoder")}
-
-
-@contextlib.contextmanager
-def _quiet_exporters() -> Iterator[None]:
-    """Keep torch's exporter chatter (missing torchvision ops, deprecations) out of the command's output."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 def _model_config(name: str):
@@ -88,9 +70,8 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     model = load_model(args.target, torch.device("cpu"), parts=parts)
     recorded = str(source.resolve()) if source.is_dir() else args.target
     try:
-        with _quiet_exporters():
-            result = export_model(model, out, args.format, graphs=graphs, source=recorded,
-                                  overwrite=args.overwrite, max_batch=args.max_batch)  # fmt: skip
+        result = export_model(model, out, args.format, graphs=graphs, source=recorded, overwrite=args.overwrite,
+                              max_batch=args.max_batch)  # fmt: skip
     except ExportError as e:
         raise CLIError(str(e)) from e
     files = ", ".join(f"{g} -> {p.name}" for g, p in result.files.items())
@@ -136,8 +117,7 @@ def cmd_export_check(args: argparse.Namespace, directory: str) -> int:
                            "pass the model that was exported")  # fmt: skip
     inputs = expand_images(args.images)
     try:
-        with _quiet_exporters():
-            runners = {f: ExportedTokenizer(directory, f) for f in formats}
+        runners = {f: ExportedTokenizer(directory, f) for f in formats}
     except ExportError as e:
         raise CLIError(str(e)) from e
     reports = {f: CheckReport(f) for f in formats}
