@@ -48,6 +48,7 @@ def test_torch_export_round_trip_and_manifest(qlip_dir, pt2_export, images, caps
     assert manifest["batch"] == {"min": 1, "max": 16}
     assert manifest["normalization"]["mean"][0] == pytest.approx(0.48145466)
     assert manifest["source"] == str(qlip_dir.resolve())
+    assert manifest["source_sha256"] == sha256_file(qlip_dir / "model.safetensors")
     entry = manifest["exports"]["torch-export"]
     assert entry["torch"] == torch.__version__ and entry["opset"] is None
     for graph, name in (("encoder", "encoder.pt2"), ("decoder", "decoder.pt2")):
@@ -145,6 +146,11 @@ def test_own_files_are_replaced_only_with_overwrite(qlip_dir, pt2_export, tmp_pa
     capsys.readouterr()
     assert main(["export", str(other), "--format", "torch-export", "--out", str(out), "--overwrite"]) == 2
     assert "holds an export of" in _error_line(capsys)
+    retrained = randomize_(create_model("qlip-tiny", parts=("vision", "quantizer", "decoder")), seed=2)
+    argv = ["export", str(retrained.save_pretrained(tmp_path / "r")), "--format", "torch-export", "--out", str(out),
+            "--max-batch", "16"]  # fmt: skip
+    assert main(argv) == 2  # same architecture, other weights: not mixed into one folder
+    assert "not of these weights" in _error_line(capsys)
 
 
 def test_a_changed_file_is_refused(pt2_export, tmp_path, images, capsys):

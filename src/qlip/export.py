@@ -208,8 +208,16 @@ def _model_fields(model: QLIP, source: str, max_batch: int) -> dict[str, Any]:
     }
 
 
+def source_sha256(source: str) -> str | None:
+    """The sha256 of a model directory's weights file (None for a registered name): which checkpoint was exported."""
+    from .checkpoints import WEIGHTS_NAME
+
+    path = Path(source) / WEIGHTS_NAME if source else None
+    return sha256_file(path) if path is not None and path.is_file() else None
+
+
 def plan_export(directory: str | Path, model: QLIP, fmt: str, graphs: Sequence[str], overwrite: bool,
-                max_batch: int) -> dict[str, Any] | None:  # fmt: skip
+                max_batch: int, source: str = "") -> dict[str, Any] | None:  # fmt: skip
     """Check that ``fmt``'s files may be written into ``directory``; returns the manifest already there (or None).
 
     A file is only ever replaced when the folder's manifest lists it (this module wrote it) and ``overwrite`` is
@@ -226,6 +234,10 @@ def plan_export(directory: str | Path, model: QLIP, fmt: str, graphs: Sequence[s
             raise ExportError(f"{directory} holds an export of {existing.get('model')!r} "
                               f"({existing.get('grid_size')}x{existing.get('grid_size')} tokens, "
                               f"{existing.get('num_bits')} bits), not of this {model.cfg.name}; choose another --out")
+        if (existing.get("source"), existing.get("source_sha256")) != (source, source_sha256(source)):
+            raise ExportError(f"{directory} holds an export of {existing.get('source')!r} (weights sha256 "
+                              f"{str(existing.get('source_sha256'))[:12]}), not of these weights; mixing two "
+                              "checkpoints in one folder is refused: choose another --out")  # fmt: skip
         if existing.get("batch", {}).get("max") != max_batch:
             raise ExportError(f"{directory} holds graphs exported for batches up to {existing['batch']['max']}; "
                               f"export with --max-batch {existing['batch']['max']} or into another folder")
@@ -282,7 +294,7 @@ def export_model(model: QLIP, directory: str | Path, fmt: str, *, graphs: Sequen
     if fmt == "onnx" and not onnx_available():
         raise ExportError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'qlip[export]'")
     directory = Path(directory)
-    existing = plan_export(directory, model, fmt, graphs, overwrite, max_batch)
+    existing = plan_export(directory, model, fmt, graphs, overwrite, max_batch, source)
     if model.device.type != "cpu" or any(t.dtype != torch.float32 for t in model.parameters()):
         model = copy.deepcopy(model).float().cpu()  # the graphs are float32 CPU graphs; the caller's model stays
     model.eval()
@@ -302,6 +314,7 @@ def export_model(model: QLIP, directory: str | Path, fmt: str, *, graphs: Sequen
         entries[g] = {"path": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
                       **_io_spec(model, g)}  # fmt: skip
     manifest = _model_fields(model, source, max_batch)
+    manifest["source_sha256"] = source_sha256(source)
     manifest["exports"] = dict(existing.get("exports", {})) if existing else {}
     previous = manifest["exports"].get(fmt, {}).get("files", {})
     manifest["exports"][fmt] = {
