@@ -11,6 +11,7 @@
     qlip experiment {balance-sweep,balance-modes,recipes,report} (experiment.py)
     qlip demo --model M [--generator G] [--vlm V]               (demo.py)
     qlip hub {push,card} DIR [--repo USER/NAME]                 (hub.py)
+    qlip export MODEL --format F --out DIR | export check DIR   (export.py)
 
 Each module of this package is one command group with a ``register(subparsers)`` function; a new group is one
 new module named in :data:`COMMAND_GROUPS`. The conventions (exit codes, errors) are in :mod:`qlip.cli.common`.
@@ -28,7 +29,7 @@ from ..progress import setup_logging
 from .common import EXIT_BAD_DATA, EXIT_USER_ERROR, CLIError
 
 COMMAND_GROUPS = ("codec", "classify", "tokenizer", "data", "train", "eval", "tokenize", "generate", "complete",
-                  "experiment", "demo", "hub")
+                  "experiment", "export", "demo", "hub")
 
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143

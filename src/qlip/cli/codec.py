@@ -15,6 +15,7 @@ from .common import (
     CLIError,
     add_image_options,
     add_model_options,
+    add_runtime_option,
     autocast,
     check_output_dir,
     check_output_file,
@@ -73,6 +74,18 @@ def cmd_encode(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, files, overwrite=args.overwrite)
     device = resolve_device(args.device)
     model = load_model(args.model, device, parts=("vision", "quantizer"))
+    encoder = model
+    if device.type == "cpu":  # the exact float32 tokens, by the fastest runtime installed (see --runtime)
+        from ..inference import optimize_for_inference
+
+        try:
+            encoder = optimize_for_inference(model, mode="fp32", runtime=args.runtime, expected_images=len(files))
+        except ValueError as e:
+            raise CLIError(str(e)) from e
+        log.info("encoding with %s", encoder.plan)
+    elif args.runtime == "onnxruntime":
+        raise CLIError(f"--runtime onnxruntime runs on the CPU only, not on {device}; use --device cpu or "
+                       "--runtime torch")  # fmt: skip
     transform = image_transform_for(args, model.image_size)
     tokens, keys, bad = [], [], []
     with torch.inference_mode(), autocast(device):
@@ -80,7 +93,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
             bad.extend(errors)
             if batch is None:
                 continue
-            tokens.append(model.encode(batch.to(device), output=args.output).cpu())
+            tokens.append(encoder.encode(batch.to(device), output=args.output).cpu())
             keys.extend(inputs[i][1].as_posix() for i in good)
     report_bad(bad)
     if not tokens:
@@ -184,6 +197,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument("--output", choices=("indices", "bits", "group_indices"), default="indices")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_runtime_option(p)
     add_model_options(p)
     add_image_options(p)
     p.set_defaults(func=cmd_encode)

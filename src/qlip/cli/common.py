@@ -253,3 +253,10 @@ def add_model_options(p: argparse.ArgumentParser, model_required: bool = True, b
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--batch-size", type=positive_int, default=batch_size)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_runtime_option(p: argparse.ArgumentParser) -> None:
+    """--runtime: what runs the float32 encoder on CPU (qlip encode, qlip tokenize)."""
+    p.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnxruntime"),
+                   help="CPU float32 encoder: onnxruntime (fastest, same tokens; needs the export extra), torch, or "
+                        "auto = onnxruntime when installed and the job holds 64 images or more")  # fmt: skip

@@ -11,6 +11,7 @@ import torch
 from .common import (
     CLIError,
     add_image_options,
+    add_runtime_option,
     check_output_dir,
     load_model,
     non_negative_int,
@@ -31,7 +32,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     model = load_model(args.model, device, parts=("vision", "quantizer"))
     try:
-        fast = optimize_for_inference(model, mode=args.mode, compile=args.compile)
+        fast = optimize_for_inference(model, mode=args.mode, compile=args.compile, runtime=args.runtime,
+                                      expected_images=args.limit)  # fmt: skip
     except ValueError as e:
         raise CLIError(str(e)) from e
     options: dict[str, Any] = {}
@@ -66,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="auto", choices=("auto", "fp32", "bf16", "int8"),
                    help="encoder precision; auto = bf16 on CUDA, exact float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (static shapes)")
+    add_runtime_option(p)
     p.add_argument("--limit", "--count", dest="limit", type=positive_int, default=None,
                    help="at most this many samples (required for shapes)")
     p.add_argument("--caption-template", default=None, help='class folders: caption such as "a photo of a {}."')
