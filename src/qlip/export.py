@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import io
 import json
 import logging
@@ -35,7 +34,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .fileio import atomic_write, write_json_atomic
+from .fileio import atomic_write, sha256_file, write_json_atomic
 from .models.qlip import QLIP
 from .quantizers.bsq import bits_to_codes, bits_to_indices, codes_to_bits, indices_to_bits
 from .transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -169,12 +168,6 @@ def onnx_available() -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ so colleagues can read model directories, token files and checkpoints like any o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -134,3 +135,12 @@ def replace_files(directory: str | Path, *, prefix: str = ".staged-", last: Sequ
             fsync_dir(directory)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -21,7 +21,6 @@ touched, so a run that fails at start-up leaves the older run resumable.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..fileio import atomic_write, dir_mode, write_text_atomic
+from ..fileio import atomic_write, dir_mode, sha256_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +70,6 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _checksum_key(path: Path) -> tuple[Path, str]:
