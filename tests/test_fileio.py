@@ -62,3 +62,31 @@ def test_replace_files_renames_all_or_nothing_and_keeps_other_files(tmp_path, um
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"a.json": "new a", "b.bin": "new b",
                                                                    "notes.txt": "not ours"}  # no staging folder
     assert _mode(tmp_path / "a.json") == 0o644
+
+
+def test_model_targets_of_every_family_refuse_what_they_did_not_write(tmp_path):
+    """Generator and language-model directories share one rule: a file, or a non-empty folder of something else, is
+    refused (one line naming what it holds); an empty folder, a staging leftover, or overwrite=True is accepted."""
+    from qlip.generation.model import _STAGE_PREFIX as T2I_STAGE
+    from qlip.generation.model import GeneratorDirectoryError, check_generator_target
+    from qlip.unified.pipeline import UnifiedDirectoryError, check_unified_target
+
+    for check, error, stage in ((lambda d, o=False: check_generator_target(d, o), GeneratorDirectoryError, T2I_STAGE),
+                                (check_unified_target, UnifiedDirectoryError, None)):  # fmt: skip
+        root = tmp_path / error.__name__
+        root.mkdir()
+        check(root / "new")  # does not exist yet
+        (root / "empty").mkdir()
+        check(root / "empty")
+        (root / "file").write_text("x")
+        with pytest.raises(error, match="is a file"):
+            check(root / "file")
+        (root / "photos").mkdir()
+        (root / "photos" / "cat.jpg").write_bytes(b"\xff")
+        with pytest.raises(error, match=r"not empty .* \(it holds cat\.jpg\)"):
+            check(root / "photos")
+        check(root / "photos", True)  # overwrite: the caller replaces only its own files
+        if stage is not None:
+            (root / "staged").mkdir()
+            (root / "staged" / f"{stage}1").mkdir()
+            check(root / "staged")

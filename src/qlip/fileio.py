@@ -144,3 +144,19 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_model_target(directory: str | Path, *, is_ours: Callable[[Path], bool], error: type[Exception], what: str,
+                       staging_prefix: str, overwrite: bool = False, overwrite_hint: str = "") -> None:  # fmt: skip
+    """Refuse to save a model of kind ``what`` to ``directory`` when it is a file, or a non-empty folder that
+    ``is_ours`` does not recognize (unless ``overwrite``): what the program did not write is never replaced.
+    Leftover staging folders (``staging_prefix``) of an interrupted save do not count. Raises ``error``."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise error(f"{directory} is a file; choose a directory path for the {what}")
+    if overwrite or not directory.is_dir() or is_ours(directory):
+        return
+    others = sorted(p.name for p in directory.iterdir() if not p.name.startswith(staging_prefix))
+    if others:
+        raise error(f"{directory} is not empty and is not a {what} directory (it holds {', '.join(others[:5])}); "
+                    f"choose a new or empty directory{overwrite_hint}")

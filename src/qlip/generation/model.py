@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..ar.model import ARConfig, ARTransformer
 from ..ar.sampling import Chooser
-from ..fileio import replace_files
+from ..fileio import check_model_target, replace_files
 from ..tokenfile import TokenSpec
 from ..weights import read_weight_file
 from .codec import CodecConfig, make_codec
@@ -323,11 +323,5 @@ def is_generator_directory(directory: Path) -> bool:
 
 def check_generator_target(directory: Path, overwrite: bool) -> None:
     """Refuse a file, or a non-empty folder that is not a generator directory (unless ``overwrite``)."""
-    if directory.exists() and not directory.is_dir():
-        raise GeneratorDirectoryError(f"{directory} is a file; choose a directory path for the generator")
-    if overwrite or not directory.is_dir() or is_generator_directory(directory):
-        return
-    others = sorted(p.name for p in directory.iterdir() if not p.name.startswith(_STAGE_PREFIX))
-    if others:
-        raise GeneratorDirectoryError(f"{directory} is not empty and is not a generator directory (it holds "
-                                      f"{', '.join(others[:5])}); choose a new or empty directory, or overwrite=True")
+    check_model_target(directory, is_ours=is_generator_directory, error=GeneratorDirectoryError, what="generator",
+                       staging_prefix=_STAGE_PREFIX, overwrite=overwrite, overwrite_hint=", or overwrite=True")

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..ar.sampling import Chooser
-from ..fileio import replace_files
+from ..fileio import check_model_target, replace_files
 from ..weights import read_weight_file
 from .model import LM_FORMAT, UNIFIED_FORMAT, UnifiedConfig, UnifiedLM
 
@@ -77,16 +77,8 @@ def is_unified_directory(directory: str | Path) -> bool:
 
 def check_unified_target(directory: str | Path, overwrite: bool = False) -> None:
     """Refuse a file, or a non-empty folder that is not a language-model / unified-model directory."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise UnifiedDirectoryError(f"{directory} is a file; choose a directory path for the model")
-    if overwrite or not directory.is_dir() or is_unified_directory(directory):
-        return
-    others = sorted(p.name for p in directory.iterdir() if not p.name.startswith(_STAGE_PREFIX))
-    if others:
-        raise UnifiedDirectoryError(f"{directory} is not empty and is not a model directory of qlip's language "
-                                    f"models (it holds {', '.join(others[:5])}); choose a new or empty "
-                                    "directory")  # fmt: skip
+    check_model_target(directory, is_ours=is_unified_directory, error=UnifiedDirectoryError,
+                       what="qlip language-model", staging_prefix=_STAGE_PREFIX, overwrite=overwrite)
 
 
 def save_unified(directory: str | Path, lm: UnifiedLM, tokenizer: Any, qlip_model: Any = None, *,
