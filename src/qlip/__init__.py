@@ -7,9 +7,10 @@ The public API, re-exported::
     tokens = model.encode(images)          # (B, h, w) int64 in [0, 2**28)
     recon = model.decode(tokens)           # (B, 3, H, W), CLIP-normalized
     gen = qlip.generation.load("runs/t2i-shapes/last")   # a text-to-image generator over QLIP tokens
+    vlm = qlip.understanding.load("runs/vlm-shapes/last")  # a vision-language model: vlm.chat(image, question)
 """
 
-from . import generation
+from . import generation, understanding
 from .config import DecoderConfig, QLIPConfig, QuantizerConfig, TextConfig, VisionConfig
 from .factory import create_model, create_model_and_transforms, get_model_config, get_tokenizer, list_models
 from .models.qlip import QLIP
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "generation",
+    "understanding",
     "QLIP",
     "BSQOutput",
     "BSQuantizer",

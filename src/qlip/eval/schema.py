@@ -25,7 +25,14 @@ key                    unit      meaning
 ``judge_real/<task>``  percent   the ShapesEval judge's accuracy on real held-out shapes images (its ceiling)
 ``judge_recon/<task>`` percent   the judge's accuracy on a QLIP model's reconstructions of those images
 ``clip_score``         --        100 x mean cosine of image and caption QLIP embeddings (generated images)
-``num_eval``           count     images evaluated
+``vqa/<type>``         percent   visual question answering: exact-match accuracy on one question type (``vqa/color``,
+                                 ``vqa/shape``, ``vqa/position``, ``vqa/size``, ``vqa/yesno``), 0..100
+``vqa/mean``           percent   mean of the ``vqa/<type>`` values
+``hallucination``      percent   share of "yes" answers to yes/no questions about attributes the image lacks
+``vqa_blind/<type>``   percent   the same accuracies with the image features replaced by zeros (the language prior)
+``vqa_blind/mean``     percent   mean of the ``vqa_blind/<type>`` values
+``hallucination_blind`` percent  the hallucination rate of that blind model
+``num_eval``           count     images evaluated (questions, for ``vqa``)
 =====================  ========  ================================================================================
 
 Accuracies are stated in percent everywhere a person reads them (these keys, report tables, experiment tables).
@@ -59,6 +66,12 @@ METRIC_UNITS: dict[str, str] = {
     "judge_real/<task>": "%",
     "judge_recon/<task>": "%",
     "clip_score": "",
+    "vqa/<task>": "%",
+    "vqa/mean": "%",
+    "hallucination": "%",
+    "vqa_blind/<task>": "%",
+    "vqa_blind/mean": "%",
+    "hallucination_blind": "%",
     "num_eval": "count",
 }
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from .base import BatchSource, StepLosses, Task
 from .generator import GeneratorTask
 from .qlip import QLIPTask
+from .vlm import VLMTask
 
-TASKS: dict[str, type[Task]] = {"qlip": QLIPTask, "generator": GeneratorTask}
+TASKS: dict[str, type[Task]] = {"qlip": QLIPTask, "generator": GeneratorTask, "vlm": VLMTask}
 
-__all__ = ["TASKS", "BatchSource", "GeneratorTask", "QLIPTask", "StepLosses", "Task"]
+__all__ = ["TASKS", "BatchSource", "GeneratorTask", "QLIPTask", "StepLosses", "Task", "VLMTask"]
