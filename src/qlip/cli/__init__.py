@@ -7,6 +7,7 @@
     qlip eval {zero-shot,linear-probe,recon,all} ...            (eval.py)
     qlip tokenize --model M --data SRC --out DIR                (tokenize.py)
     qlip generate PROMPT... --model GEN --out DIR              (generate.py)
+    qlip chat QUESTION --model VLM --image IMG                 (chat.py)
     qlip experiment {balance-sweep,balance-modes,recipes,report} (experiment.py)
 
 Each module of this package is one command group with a ``register(subparsers)`` function; a new group is one
@@ -24,7 +25,8 @@ from collections.abc import Sequence
 from ..progress import setup_logging
 from .common import EXIT_BAD_DATA, EXIT_USER_ERROR, CLIError
 
-COMMAND_GROUPS = ("codec", "classify", "tokenizer", "data", "train", "eval", "tokenize", "generate", "experiment")
+COMMAND_GROUPS = ("codec", "classify", "tokenizer", "data", "train", "eval", "tokenize", "generate", "chat",
+                  "experiment")
 
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -65,10 +67,11 @@ def _library_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseE
     from ..tokenfile import TokenFileError
     from ..train.checkpoint import CheckpointLoadError
     from ..train.config import ConfigError
+    from ..understanding.errors import UnderstandingError
     from ..weights import WeightFileError, WeightsMismatchError
 
     user_errors = (ConfigError, TokenFileError, WeightsMismatchError, WeightFileError, CheckpointLoadError,
-                   ModelDirectoryError, TemplateError)  # fmt: skip
+                   ModelDirectoryError, TemplateError, UnderstandingError)  # fmt: skip
     return user_errors, (BadDataError,)
 
 

@@ -1,9 +1,10 @@
 """Conversations for the vision-language model: shapes questions and answers, and LLaVA's JSON format.
 
-Shapes (built in): questions about the shape, its color, position and size, and yes/no questions about an attribute
-that is present or absent (the absent ones measure hallucination: a "yes" to them is one). Each question type has
-several phrasings; the last of each is held out of training (``phrasings="held_out"`` asks only those). Images come
-from :mod:`qlip.data.shapes`, whose held-out (shape, color, position) triples never reach the train split.
+Shapes (built in): questions about the shape, its color, position and size (when the images have several sizes),
+and yes/no questions about an attribute that is present or absent (the absent ones measure hallucination: a "yes"
+to them is one). Each question type has several phrasings; the last of each is held out of training
+(``phrasings="held_out"`` asks only those). Images come from :mod:`qlip.data.shapes`, whose held-out (shape, color,
+position) triples never reach the train split.
 Captioning prompts (LLaVA's stage 1) ask for the sample's caption.
 
 LLaVA's JSON (real data)::
@@ -56,6 +57,11 @@ CAPTION_PROMPTS = ("Describe the image.", "Give a short caption of the image.", 
                    "Describe the image briefly.")  # fmt: skip
 
 
+def question_types(cfg: ShapesConfig) -> tuple[str, ...]:
+    """The question types a shapes configuration supports: size only when its images have more than one size."""
+    return tuple(t for t in QUESTION_TYPES if t != "size" or len(cfg.sizes) > 1)
+
+
 def _pick(options: tuple[str, ...], phrasings: str, rng: np.random.Generator) -> str:
     pool = {"train": options[:-1], "held_out": options[-1:], "all": options}[phrasings]
     return pool[int(rng.integers(len(pool)))]
@@ -74,13 +80,15 @@ def shapes_question(shape: dict[str, Any], cfg: ShapesConfig, rng: np.random.Gen
     """
     if phrasings not in PHRASINGS:
         raise ValueError(f"phrasings must be one of {PHRASINGS}, got {phrasings!r}")
-    qtype = qtype or QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
+    if qtype is None:
+        types = question_types(cfg)
+        qtype = types[int(rng.integers(len(types)))]
     if qtype in QUESTIONS:
         answer = _value_text(qtype, shape[qtype])
         return {"question": _pick(QUESTIONS[qtype], phrasings, rng), "answer": answer, "type": qtype, "absent": None}
     if qtype != "yesno":
         raise ValueError(f"unknown question type {qtype!r}; choose one of {QUESTION_TYPES}")
-    attributes = tuple(YESNO_QUESTIONS)
+    attributes = tuple(a for a in YESNO_QUESTIONS if a != "size" or len(cfg.sizes) > 1)
     attribute = attributes[int(rng.integers(len(attributes)))]
     values = {"color": cfg.colors, "shape": cfg.shapes, "position": cfg.positions, "size": cfg.sizes}[attribute]
     absent = bool(rng.random() < 0.5) and len(values) > 1

@@ -16,7 +16,7 @@ import torch
 
 from ..data.shapes import ShapesConfig, generate_shapes_sample
 from ..eval.schema import percent
-from .data import QUESTION_TYPES, shapes_question
+from .data import QUESTION_TYPES, question_types, shapes_question
 from .model import VisionLanguageModel
 
 
@@ -34,7 +34,7 @@ def shapes_vqa_set(cfg: ShapesConfig, *, num_images: int, split: str = "val", se
         sample = generate_shapes_sample(i, cfg, split=split, seed=seed)
         images.append(sample["image"])
         rng = np.random.default_rng([seed, 7, i])
-        for qtype in QUESTION_TYPES:
+        for qtype in question_types(cfg):
             qa = shapes_question(sample["attributes"]["shapes"][0], cfg, rng, qtype=qtype, phrasings=phrasings)
             questions.append({"image": i, **qa})
     return images, questions

@@ -69,7 +69,7 @@ class VLMOptions:
     width: int = 256
     depth: int = 4
     heads: int = 4
-    data: str = "shapes:easy?holdout_combinations=0.1"
+    data: str = "shapes:easy?sizes=large&holdout_combinations=0.1"
     image_root: str = ""
     image_pool: int = 4000
     caption_steps: int = 0
