@@ -33,13 +33,13 @@ from qlip.understanding.protocols import LanguageModel, TextTokenizer
 TEXTS = ["What color is the shape?", "Where is the shape?", "red", "blue", "in the top left corner", "yes", "no"]
 
 
-def _tiny_vlm(feature: str = "layer", layer: int = -2, seed: int = 0, lm: nn.Module | None = None):
+def _tiny_vlm(feature: str = "layer", layer: int = -2, seed: int = 0, lm: nn.Module | None = None, merge: int = 1):
     torch.manual_seed(seed)
     qlip_model = create_model("qlip-tiny", parts=("vision", "quantizer"))
     tower = VisionTower(qlip_model, TowerConfig(feature=feature, layer=layer))
     tok = WordTokenizer.from_corpus(TEXTS)
     ar = ARConfig(vocab_size=tok.vocab_size, width=32, depth=2, heads=2, max_seq_len=64)
-    cfg = VLMConfig(tower=tower.cfg, projector="mlp2x_gelu", lm=LMConfig("qlip-ar", ar=ar.to_dict()))
+    cfg = VLMConfig(tower=tower.cfg, projector="mlp2x_gelu", lm=LMConfig("qlip-ar", ar=ar.to_dict()), merge=merge)
     return VisionLanguageModel(cfg, tower, lm if lm is not None else ARTransformer(ar), tok).eval()
 
 
@@ -89,6 +89,11 @@ def test_projector_maps_every_registered_tower_to_the_lm_width(name, projector):
     for width in (cfg.vision.width, cfg.quantizer.dim):  # layer features, quantized codes
         proj = make_projector(projector, width, 48)
         assert proj(torch.zeros(1, grid * grid, width)).shape == (1, grid * grid, 48)
+        if grid % 2 == 0:  # merged 2 x 2 blocks
+            tower = TowerConfig(tokens=grid * grid, width=width)
+            vcfg = VLMConfig(tower=tower, projector=projector, merge=2)
+            proj = make_projector(projector, vcfg.projector_in, 48)
+            assert proj(torch.zeros(1, vcfg.image_tokens, vcfg.projector_in)).shape == (1, grid * grid // 4, 48)
 
 
 def test_tower_modes_give_their_shapes():
@@ -183,15 +188,30 @@ def test_tower_that_does_not_fit_the_projector_is_refused():
         vlm.project(torch.zeros(1, 64, 128))
 
 
+def test_merging_patch_blocks_keeps_every_feature_in_fewer_positions():
+    vlm = _tiny_vlm(merge=2)
+    assert vlm.image_tokens == 4 and vlm.projector[0].in_features == 4 * 32
+    feats = torch.arange(16.0)[None, :, None].expand(1, 16, 32)  # feature value = patch index (row-major 4 x 4)
+    seen = []
+    vlm.projector = nn.Linear(128, 128, bias=False)
+    nn.init.eye_(vlm.projector.weight)  # the projector passes the merged features through
+    merged = vlm.project(feats)  # (1, 4, 128): position k holds its 2 x 2 block of patches
+    for k in range(4):
+        seen.append(sorted({int(v) for v in merged[0, k]}))
+    assert seen == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    with pytest.raises(UnderstandingError, match="does not divide"):
+        _tiny_vlm(merge=3)
+
+
 def test_save_and_load_give_the_same_answers(tmp_path):
-    vlm = _tiny_vlm(seed=1)
+    vlm = _tiny_vlm(seed=1, merge=2)
     save_vlm(tmp_path / "vlm", vlm)
     again = load(tmp_path / "vlm")
     images = torch.randn(2, 3, 32, 32)
     assert again.answer(images, ["What color is the shape?", "Where is the shape?"]) == \
         vlm.answer(images, ["What color is the shape?", "Where is the shape?"])  # fmt: skip
     cfg = json.loads((tmp_path / "vlm" / "config.json").read_text())
-    assert cfg["format"] == "qlip-vlm" and cfg["lm"]["kind"] == "qlip-ar"
+    assert cfg["format"] == "qlip-vlm" and cfg["lm"]["kind"] == "qlip-ar" and cfg["merge"] == 2
     (tmp_path / "vlm" / "model.safetensors").unlink()
     with pytest.raises(UnderstandingError, match="model.safetensors is missing"):
         load(tmp_path / "vlm")

@@ -12,11 +12,13 @@ Conversations are lists of (user text, answer) turns; the chat template is the t
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..ar.sampling import Chooser
@@ -67,20 +69,43 @@ class LMConfig:
 
 @dataclass
 class VLMConfig:
+    """Tower, projector and language model. ``merge`` > 1 concatenates each ``merge`` x ``merge`` block of
+    neighbouring patch features before the projector (merge**2 times fewer image positions, none of their content
+    dropped; 1 = LLaVA's one position per patch)."""
+
     tower: TowerConfig = field(default_factory=TowerConfig)
     projector: str = "mlp2x_gelu"
     lm: LMConfig = field(default_factory=LMConfig)
+    merge: int = 1
 
     def __post_init__(self) -> None:
         if self.projector not in PROJECTORS:
             raise UnderstandingError(f"projector {self.projector!r} is not one of {list(PROJECTORS)}")
+        if self.merge < 1:
+            raise UnderstandingError(f"merge must be >= 1, got {self.merge}")
+        if self.merge > 1 and self.tower.include_cls:
+            raise UnderstandingError("merging patch features needs the patch grid alone: set include_cls to false")
+        if self.tower.tokens:
+            grid = math.isqrt(self.tower.tokens - int(self.tower.include_cls))
+            if grid % self.merge:
+                raise UnderstandingError(f"merge {self.merge} does not divide the tower's {grid} x {grid} patch grid")
+
+    @property
+    def image_tokens(self) -> int:
+        """Image positions in the language model's sequence."""
+        return self.tower.tokens // self.merge**2
+
+    @property
+    def projector_in(self) -> int:
+        return self.tower.width * self.merge**2
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VLMConfig:
-        return cls(tower=TowerConfig(**d["tower"]), projector=d["projector"], lm=LMConfig(**d["lm"]))
+        return cls(tower=TowerConfig(**d["tower"]), projector=d["projector"], lm=LMConfig(**d["lm"]),
+                   merge=int(d.get("merge", 1)))
 
 
 # --- the parts ---------------------------------------------------------------------------------------------------
@@ -218,7 +243,7 @@ class VisionLanguageModel(nn.Module):
                 raise UnderstandingError(
                     f"the vision tower gives {theirs.tokens} tokens of width {theirs.width} but the projector was "
                     f"made for {mine.tokens} of width {mine.width}; use the QLIP model the VLM was trained with")
-            cfg = dataclasses.replace(cfg, tower=theirs)
+            cfg = dataclasses.replace(cfg, tower=theirs)  # checks the merge against the tower's grid
         if cfg.tower.tokens < 1 or cfg.tower.width < 1:
             raise UnderstandingError("the VLM config does not say how many image tokens of what width it reads")
         if tokenizer.vocab_size > lm.vocab_size:
@@ -226,13 +251,14 @@ class VisionLanguageModel(nn.Module):
                                      f"{lm.vocab_size}")  # fmt: skip
         self.cfg = cfg
         self.tower = tower
-        self.projector = make_projector(cfg.projector, cfg.tower.width, lm.width)
+        self.projector = make_projector(cfg.projector, cfg.projector_in, lm.width)
         self.lm = lm
         self.tokenizer = tokenizer
 
     @property
     def image_tokens(self) -> int:
-        return self.cfg.tower.tokens
+        """Image positions in the language model's sequence."""
+        return self.cfg.image_tokens
 
     @property
     def device(self) -> torch.device:
@@ -250,7 +276,11 @@ class VisionLanguageModel(nn.Module):
         if features.ndim != 3 or features.shape[1:] != (n, c):
             raise UnderstandingError(f"image features must have shape (B, {n}, {c}) for this projector, got "
                                      f"{tuple(features.shape)}")  # fmt: skip
-        return self.projector(features.to(next(self.projector.parameters()).dtype))
+        if self.cfg.merge > 1:
+            m = self.cfg.merge
+            g = math.isqrt(n)
+            features = rearrange(features, "b (h p w q) c -> b (h w) (p q c)", h=g // m, p=m, w=g // m, q=m)
+        return self.projector(features.to(next(self.projector.parameters()).dtype))  # (B, N / merge**2, W)
 
     def embed_inputs(self, batch: dict[str, Tensor], features: Tensor) -> Tensor:
         """Token embeddings with the projected image features at the image positions -> (B, T, W)."""

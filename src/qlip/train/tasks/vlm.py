@@ -44,6 +44,8 @@ class VLMOptions:
         layer: the encoder block for "layer": -2 (second to last, the paper's choice) or -1 (last), ...
         include_cls: put the CLS token before the patch tokens.
         projector: "mlp2x_gelu" (LLaVA-1.5) or "linear".
+        merge: concatenate each merge x merge block of patch features before the projector: merge**2 times fewer
+            image positions for the language model (1 = one per patch, LLaVA's).
         lm: the language model kind: "qlip-ar" (the package's ARTransformer, trained from scratch with a word
             tokenizer built from the training texts) or "hf" (a pretrained causal LM read from ``lm_source``).
         lm_source: where an "hf" language model is read from.
@@ -64,6 +66,7 @@ class VLMOptions:
     layer: int = -2
     include_cls: bool = False
     projector: str = "mlp2x_gelu"
+    merge: int = 1
     lm: str = "qlip-ar"
     lm_source: str = ""
     width: int = 256
@@ -90,7 +93,7 @@ class VLMOptions:
             raise ConfigError(f"vlm.lm={self.lm!r} is not one of ['qlip-ar', 'hf']")
         if self.lm == "hf" and not self.lm_source:
             raise ConfigError("vlm.lm=hf needs vlm.lm_source: the pretrained language model to read")
-        for key in ("width", "depth", "heads", "image_pool"):
+        for key in ("width", "depth", "heads", "image_pool", "merge"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"vlm.{key} must be >= 1, got {getattr(self, key)}")
         if self.width % self.heads or (self.width // self.heads) % 2:
@@ -234,9 +237,10 @@ class VLMTask(Task):
         opts = self.options
         if self.cfg.init is not None:  # stage 2 after stage 1: the language model, tokenizer and projector
             start = load(self.cfg.init)
-            if start.cfg.tower != self.tower.cfg or start.cfg.projector != opts.projector:
-                raise ConfigError(f"init={self.cfg.init} was trained with tower {start.cfg.tower} and projector "
-                                  f"{start.cfg.projector}, not the vlm section's; make them equal")  # fmt: skip
+            if (start.cfg.tower, start.cfg.projector, start.cfg.merge) != (self.tower.cfg, opts.projector, opts.merge):
+                raise ConfigError(f"init={self.cfg.init} was trained with tower {start.cfg.tower}, projector "
+                                  f"{start.cfg.projector} and merge {start.cfg.merge}, not the vlm section's; make "
+                                  "them equal")  # fmt: skip
             self.vlm_cfg, self.tokenizer = start.cfg, start.tokenizer
             model = VisionLanguageModel(start.cfg, self.tower, start.lm, start.tokenizer)
             model.projector.load_state_dict(start.projector.state_dict())
@@ -245,17 +249,17 @@ class VLMTask(Task):
             self.tokenizer = WordTokenizer.from_corpus(self.corpus)
             longest = max(len(self.tokenizer.encode(self.tokenizer.chat_prompt(t))) for t in self.corpus[:20000])
             ar = ARConfig(vocab_size=self.tokenizer.vocab_size, width=opts.width, depth=opts.depth, heads=opts.heads,
-                          max_seq_len=self.tower.cfg.tokens + 2 * longest + 32)  # fmt: skip
+                          max_seq_len=self.tower.cfg.tokens // opts.merge**2 + 2 * longest + 32)  # fmt: skip
             lm_cfg = LMConfig("qlip-ar", ar=ar.to_dict())
             lm = ARTransformer(ar)
         else:
             lm_cfg = LMConfig("hf", source=opts.lm_source)
             lm, self.tokenizer = build_language_model(lm_cfg)
-        self.vlm_cfg = VLMConfig(tower=self.tower.cfg, projector=opts.projector, lm=lm_cfg)
+        self.vlm_cfg = VLMConfig(tower=self.tower.cfg, projector=opts.projector, lm=lm_cfg, merge=opts.merge)
         model = VisionLanguageModel(self.vlm_cfg, self.tower, lm, self.tokenizer).to(self.rt.device)
         if self.records is not None:
             too_long = [r["key"] for r in self.records
-                        if len(render_conversation(self.tokenizer, r["turns"])[0]) + self.tower.cfg.tokens
+                        if len(render_conversation(self.tokenizer, r["turns"])[0]) + model.image_tokens
                         > model.lm.max_seq_len]  # fmt: skip
             if too_long:
                 raise ConfigError(f"{len(too_long)} conversation(s) are longer than the language model's context "
