@@ -143,3 +143,26 @@ def test_config_errors_name_what_to_change(trained, tmp_path, capsys):
     assert "Traceback" not in err
     assert "vlm.feature='pixels'" in err and "needs stage=2" in err and "vlm.tokenizer=/nonexistent" in err
     assert "layer 7 does not exist" in err
+
+
+def test_vlm_layers_experiment_writes_one_row_per_feature_kind(trained, tmp_path, capsys):
+    other = tmp_path / "other-tok"
+    torch.manual_seed(1)
+    create_model("qlip-tiny").save_pretrained(other)
+    cfg = _config(trained, tmp_path / "base", 2)
+    out = tmp_path / "layers"
+    assert main(["experiment", "vlm-layers", "--config", cfg, "--out", str(out), "--budget", "1", "--in-process",
+                 "--eval-images", "2", "--other-tokenizer", str(other)]) == 0  # fmt: skip
+    table = json.loads((out / "table.json").read_text())
+    assert [r["variant"] for r in table["rows"]] == ["layer-2", "layer-1", "codes", "other-tokenizer"]
+    for row in table["rows"]:
+        assert {"vqa/mean", "vqa/color", "hallucination", "time_s"} <= set(row["metrics"])
+    job = json.loads((out / "runs" / "codes" / "seed0" / "job.json").read_text())
+    assert "vlm.feature=codes" in job["stages"][0]["overrides"]
+    assert "| quantized codes |" in (out / "table.md").read_text()
+    # rerun: every job is finished, nothing trains again
+    assert main(["experiment", "vlm-layers", "--config", cfg, "--out", str(out), "--budget", "1", "--in-process",
+                 "--eval-images", "2", "--other-tokenizer", str(other)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["experiment", "vlm-layers", "--config", cfg, "--out", str(tmp_path / "x"),
+                 "--other-tokenizer", str(tmp_path / "none")]) == 2  # fmt: skip

@@ -45,6 +45,22 @@ def _run_stats(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def _evaluate_vlm(model_dir: Path, cfg: Any, ev: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A VLM's shapes questions on held-out images (held-out triples when the data has some) and phrasings."""
+    import dataclasses
+
+    from ..data.loader import shapes_config_from_spec
+    from ..understanding import load
+    from ..understanding.evaluate import evaluate_shapes_vqa
+
+    vlm = load(model_dir)
+    shapes = shapes_config_from_spec(cfg.task_options.data, vlm.tower.image_size)
+    if shapes.holdout_combinations:
+        shapes = dataclasses.replace(shapes, eval_combinations="held_out")
+    return evaluate_shapes_vqa(vlm, shapes, num_images=int(ev["num_eval"]), split="test", seed=seed,
+                               batch_size=int(ev.get("batch_size", 64)), blind=False)["metrics"]  # fmt: skip
+
+
 def execute_job(spec: dict[str, Any], *, isolated: bool = True) -> dict[str, Any]:
     """Train every stage of ``spec`` (see ``runner.job_spec``), evaluate, write and return ``result.json``.
 
@@ -100,6 +116,10 @@ def execute_job(spec: dict[str, Any], *, isolated: bool = True) -> dict[str, Any
     for i, (stage, _cfg, run_dir) in enumerate(trained):
         final = i == len(trained) - 1
         if not (final or stage["evaluate"]):
+            continue
+        if spec.get("evaluator", "qlip") == "vqa":
+            values = _evaluate_vlm(run_dir / "last", trained[0][1], ev, int(spec.get("eval_seed", 0)))
+            metrics.update(values if final else {f"{stage['name']}/{k}": v for k, v in values.items()})
             continue
         # Every stage is evaluated on the images of the FIRST stage's data config (the same held-out set).
         data = trained[0][1].data
