@@ -166,3 +166,17 @@ def test_vlm_layers_experiment_writes_one_row_per_feature_kind(trained, tmp_path
     capsys.readouterr()
     assert main(["experiment", "vlm-layers", "--config", cfg, "--out", str(tmp_path / "x"),
                  "--other-tokenizer", str(tmp_path / "none")]) == 2  # fmt: skip
+
+
+def test_resume_continues_the_vlm_exactly(trained, tmp_path):
+    from qlip.train.logger import read_metrics
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    extra = ["eval.at_end=false", "checkpoint.export=false"]
+    assert main(["train", _config(trained, whole, 2, caption_steps=1, stage1_trains_lm=True), *extra]) == 0
+    cfg = _config(trained, parts, 2, caption_steps=1, stage1_trains_lm=True)
+    assert main(["train", cfg, *extra, "stop_at=2", "checkpoint.every=1"]) == 0
+    assert main(["train", cfg, *extra]) == 0
+    a = [r.get("loss/caption", r.get("loss/answer")) for r in read_metrics(whole)]
+    b = [r.get("loss/caption", r.get("loss/answer")) for r in read_metrics(parts)]
+    assert a == b and len(a) == 3
