@@ -33,13 +33,15 @@ from qlip.understanding.protocols import LanguageModel, TextTokenizer
 TEXTS = ["What color is the shape?", "Where is the shape?", "red", "blue", "in the top left corner", "yes", "no"]
 
 
-def _tiny_vlm(feature: str = "layer", layer: int = -2, seed: int = 0, lm: nn.Module | None = None, merge: int = 1):
+def _tiny_vlm(feature: str = "layer", layer: int = -2, seed: int = 0, lm: nn.Module | None = None, merge: int = 1,
+              feature_norm: bool = False):
     torch.manual_seed(seed)
     qlip_model = create_model("qlip-tiny", parts=("vision", "quantizer"))
     tower = VisionTower(qlip_model, TowerConfig(feature=feature, layer=layer))
     tok = WordTokenizer.from_corpus(TEXTS)
     ar = ARConfig(vocab_size=tok.vocab_size, width=32, depth=2, heads=2, max_seq_len=64)
-    cfg = VLMConfig(tower=tower.cfg, projector="mlp2x_gelu", lm=LMConfig("qlip-ar", ar=ar.to_dict()), merge=merge)
+    cfg = VLMConfig(tower=tower.cfg, projector="mlp2x_gelu", lm=LMConfig("qlip-ar", ar=ar.to_dict()), merge=merge,
+                    feature_norm=feature_norm)
     return VisionLanguageModel(cfg, tower, lm if lm is not None else ARTransformer(ar), tok).eval()
 
 
@@ -203,8 +205,15 @@ def test_merging_patch_blocks_keeps_every_feature_in_fewer_positions():
         _tiny_vlm(merge=3)
 
 
+def test_feature_norm_makes_the_projection_independent_of_the_feature_scale():
+    feats = torch.randn(2, 16, 32)
+    normed, plain = _tiny_vlm(feature_norm=True), _tiny_vlm(feature_norm=False)
+    assert torch.allclose(normed.project(feats), normed.project(feats * 50 + 3), atol=1e-4)
+    assert not torch.allclose(plain.project(feats), plain.project(feats * 50 + 3), atol=1e-4)
+
+
 def test_save_and_load_give_the_same_answers(tmp_path):
-    vlm = _tiny_vlm(seed=1, merge=2)
+    vlm = _tiny_vlm(seed=1, merge=2, feature_norm=True)
     save_vlm(tmp_path / "vlm", vlm)
     again = load(tmp_path / "vlm")
     images = torch.randn(2, 3, 32, 32)
@@ -212,6 +221,7 @@ def test_save_and_load_give_the_same_answers(tmp_path):
         vlm.answer(images, ["What color is the shape?", "Where is the shape?"])  # fmt: skip
     cfg = json.loads((tmp_path / "vlm" / "config.json").read_text())
     assert cfg["format"] == "qlip-vlm" and cfg["lm"]["kind"] == "qlip-ar" and cfg["merge"] == 2
+    assert cfg["feature_norm"] is True
     (tmp_path / "vlm" / "model.safetensors").unlink()
     with pytest.raises(UnderstandingError, match="model.safetensors is missing"):
         load(tmp_path / "vlm")

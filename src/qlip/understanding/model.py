@@ -71,12 +71,14 @@ class LMConfig:
 class VLMConfig:
     """Tower, projector and language model. ``merge`` > 1 concatenates each ``merge`` x ``merge`` block of
     neighbouring patch features before the projector (merge**2 times fewer image positions, none of their content
-    dropped; 1 = LLaVA's one position per patch)."""
+    dropped; 1 = LLaVA's one position per patch). ``feature_norm`` layer-normalizes each position's features (no
+    parameters) before that, so features of any scale (block outputs, +-1/sqrt(d) codes) reach the projector alike."""
 
     tower: TowerConfig = field(default_factory=TowerConfig)
     projector: str = "mlp2x_gelu"
     lm: LMConfig = field(default_factory=LMConfig)
     merge: int = 1
+    feature_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.projector not in PROJECTORS:
@@ -105,7 +107,7 @@ class VLMConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VLMConfig:
         return cls(tower=TowerConfig(**d["tower"]), projector=d["projector"], lm=LMConfig(**d["lm"]),
-                   merge=int(d.get("merge", 1)))
+                   merge=int(d.get("merge", 1)), feature_norm=bool(d.get("feature_norm", False)))
 
 
 # --- the parts ---------------------------------------------------------------------------------------------------
@@ -276,6 +278,8 @@ class VisionLanguageModel(nn.Module):
         if features.ndim != 3 or features.shape[1:] != (n, c):
             raise UnderstandingError(f"image features must have shape (B, {n}, {c}) for this projector, got "
                                      f"{tuple(features.shape)}")  # fmt: skip
+        if self.cfg.feature_norm:
+            features = F.layer_norm(features.float(), (c,))
         if self.cfg.merge > 1:
             m = self.cfg.merge
             g = math.isqrt(n)

@@ -44,6 +44,7 @@ class VLMOptions:
         layer: the encoder block for "layer": -2 (second to last, the paper's choice) or -1 (last), ...
         include_cls: put the CLS token before the patch tokens.
         projector: "mlp2x_gelu" (LLaVA-1.5) or "linear".
+        feature_norm: layer-normalize each image position's features (no parameters) before the projector.
         merge: concatenate each merge x merge block of patch features before the projector: merge**2 times fewer
             image positions for the language model (1 = one per patch, LLaVA's).
         lm: the language model kind: "qlip-ar" (the package's ARTransformer, trained from scratch with a word
@@ -67,6 +68,7 @@ class VLMOptions:
     include_cls: bool = False
     projector: str = "mlp2x_gelu"
     merge: int = 1
+    feature_norm: bool = False
     lm: str = "qlip-ar"
     lm_source: str = ""
     width: int = 256
@@ -237,10 +239,11 @@ class VLMTask(Task):
         opts = self.options
         if self.cfg.init is not None:  # stage 2 after stage 1: the language model, tokenizer and projector
             start = load(self.cfg.init)
-            if (start.cfg.tower, start.cfg.projector, start.cfg.merge) != (self.tower.cfg, opts.projector, opts.merge):
+            mine = (self.tower.cfg, opts.projector, opts.merge, opts.feature_norm)
+            if (start.cfg.tower, start.cfg.projector, start.cfg.merge, start.cfg.feature_norm) != mine:
                 raise ConfigError(f"init={self.cfg.init} was trained with tower {start.cfg.tower}, projector "
-                                  f"{start.cfg.projector} and merge {start.cfg.merge}, not the vlm section's; make "
-                                  "them equal")  # fmt: skip
+                                  f"{start.cfg.projector}, merge {start.cfg.merge} and feature_norm "
+                                  f"{start.cfg.feature_norm}, not the vlm section's; make them equal")  # fmt: skip
             self.vlm_cfg, self.tokenizer = start.cfg, start.tokenizer
             model = VisionLanguageModel(start.cfg, self.tower, start.lm, start.tokenizer)
             model.projector.load_state_dict(start.projector.state_dict())
@@ -255,7 +258,8 @@ class VLMTask(Task):
         else:
             lm_cfg = LMConfig("hf", source=opts.lm_source)
             lm, self.tokenizer = build_language_model(lm_cfg)
-        self.vlm_cfg = VLMConfig(tower=self.tower.cfg, projector=opts.projector, lm=lm_cfg, merge=opts.merge)
+        self.vlm_cfg = VLMConfig(tower=self.tower.cfg, projector=opts.projector, lm=lm_cfg, merge=opts.merge,
+                                 feature_norm=opts.feature_norm)  # fmt: skip
         model = VisionLanguageModel(self.vlm_cfg, self.tower, lm, self.tokenizer).to(self.rt.device)
         if self.records is not None:
             too_long = [r["key"] for r in self.records
