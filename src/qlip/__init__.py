@@ -7,10 +7,11 @@ The public API, re-exported::
     tokens = model.encode(images)          # (B, h, w) int64 in [0, 2**28)
     recon = model.decode(tokens)           # (B, 3, H, W), CLIP-normalized
     gen = qlip.generation.load("runs/t2i-shapes/last")   # a text-to-image generator over QLIP tokens
+    vlm = qlip.understanding.load("runs/vlm-shapes/last")  # a vision-language model: vlm.chat(image, question)
     um = qlip.unified.load("runs/um3-shapes/last")       # one decoder: complete, caption, generate
 """
 
-from . import generation, unified
+from . import generation, understanding, unified
 from .config import DecoderConfig, QLIPConfig, QuantizerConfig, TextConfig, VisionConfig
 from .factory import create_model, create_model_and_transforms, get_model_config, get_tokenizer, list_models
 from .models.qlip import QLIP
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "generation",
+    "understanding",
     "unified",
     "QLIP",
     "BSQOutput",

@@ -183,6 +183,22 @@ class ARTransformer(nn.Module):
         self.grad_checkpointing = cfg.grad_checkpointing
         self.apply(_init_weights)
 
+    # --- sizes (the language-model interface of qlip.understanding reads these) ---------------------------------
+    @property
+    def width(self) -> int:
+        """Width W of the embeddings and hidden states."""
+        return self.cfg.width
+
+    @property
+    def vocab_size(self) -> int:
+        """Size V of the token vocabulary (0: embeddings in, hidden states out)."""
+        return self.cfg.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        """Most positions one sequence may hold (prefix, prompt and generated tokens together)."""
+        return self.cfg.max_seq_len
+
     # --- vocabulary side -----------------------------------------------------------------------------------------
     def embed(self, tokens: Tensor) -> Tensor:
         """Token ids (B, T) -> embeddings (B, T, W)."""

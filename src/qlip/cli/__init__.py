@@ -7,6 +7,7 @@
     qlip eval {zero-shot,linear-probe,recon,all} ...            (eval.py)
     qlip tokenize --model M --data SRC --out DIR                (tokenize.py)
     qlip generate PROMPT... --model GEN --out DIR              (generate.py)
+    qlip chat QUESTION --model VLM --image IMG                 (chat.py)
     qlip complete PROMPT --model LM                            (complete.py)
     qlip experiment {balance-sweep,balance-modes,recipes,report} (experiment.py)
     qlip demo --model M [--generator G] [--vlm V]               (demo.py)
@@ -28,8 +29,8 @@ from collections.abc import Sequence
 from ..progress import setup_logging
 from .common import EXIT_BAD_DATA, EXIT_USER_ERROR, CLIError
 
-COMMAND_GROUPS = ("codec", "classify", "tokenizer", "data", "train", "eval", "tokenize", "generate", "complete",
-                  "experiment", "export", "demo", "hub")
+COMMAND_GROUPS = ("codec", "classify", "tokenizer", "data", "train", "eval", "tokenize", "generate", "chat",
+                  "complete", "experiment", "export", "demo", "hub")
 
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -71,10 +72,11 @@ def _library_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseE
     from ..tokenfile import TokenFileError
     from ..train.checkpoint import CheckpointLoadError
     from ..train.config import ConfigError
+    from ..understanding.errors import UnderstandingError
     from ..weights import WeightFileError, WeightsMismatchError
 
     user_errors = (ConfigError, TokenFileError, WeightsMismatchError, WeightFileError, CheckpointLoadError,
-                   ModelDirectoryError, TemplateError, HFModelError)  # fmt: skip
+                   ModelDirectoryError, TemplateError, UnderstandingError, HFModelError)  # fmt: skip
     return user_errors, (BadDataError,)
 
 

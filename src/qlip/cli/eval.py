@@ -6,6 +6,7 @@
     qlip eval retrieval    --model M --data PAIRS.csv   (image <-> text Recall@1/5/10, mean and median rank)
     qlip eval all          --model M --data ... --out report/ [--run-dir RUN]
     qlip eval train-judge  --out DIR [--steps 1500] [--seed 0]   (the ShapesEval judge: a CNN, no QLIP model)
+    qlip eval vqa          --model VLM --data shapes --out report/  (a vision-language model on shapes questions)
 
 ``--data`` is ``shapes[:preset]`` (the held-out ``--split`` of the built-in data), a class folder (ImageNet layout;
 ``DATA/<split>`` is used when it exists), or anything :func:`qlip.data.build_dataset` accepts. A caption list is
@@ -549,6 +550,38 @@ def cmd_generation(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vqa(args: argparse.Namespace) -> int:
+    """Shapes questions on held-out images and phrasings: accuracy per type, hallucination, the blind baseline."""
+    from .. import __version__
+    from ..data.loader import shapes_config_from_spec
+    from ..eval.report import write_report
+    from ..understanding import UnderstandingError, load
+    from ..understanding.evaluate import evaluate_shapes_vqa
+
+    data = DEMO_HELD_OUT if args.data == "shapes" else args.data
+    if not _is_shapes(data):
+        raise CLIError(f"--data {args.data}: the VQA check asks shapes questions; give shapes or a shapes spec such "
+                       f"as {DEMO_HELD_OUT!r}")  # fmt: skip
+    out = check_output_dir(args.out)
+    device = resolve_device(args.device)
+    try:
+        vlm = load(args.model, device=device)
+        config = shapes_config_from_spec(data, vlm.tower.image_size)
+        result = evaluate_shapes_vqa(vlm, config, num_images=args.limit, split=args.split, seed=args.seed,
+                                     phrasings=args.phrasings, batch_size=args.batch_size)  # fmt: skip
+    except (UnderstandingError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    metrics = result["metrics"]
+    report = {"model": args.model, "data": data, "split": args.split, "limit": args.limit, "phrasings": args.phrasings,
+              "seed": args.seed, "qlip_version": __version__, "metrics": metrics, "examples": result["examples"],
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    for key, value in metrics.items():
+        print(f"{key}\t{value:.2f}" if isinstance(value, float) else f"{key}\t{value}")
+    paths = write_report(report, out)
+    print(f"wrote {paths['json']} and {paths['markdown']}")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--model", required=True, help="model directory, registered name or hf-hub:ORG/NAME")
     p.add_argument("--data", required=True, help="shapes[:preset], a class folder (ImageNet layout), or a source "
@@ -646,6 +679,20 @@ def register(subparsers: Any) -> None:
     g.add_argument("--out", default="report-generation", help="report directory (default report-generation)")
     g.set_defaults(func=cmd_generation)
     a.set_defaults(func=cmd_all)
+
+    v = sub.add_parser("vqa", help="a vision-language model on shapes questions: accuracy per type, hallucination, "
+                       "blind baseline")  # fmt: skip
+    v.add_argument("--model", required=True, help="a VLM directory (run_dir/last of a `task: vlm` run)")
+    v.add_argument("--data", default="shapes", help="shapes (the demo's held-out compositions) or a shapes spec")
+    v.add_argument("--split", default="test", choices=("val", "test"))
+    v.add_argument("--limit", type=positive_int, default=200, help="images, one question of each type each (200)")
+    v.add_argument("--phrasings", default="held_out", choices=("held_out", "train", "all"),
+                   help="question phrasings: held_out (default, never seen in training), train or all")
+    v.add_argument("--batch-size", type=positive_int, default=64)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    v.add_argument("--out", default="report-vqa", help="report directory (default report-vqa)")
+    v.set_defaults(func=cmd_vqa)
 
     j = sub.add_parser("train-judge", help="train the ShapesEval judge (a small CNN) on real shapes images")
     j.add_argument("--out", required=True, help="judge folder (config.json, model.safetensors, judge.json)")

@@ -1,5 +1,5 @@
-"""``qlip experiment balance-sweep | balance-modes | recipes | t2i-codecs | t2i-tokenizers | report``: the paper's
-findings at laptop scale.
+"""``qlip experiment balance-sweep | balance-modes | recipes | t2i-codecs | t2i-tokenizers | vlm-layers | report``:
+the paper's findings at laptop scale.
 
 Each experiment command runs its variants (resuming: finished (variant, seed) jobs are skipped), then writes
 ``OUT/table.json``, ``OUT/table.md`` and PNG plots. ``report`` gathers the experiments' outputs into
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 from .common import CLIError, finite_float, non_negative_int, positive_int
@@ -80,6 +81,25 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_vlm_layers(args: argparse.Namespace) -> int:
+    from ..experiments.runner import Settings
+    from ..experiments.vlm_layers import DEFAULT_VQA_EVAL, run_vlm_layers
+    from ..train.config import ConfigError
+
+    if args.other_tokenizer and not (Path(args.other_tokenizer) / "config.json").is_file():
+        raise CLIError(f"--other-tokenizer {args.other_tokenizer}: no QLIP model directory there")
+    ev = {**DEFAULT_VQA_EVAL, **({"num_eval": args.eval_images} if args.eval_images else {})}
+    try:
+        settings = Settings(config=args.config, out=args.out, seeds=_seeds(args.seeds), budget=args.budget,
+                            isolate=not args.in_process, eval=ev, threads=args.threads)  # fmt: skip
+        run_vlm_layers(settings, args.other_tokenizer)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
+        raise CLIError(str(e)) from e
+    print((settings.out / "table.md").read_text())
+    print(f"wrote {settings.out / 'table.json'} and {settings.out / 'table.md'}")
+    return 0
+
+
 def _run_report(args: argparse.Namespace) -> int:
     from ..experiments.report import write_results_page
 
@@ -127,6 +147,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             e.add_argument("--stage2-config", default=None,
                            help="stage-2 YAML (default: <config>-stage2.yaml beside --config, else derived)")
         e.set_defaults(func=_run)
+    text = "VLM features: layer -2 / layer -1 / quantized codes (/ another tokenizer): VQA accuracy (paper Table 6)"
+    v = sub.add_parser("vlm-layers", help=text,
+                       description=text + ". Rerun to continue: finished variants are skipped.")  # fmt: skip
+    v.add_argument("--config", required=True, help="a `task: vlm` YAML config (e.g. configs/vlm-shapes.yaml)")
+    v.add_argument("--out", required=True, help="output directory (run dirs, table.json, table.md)")
+    v.add_argument("--other-tokenizer", default=None,
+                   help="a second QLIP model directory whose layer -2 is a variant (e.g. a reconstruction-only one)")
+    v.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    v.add_argument("--budget", type=float, default=0.3, help="fraction of the config's optim.steps per run (0.3)")
+    v.add_argument("--in-process", action="store_true", help="run the jobs in this process")
+    v.add_argument("--threads", type=non_negative_int, default=0, help="torch threads per job (default: the config's)")
+    v.add_argument("--eval-images", type=positive_int, default=None, help="held-out images (default 200)")
+    v.set_defaults(func=_run_vlm_layers)
     _register_t2i(sub)
     r = sub.add_parser("report", help="write docs/results.md from the experiments' outputs",
                        description="Gathers RESULTS/{balance,modes,recipes}/table.json into a results page with "

@@ -4,39 +4,46 @@ Every place that states a model's quality uses these flat keys, built by :func:`
 results of the evaluation functions: the trainer's held-out checks (``metrics.jsonl``, kind ``eval``), the
 ``metrics`` block of a ``qlip eval`` report, and the experiments' result tables.
 
-=====================  ========  ================================================================================
-key                    unit      meaning
-=====================  ========  ================================================================================
-``zs/<task>``          percent   zero-shot top-1 accuracy on one task (0..100)
-``zs/mean``            percent   mean of the ``zs/<task>`` values
-``lp/<task>``          percent   linear-probe top-1 accuracy on one task (0..100)
-``lp/mean``            percent   mean of the ``lp/<task>`` values
-``i2t/r<K>``            percent   image -> text Recall@K, K = 1, 5, 10 (an image is right when any of its captions
-                                 is among the K best; ties count against the model), 0..100
-``t2i/r<K>``            percent   text -> image Recall@K (each caption has one image), 0..100
-``i2t/mean_rank``      rank      mean rank of an image's best-ranked caption (1 = first); ``i2t/median_rank``
-``t2i/mean_rank``      rank      mean rank of a caption's image; ``t2i/median_rank``
-``psnr``               dB        mean per-image PSNR on 0..255
-``ssim``               --        mean per-image SSIM (0..1)
-``lpips``              --        mean LPIPS distance (only when its weights were given)
-``rfid``               --        reconstruction FID (only when its weights were given)
-``distinct_codes``     count     distinct token indices over the evaluated images
-``code_entropy``       bits      entropy of the empirical token-index distribution
-``mean_bit_entropy``   bits      per-bit usage entropy, averaged over the d bits (0..1)
-``bits_used``          fraction  share of the d bits whose usage entropy exceeds :data:`USED_BIT_ENTROPY` (0..1)
-``gen/<task>``         percent   ShapesEval: generated images whose shape / color / position the judge reads as
-                                 the caption asked (``gen/shape``, ``gen/color``, ``gen/position``), 0..100
-``gen/all``            percent   ShapesEval: generated images right on all three attributes at once
-``judge_real/<task>``  percent   the ShapesEval judge's accuracy on real held-out shapes images (its ceiling)
-``judge_recon/<task>`` percent   the judge's accuracy on a QLIP model's reconstructions of those images
-``clip_score``         --        100 x mean cosine of image and caption QLIP embeddings (generated images)
-``text_ppl``           --        held-out text perplexity of a language / unified model (exp of the mean NLL)
-``text_ppl_init``      --        the same for the language model a unified model started from
-``text_ppl_change``    percent   change of ``text_ppl`` from ``text_ppl_init`` (negative: better)
-``cap/<task>``         percent   image->text: captions that name the image's true shape / color / position
-``cap/all``            percent   image->text: captions right on all three attributes at once
-``num_eval``           count     images evaluated
-=====================  ========  ================================================================================
+=======================  ========  ================================================================================
+key                      unit      meaning
+=======================  ========  ================================================================================
+``zs/<task>``            percent   zero-shot top-1 accuracy on one task (0..100)
+``zs/mean``              percent   mean of the ``zs/<task>`` values
+``lp/<task>``            percent   linear-probe top-1 accuracy on one task (0..100)
+``lp/mean``              percent   mean of the ``lp/<task>`` values
+``i2t/r<K>``             percent   image -> text Recall@K, K = 1, 5, 10 (an image is right when any of its captions
+                                   is among the K best; ties count against the model), 0..100
+``t2i/r<K>``             percent   text -> image Recall@K (each caption has one image), 0..100
+``i2t/mean_rank``        rank      mean rank of an image's best-ranked caption (1 = first); ``i2t/median_rank``
+``t2i/mean_rank``        rank      mean rank of a caption's image; ``t2i/median_rank``
+``psnr``                 dB        mean per-image PSNR on 0..255
+``ssim``                 --        mean per-image SSIM (0..1)
+``lpips``                --        mean LPIPS distance (only when its weights were given)
+``rfid``                 --        reconstruction FID (only when its weights were given)
+``distinct_codes``       count     distinct token indices over the evaluated images
+``code_entropy``         bits      entropy of the empirical token-index distribution
+``mean_bit_entropy``     bits      per-bit usage entropy, averaged over the d bits (0..1)
+``bits_used``            fraction  share of the d bits whose usage entropy exceeds :data:`USED_BIT_ENTROPY` (0..1)
+``gen/<task>``           percent   ShapesEval: generated images whose shape / color / position the judge reads as
+                                   the caption asked (``gen/shape``, ``gen/color``, ``gen/position``), 0..100
+``gen/all``              percent   ShapesEval: generated images right on all three attributes at once
+``judge_real/<task>``    percent   the ShapesEval judge's accuracy on real held-out shapes images (its ceiling)
+``judge_recon/<task>``   percent   the judge's accuracy on a QLIP model's reconstructions of those images
+``clip_score``           --        100 x mean cosine of image and caption QLIP embeddings (generated images)
+``text_ppl``             --        held-out text perplexity of a language / unified model (exp of the mean NLL)
+``text_ppl_init``        --        the same for the language model a unified model started from
+``text_ppl_change``      percent   change of ``text_ppl`` from ``text_ppl_init`` (negative: better)
+``cap/<task>``           percent   image->text: captions that name the image's true shape / color / position
+``cap/all``              percent   image->text: captions right on all three attributes at once
+``vqa/<type>``           percent   visual question answering: exact-match accuracy on one question type
+                                   (``vqa/color``, ``vqa/shape``, ``vqa/position``, ``vqa/size``, ``vqa/yesno``)
+``vqa/mean``             percent   mean of the ``vqa/<type>`` values
+``hallucination``        percent   share of "yes" answers to yes/no questions about attributes the image lacks
+``vqa_blind/<type>``     percent   the same accuracies with the image features replaced by zeros (language prior)
+``vqa_blind/mean``       percent   mean of the ``vqa_blind/<type>`` values
+``hallucination_blind``  percent   the hallucination rate of that blind model
+``num_eval``             count     images evaluated (questions, for ``vqa``)
+=======================  ========  ================================================================================
 
 Accuracies are stated in percent everywhere a person reads them (these keys, report tables, experiment tables).
 The calculators underneath (:func:`qlip.eval.zero_shot.accuracy_summary`, :func:`qlip.eval.linear_probe.
@@ -75,6 +82,12 @@ METRIC_UNITS: dict[str, str] = {
     "text_ppl_init": "",
     "text_ppl_change": "%",
     "cap/<task>": "%",
+    "vqa/<task>": "%",
+    "vqa/mean": "%",
+    "hallucination": "%",
+    "vqa_blind/<task>": "%",
+    "vqa_blind/mean": "%",
+    "hallucination_blind": "%",
     "num_eval": "count",
 }
 

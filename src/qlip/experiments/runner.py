@@ -80,6 +80,7 @@ class Variant:
     stages: list[Stage]
     seeds: list[int]
     meta: dict[str, Any] = field(default_factory=dict)
+    evaluator: str = "qlip"  # "qlip": zero-shot, probe, reconstruction; "vqa": a VLM's shapes questions
 
 
 @dataclass
@@ -197,6 +198,7 @@ def job_spec(settings: Settings, variant: Variant, seed: int) -> dict[str, Any]:
         "eval": dict(settings.eval),
         "eval_seed": EVAL_SEED,
         "meta": variant.meta,
+        "evaluator": variant.evaluator,
         "generation": settings.generation,
     }
 
@@ -275,7 +277,7 @@ def chance_levels(cfg: TrainConfig) -> dict[str, float]:
     from ..data.shapes import shapes_tasks
     from ..train.data import shapes_config
 
-    if describe_source(cfg.data.train) != "shapes":
+    if cfg.task != "qlip" or describe_source(cfg.data.train) != "shapes":
         return {}
     tasks = shapes_tasks(shapes_config(cfg.data, 64))
     return {t: 100.0 / len(tasks[t].classnames) for t in cfg.eval.tasks if t in tasks and len(tasks[t].classnames) > 1}

@@ -45,6 +45,22 @@ def _run_stats(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def _evaluate_vlm(model_dir: Path, cfg: Any, ev: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A VLM's shapes questions on held-out images (held-out triples when the data has some) and phrasings."""
+    import dataclasses
+
+    from ..data.loader import shapes_config_from_spec
+    from ..understanding import load
+    from ..understanding.evaluate import evaluate_shapes_vqa
+
+    vlm = load(model_dir)
+    shapes = shapes_config_from_spec(cfg.task_options.data, vlm.tower.image_size)
+    if shapes.holdout_combinations:
+        shapes = dataclasses.replace(shapes, eval_combinations="held_out")
+    return evaluate_shapes_vqa(vlm, shapes, num_images=int(ev["num_eval"]), split="test", seed=seed,
+                               batch_size=int(ev.get("batch_size", 64)), blind=False)["metrics"]  # fmt: skip
+
+
 def evaluate_generator_run(generator_dir: Path, options: dict[str, Any], *, num_eval: int,
                            seed: int) -> dict[str, Any]:  # fmt: skip
     """ShapesEval (:func:`qlip.eval.generation.evaluate_generator`) of a generator directory, on the CPU, plus its
@@ -120,20 +136,25 @@ def execute_job(spec: dict[str, Any], *, isolated: bool = True) -> dict[str, Any
         result["metrics"] = evaluate_generator_run(trained[-1][2] / "last", spec["generation"],
                                                    num_eval=spec["eval"]["num_eval"], seed=eval_seed)  # fmt: skip
     else:
-        result["metrics"] = _evaluate_models(trained, spec["eval"], eval_seed)
+        result["metrics"] = _evaluate_models(trained, spec["eval"], eval_seed, spec.get("evaluator", "qlip"))
     write_text_atomic(directory / "result.json", json.dumps(result, indent=2, default=str))
     return result
 
 
-def _evaluate_models(trained: list[tuple[dict[str, Any], Any, Path]], ev: dict[str, Any],
-                     seed: int) -> dict[str, Any]:  # fmt: skip
-    """QLIP models: the last stage's export, and every stage marked ``evaluate`` (keys prefixed with its name)."""
+def _evaluate_models(trained: list[tuple[dict[str, Any], Any, Path]], ev: dict[str, Any], seed: int,
+                     evaluator: str = "qlip") -> dict[str, Any]:  # fmt: skip
+    """The last stage's export, and every stage marked ``evaluate`` (keys prefixed with its name): QLIP models
+    (``evaluator`` "qlip") or vision-language models ("vqa")."""
     from .evaluate import evaluate_model
 
     metrics: dict[str, Any] = {}
     for i, (stage, _cfg, run_dir) in enumerate(trained):
         final = i == len(trained) - 1
         if not (final or stage["evaluate"]):
+            continue
+        if evaluator == "vqa":
+            values = _evaluate_vlm(run_dir / "last", trained[0][1], ev, seed)
+            metrics.update(values if final else {f"{stage['name']}/{k}": v for k, v in values.items()})
             continue
         # Every stage is evaluated on the images of the FIRST stage's data config (the same held-out set).
         data = trained[0][1].data

@@ -10,7 +10,10 @@ from .base import BatchSource, StepLosses, Task
 from .generator import GeneratorTask
 from .qlip import QLIPTask
 from .unified import LMTask, UnifiedTask
+from .vlm import VLMTask
 
-TASKS: dict[str, type[Task]] = {"qlip": QLIPTask, "generator": GeneratorTask, "lm": LMTask, "unified": UnifiedTask}
+TASKS: dict[str, type[Task]] = {"qlip": QLIPTask, "generator": GeneratorTask, "vlm": VLMTask, "lm": LMTask,
+                                "unified": UnifiedTask}
 
-__all__ = ["TASKS", "BatchSource", "GeneratorTask", "LMTask", "QLIPTask", "StepLosses", "Task", "UnifiedTask"]
+__all__ = ["TASKS", "BatchSource", "GeneratorTask", "LMTask", "QLIPTask", "StepLosses", "Task", "UnifiedTask",
+           "VLMTask"]

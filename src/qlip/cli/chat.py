@@ -1,0 +1,39 @@
+"""``qlip chat --model VLM --image IMG "question"``: ask a vision-language model about one image."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import CLIError, finite_float, positive_int, resolve_device
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from ..understanding import UnderstandingError, load
+
+    question = " ".join(args.question).strip()
+    if not question:
+        raise CLIError('the question is empty; ask something about the image, e.g. "What color is the shape?"')
+    if not args.image:
+        raise CLIError("no image given; pass --image FILE (the model answers questions about an image)")
+    device = resolve_device(args.device)
+    try:
+        vlm = load(args.model, device=device)
+        answer = vlm.chat(args.image, question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, seed=args.seed)  # fmt: skip
+    except (UnderstandingError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from e
+    print(answer)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="ask a vision-language model a question about an image")
+    p.add_argument("question", nargs="+", help='the question, e.g. "Where is the shape?"')
+    p.add_argument("--model", required=True, help="a VLM directory (run_dir/last of a `task: vlm` run)")
+    p.add_argument("--image", default=None, help="the image file the question is about")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="longest answer in tokens (default 32)")
+    p.add_argument("--temperature", type=finite_float, default=0.0, help="0 (default): greedy; > 0 samples")
+    p.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus mass in (0, 1] when sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.set_defaults(func=cmd_chat)

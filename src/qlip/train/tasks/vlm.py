@@ -1,0 +1,372 @@
+"""The vision-language model as a task of the one training loop (``task: vlm``): LLaVA's two stages.
+
+* ``stage: 1`` trains the projector on captioning conversations, the language model frozen (LLaVA's
+  feature alignment); ``vlm.stage1_trains_lm: true`` trains the LM too (needed when it starts from scratch).
+* ``stage: 2`` trains projector + language model on question-answer instructions, from ``init`` (the VLM
+  directory a stage-1 run exported) or from scratch. ``vlm.caption_steps: N`` runs stage 1 first within the same run:
+  the first N optimizer steps are captioning conversations, the rest instructions (one command for both stages).
+
+The vision tower (a QLIP encoder) stays frozen: its features of the training images are computed once and kept in
+memory. The export, ``run_dir/last``, is a self-contained VLM directory (:func:`qlip.understanding.save_vlm`).
+
+Config (``vlm:`` section, see :class:`VLMOptions`)::
+
+    task: vlm
+    stage: 2
+    vlm: {tokenizer: runs/shapes-tiny-stage2/last, data: "shapes:easy?holdout_combinations=0.1", caption_steps: 400,
+          stage1_trains_lm: true, width: 256, depth: 4, heads: 4}
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import ConfigError, TrainConfig
+from .base import StepLosses, Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VLMOptions:
+    """The ``vlm:`` section.
+
+    Attributes:
+        tokenizer: the QLIP model directory whose image encoder is the vision tower.
+        feature: "layer" (continuous features of encoder block ``layer``) or "codes" (the BSQ codes: the ablation).
+        layer: the encoder block for "layer": -2 (second to last, the paper's choice) or -1 (last), ...
+        include_cls: put the CLS token before the patch tokens.
+        projector: "mlp2x_gelu" (LLaVA-1.5) or "linear".
+        feature_norm: layer-normalize each image position's features (no parameters) before the projector.
+        merge: concatenate each merge x merge block of patch features before the projector: merge**2 times fewer
+            image positions for the language model (1 = one per patch, LLaVA's).
+        lm: the language model kind: "qlip-ar" (the package's ARTransformer, trained from scratch with a word
+            tokenizer built from the training texts) or "hf" (a pretrained causal LM read from ``lm_source``).
+        lm_source: where an "hf" language model is read from.
+        width, depth, heads: the "qlip-ar" language model.
+        data: the stage's conversations: a ``shapes[:preset][?field=value...]`` spec (captions in stage 1,
+            question-answer instructions in stage 2; held-out triples via ``holdout_combinations``) or a LLaVA JSON
+            conversation file.
+        image_root: the folder a LLaVA file's image paths are relative to (default: the file's folder).
+        image_pool: how many shapes training images (rendered and encoded once; each step asks a fresh question).
+        caption_steps: with stage 2 on shapes, the first this many optimizer steps are stage 1 (captions).
+        stage1_trains_lm: stage 1 trains the language model too (a from-scratch LM must learn language).
+        eval_images: held-out shapes images of the in-training check (one question of each type per image, held-out
+            phrasings); 0 = no check.
+    """
+
+    tokenizer: str = ""
+    feature: str = "layer"
+    layer: int = -2
+    include_cls: bool = False
+    projector: str = "mlp2x_gelu"
+    merge: int = 1
+    feature_norm: bool = False
+    lm: str = "qlip-ar"
+    lm_source: str = ""
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    data: str = "shapes:easy?sizes=large&holdout_combinations=0.1"
+    image_root: str = ""
+    image_pool: int = 4000
+    caption_steps: int = 0
+    stage1_trains_lm: bool = False
+    eval_images: int = 100
+
+    def validate(self, cfg: TrainConfig) -> None:
+        from ...understanding.model import FEATURES, PROJECTORS
+
+        if not self.tokenizer:
+            raise ConfigError("vlm.tokenizer is not set: name the QLIP model directory whose encoder is the vision "
+                              "tower, e.g. vlm.tokenizer=runs/shapes-tiny-stage2/last")  # fmt: skip
+        if self.feature not in FEATURES:
+            raise ConfigError(f"vlm.feature={self.feature!r} is not one of {list(FEATURES)}")
+        if self.projector not in PROJECTORS:
+            raise ConfigError(f"vlm.projector={self.projector!r} is not one of {list(PROJECTORS)}")
+        if self.lm not in ("qlip-ar", "hf"):
+            raise ConfigError(f"vlm.lm={self.lm!r} is not one of ['qlip-ar', 'hf']")
+        if self.lm == "hf" and not self.lm_source:
+            raise ConfigError("vlm.lm=hf needs vlm.lm_source: the pretrained language model to read")
+        for key in ("width", "depth", "heads", "image_pool", "merge"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"vlm.{key} must be >= 1, got {getattr(self, key)}")
+        if self.width % self.heads or (self.width // self.heads) % 2:
+            raise ConfigError(f"vlm.width={self.width} must split into vlm.heads={self.heads} heads of an even size")
+        if self.caption_steps < 0 or self.eval_images < 0:
+            raise ConfigError("vlm.caption_steps and vlm.eval_images must be >= 0")
+        if self.caption_steps and cfg.stage != 2:
+            raise ConfigError("vlm.caption_steps runs stage 1 before stage 2 in one run: it needs stage=2")
+        if self.caption_steps and not self.is_shapes:
+            raise ConfigError("vlm.caption_steps needs shapes data (a LLaVA file holds one stage's conversations): "
+                              "run stage 1 and stage 2 as two runs, the second with init=STAGE1_RUN/last")  # fmt: skip
+        if self.caption_steps >= cfg.optim.steps:
+            raise ConfigError(f"vlm.caption_steps={self.caption_steps} leaves no stage-2 step of optim.steps="
+                              f"{cfg.optim.steps}")  # fmt: skip
+
+    @property
+    def is_shapes(self) -> bool:
+        return self.data.split(":", 1)[0].split("?", 1)[0] == "shapes"
+
+
+class ConversationBatches:
+    """Endless batches of (image index, conversation), reshuffled every epoch; resumable.
+
+    ``make(kind, index, rng)`` gives the conversation ({"turns", ...}) of item ``index``; ``kind`` is "caption" for
+    the first ``caption_batches`` batches (stage 1) and ``default_kind`` after. Batch ``n`` depends on (seed, n)
+    only, so a resumed run sees the same batches.
+    """
+
+    def __init__(self, make: Any, items: int, batch_size: int, seed: int, rank: int, world_size: int, *,
+                 default_kind: str, caption_batches: int = 0) -> None:  # fmt: skip
+        self.make, self.items, self.batch_size = make, items, batch_size
+        self.seed, self.rank, self.world = seed, rank, world_size
+        self.default_kind, self.caption_batches = default_kind, caption_batches
+        self.epoch = self.position = self.calls = 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.items, generator=g)[self.rank :: self.world]
+
+    def __iter__(self) -> ConversationBatches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        size = min(self.batch_size, len(self._order))
+        if self.position + size > len(self._order):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        idx = self._order[self.position : self.position + size]
+        self.position += size
+        kind = "caption" if self.calls < self.caption_batches else self.default_kind
+        rng = np.random.default_rng([self.seed, self.rank, self.calls])
+        self.calls += 1
+        convs = [self.make(kind, int(i), rng) for i in idx]
+        return {"index": idx, "turns": [c["turns"] for c in convs], "stage": 1 if kind == "caption" else 2}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "calls": self.calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position, self.calls = int(state["epoch"]), int(state["position"]), int(state["calls"])
+        self._order = self._epoch_order()
+
+
+class VLMTask(Task):
+    """LLaVA over a frozen QLIP vision tower; see the module docstring."""
+
+    section = "vlm"
+    section_class = VLMOptions
+    progress_unit = "conv/s"
+
+    @classmethod
+    def check_startup(cls, cfg: TrainConfig) -> None:
+        opts = cfg.task_options
+        if not (Path(opts.tokenizer) / "config.json").is_file():
+            raise ConfigError(f"vlm.tokenizer={opts.tokenizer}: no QLIP model directory there (train one with "
+                              "configs/shapes-tiny*.yaml, or name a released model directory)")  # fmt: skip
+        if not opts.is_shapes and not Path(opts.data).is_file():
+            raise ConfigError(f"vlm.data={opts.data}: neither a shapes spec nor a LLaVA JSON file")
+        if cfg.init is not None and not (Path(cfg.init) / "config.json").is_file():
+            raise ConfigError(f"init={cfg.init}: no VLM directory there (the run_dir/last of a stage-1 vlm run)")
+
+    @classmethod
+    def check_export_target(cls, out_dir: Path) -> None:
+        from ...understanding.errors import UnderstandingError
+        from ...understanding.pipeline import check_vlm_target
+
+        try:
+            check_vlm_target(out_dir)
+        except UnderstandingError as e:
+            raise ConfigError(str(e)) from None
+
+    # --- building ---------------------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        from ...factory import create_model
+        from ...understanding import UnderstandingError
+        from ...understanding.model import TowerConfig, VisionTower
+
+        opts = self.options
+        parts = ("vision", "quantizer") if opts.feature == "codes" else ("vision",)
+        try:
+            qlip_model = create_model(opts.tokenizer, parts=parts, device=self.rt.device)
+            self.tower = VisionTower(qlip_model, TowerConfig(opts.feature, opts.layer, opts.include_cls))
+            self._read_data()
+            model = self._build_vlm()
+        except UnderstandingError as e:
+            raise ConfigError(f"vlm: {e}") from None
+        self.model_ref = model
+        if self.cfg.stage == 1 and not opts.stage1_trains_lm:
+            model.lm.requires_grad_(False)
+        self._features = self._pool_features() if opts.is_shapes else {}
+        return model
+
+    def _read_data(self) -> None:
+        from ...data.loader import shapes_config_from_spec
+        from ...understanding.data import read_llava_json, shapes_corpus
+
+        opts = self.options
+        if opts.is_shapes:
+            try:
+                self.shapes = shapes_config_from_spec(opts.data, self.tower.image_size)
+            except ValueError as e:
+                raise ConfigError(f"vlm.data: {e}") from None
+            self.records = None
+            self.corpus = shapes_corpus(self.shapes, seed=self.cfg.seed)
+            self.items = opts.image_pool
+        else:
+            data = read_llava_json(opts.data, opts.image_root or None)
+            self.records, self.shapes = data.records, None
+            self.corpus = [t for r in data.records for turn in r["turns"] for t in turn]
+            self.items = len(data.records)
+            log.info("vlm: %d conversations from %s (%d bad skipped)", len(data.records), opts.data, len(data.bad))
+
+    def _build_vlm(self) -> nn.Module:
+        from ...ar import ARConfig, ARTransformer
+        from ...understanding import load
+        from ...understanding.model import LMConfig, VisionLanguageModel, VLMConfig, render_conversation
+        from ...understanding.pipeline import build_language_model
+        from ...understanding.text import WordTokenizer
+
+        opts = self.options
+        if self.cfg.init is not None:  # stage 2 after stage 1: the language model, tokenizer and projector
+            start = load(self.cfg.init)
+            mine = (self.tower.cfg, opts.projector, opts.merge, opts.feature_norm)
+            if (start.cfg.tower, start.cfg.projector, start.cfg.merge, start.cfg.feature_norm) != mine:
+                raise ConfigError(f"init={self.cfg.init} was trained with tower {start.cfg.tower}, projector "
+                                  f"{start.cfg.projector}, merge {start.cfg.merge} and feature_norm "
+                                  f"{start.cfg.feature_norm}, not the vlm section's; make them equal")  # fmt: skip
+            self.vlm_cfg, self.tokenizer = start.cfg, start.tokenizer
+            model = VisionLanguageModel(start.cfg, self.tower, start.lm, start.tokenizer)
+            model.projector.load_state_dict(start.projector.state_dict())
+            return model.to(self.rt.device)
+        if opts.lm == "qlip-ar":
+            self.tokenizer = WordTokenizer.from_corpus(self.corpus)
+            longest = max(len(self.tokenizer.encode(self.tokenizer.chat_prompt(t))) for t in self.corpus[:20000])
+            ar = ARConfig(vocab_size=self.tokenizer.vocab_size, width=opts.width, depth=opts.depth, heads=opts.heads,
+                          max_seq_len=self.tower.cfg.tokens // opts.merge**2 + 2 * longest + 32)  # fmt: skip
+            lm_cfg = LMConfig("qlip-ar", ar=ar.to_dict())
+            lm = ARTransformer(ar)
+        else:
+            lm_cfg = LMConfig("hf", source=opts.lm_source)
+            lm, self.tokenizer = build_language_model(lm_cfg)
+        self.vlm_cfg = VLMConfig(tower=self.tower.cfg, projector=opts.projector, lm=lm_cfg, merge=opts.merge,
+                                 feature_norm=opts.feature_norm)  # fmt: skip
+        model = VisionLanguageModel(self.vlm_cfg, self.tower, lm, self.tokenizer).to(self.rt.device)
+        if self.records is not None:
+            too_long = [r["key"] for r in self.records
+                        if len(render_conversation(self.tokenizer, r["turns"])[0]) + model.image_tokens
+                        > model.lm.max_seq_len]  # fmt: skip
+            if too_long:
+                raise ConfigError(f"{len(too_long)} conversation(s) are longer than the language model's context "
+                                  f"({model.lm.max_seq_len}), e.g. {too_long[0]}; shorten them")  # fmt: skip
+        return model
+
+    @torch.no_grad()
+    def _pool_features(self) -> torch.Tensor:
+        """The tower's features of the shapes training images 0 .. image_pool-1 (frozen tower: computed once)."""
+        from ...data.shapes import generate_shapes_sample
+        from ...transforms import image_transform
+
+        transform = image_transform(self.tower.image_size)
+        feats = []
+        for s in range(0, self.items, 256):
+            pixels = torch.stack([transform(generate_shapes_sample(i, self.shapes, split="train",
+                                                                   seed=self.cfg.seed)["image"])
+                                  for i in range(s, min(s + 256, self.items))])  # fmt: skip
+            feats.append(self.tower(pixels.to(self.rt.device)))
+        log.info("vlm: encoded %d shapes training images", self.items)
+        return torch.cat(feats)
+
+    def _record_features(self, index: torch.Tensor) -> torch.Tensor:
+        from ...transforms import image_transform, load_image
+
+        missing = [int(i) for i in index if int(i) not in self._features]
+        if missing:
+            transform = image_transform(self.tower.image_size)
+            pixels = torch.stack([transform(load_image(self.records[i]["image"])) for i in missing])
+            with torch.no_grad():
+                for i, f in zip(missing, self.tower(pixels.to(self.rt.device))):
+                    self._features[i] = f
+        return torch.stack([self._features[int(i)] for i in index])
+
+    def _conversation(self, kind: str, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        from ...understanding.data import shapes_conversation
+
+        if self.records is not None:
+            return {"turns": self.records[index]["turns"]}
+        return shapes_conversation(index, self.shapes, split="train", seed=self.cfg.seed, kind=kind, rng=rng)
+
+    def batches(self) -> ConversationBatches:
+        opts = self.options
+        default = "caption" if self.cfg.stage == 1 else "qa"
+        return ConversationBatches(self._conversation, self.items, self.cfg.data.batch_size, self.cfg.seed,
+                                   self.rt.rank, self.rt.world_size, default_kind=default,
+                                   caption_batches=opts.caption_steps * self.cfg.optim.accum_steps)  # fmt: skip
+
+    def find_unused_parameters(self) -> bool:
+        return bool(self.options.caption_steps) and not self.options.stage1_trains_lm
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()  # the tower keeps itself in eval mode
+
+    # --- one step -----------------------------------------------------------------------------------------------
+    def losses(self, model: nn.Module, batch: Any, step: int) -> StepLosses:
+        from ...understanding.model import collate_conversations, render_conversation
+
+        vlm = self.model_ref
+        if self.options.caption_steps and not self.options.stage1_trains_lm:
+            vlm.lm.requires_grad_(batch["stage"] == 2)  # stage 1 within the run: the LM gets no update
+        index = batch["index"]
+        feats = self._features[index] if self.records is None else self._record_features(index)
+        rendered = [render_conversation(self.tokenizer, turns) for turns in batch["turns"]]
+        conv = collate_conversations(rendered, vlm.image_tokens, self.tokenizer.pad_id)
+        conv = {k: v.to(self.rt.device, non_blocking=True) for k, v in conv.items()}
+        out = model(conv, feats.to(self.rt.device))
+        name = "caption" if batch["stage"] == 1 else "answer"
+        return StepLosses(terms={name: out["loss"]}, total=out["loss"], samples=len(rendered), outputs=out)
+
+    def log_metrics(self, last: StepLosses) -> dict[str, float]:
+        out = last.outputs or {}
+        return {"vlm/token_accuracy": float(out["accuracy"])} if "accuracy" in out else {}
+
+    # --- evaluation and export ------------------------------------------------------------------------------------
+    def _eval_shapes(self):
+        import dataclasses
+
+        cfg = self.shapes
+        if cfg.holdout_combinations:
+            cfg = dataclasses.replace(cfg, eval_combinations="held_out")
+        return cfg
+
+    def evaluate(self, model: nn.Module, *, name: str) -> dict[str, Any]:
+        """VQA on held-out shapes images (held-out triples when the data holds some) with held-out phrasings."""
+        if self.shapes is None or not self.options.eval_images:
+            return {}
+        from ...understanding.evaluate import evaluate_shapes_vqa
+
+        return evaluate_shapes_vqa(model, self._eval_shapes(), num_images=self.options.eval_images, split="val",
+                                   seed=self.cfg.seed, blind=False)["metrics"]  # fmt: skip
+
+    def export_model(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        from ...understanding.model import VisionLanguageModel
+        from ...understanding.pipeline import build_language_model
+
+        self.tower.to("cpu")
+        lm, _ = build_language_model(self.vlm_cfg.lm)
+        model = VisionLanguageModel(self.vlm_cfg, self.tower, lm, self.tokenizer)
+        model.load_state_dict({k: v for k, v in state.items()})
+        return model
+
+    def save_export(self, model: nn.Module, out_dir: Path) -> Path:
+        from ...understanding.pipeline import save_vlm
+
+        return save_vlm(out_dir, model)

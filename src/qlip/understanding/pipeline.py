@@ -1,0 +1,163 @@
+"""The VLM directory: save and load a self-contained vision-language model.
+
+Layout::
+
+    DIR/config.json          the VLMConfig ("format": "qlip-vlm"): tower, projector, LM kind (+ ARConfig or source)
+    DIR/model.safetensors    the projector and, for "qlip-ar", the language model
+    DIR/tokenizer.json       the word tokenizer ("qlip-ar")
+    DIR/vision/              the QLIP model of the tower (image encoder, + quantizer for "codes"), save_pretrained
+
+The language model of a config comes from :data:`LM_BUILDERS` by its ``kind``: "qlip-ar" builds the package's
+:class:`qlip.ar.ARTransformer`; "hf" (a pretrained causal LM read from ``lm.source``) is the place for a Hugging Face
+wrapper implementing :class:`qlip.understanding.protocols.LanguageModel` and its tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..fileio import replace_files
+from .errors import UnderstandingError
+from .model import LMConfig, VisionLanguageModel, VisionTower, VLMConfig
+from .text import WordTokenizer
+
+FORMAT = "qlip-vlm"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_NAME = "tokenizer.json"
+VISION_SUBDIR = "vision"
+_STAGE_PREFIX = ".qlip-vlm-save-"
+
+
+def _build_qlip_ar(cfg: LMConfig, directory: Path | None) -> tuple[nn.Module, Any]:
+    from ..ar import ARConfig, ARTransformer
+
+    tokenizer = WordTokenizer.load(directory / TOKENIZER_NAME) if directory is not None else None
+    return ARTransformer(ARConfig.from_dict(cfg.ar)), tokenizer
+
+
+def _build_hf(cfg: LMConfig, directory: Path | None) -> tuple[nn.Module, Any]:
+    raise UnderstandingError(f"language model kind 'hf' (source {cfg.source!r}) is not available in this qlip; "
+                             "use kind 'qlip-ar'")  # fmt: skip
+
+
+# kind -> (LM config, VLM directory or None) -> (language model, its tokenizer or None). A builder for "hf" reads
+# cfg.source; whatever LM weights the VLM directory holds are loaded afterwards under the "lm." prefix.
+LM_BUILDERS: dict[str, Callable[[LMConfig, Path | None], tuple[nn.Module, Any]]] = {
+    "qlip-ar": _build_qlip_ar,
+    "hf": _build_hf,
+}
+
+
+def build_language_model(cfg: LMConfig, directory: Path | None = None) -> tuple[nn.Module, Any]:
+    if cfg.kind not in LM_BUILDERS:
+        raise UnderstandingError(f"language model kind {cfg.kind!r} is not one of {sorted(LM_BUILDERS)}")
+    return LM_BUILDERS[cfg.kind](cfg, directory)
+
+
+def _saved_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
+    """Projector and LM weights (the tower is saved as a QLIP model directory of its own)."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if not k.startswith("tower.")}
+
+
+def check_vlm_target(directory: Path) -> None:
+    """Refuse a file, or a non-empty folder that is not a VLM directory."""
+    if directory.exists() and not directory.is_dir():
+        raise UnderstandingError(f"{directory} is a file; choose a directory path for the VLM")
+    if not directory.is_dir() or (directory / CONFIG_NAME).is_file() and _is_vlm(directory):
+        return
+    others = sorted(p.name for p in directory.iterdir() if not p.name.startswith(_STAGE_PREFIX))
+    if others:
+        raise UnderstandingError(f"{directory} is not empty and is not a VLM directory (it holds "
+                                 f"{', '.join(others[:5])}); choose a new or empty directory")  # fmt: skip
+
+
+def _is_vlm(directory: Path) -> bool:
+    try:
+        return json.loads((directory / CONFIG_NAME).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def save_vlm(directory: str | Path, model: VisionLanguageModel) -> Path:
+    """Write a self-contained VLM directory (the tower's QLIP model first, config.json last)."""
+    directory = Path(directory)
+    check_vlm_target(directory)
+    if model.tower is None:
+        raise UnderstandingError("cannot save a VLM without its vision tower: the directory must be self-contained")
+    model.tower.qlip.save_pretrained(directory / VISION_SUBDIR, overwrite=True)
+    with replace_files(directory, prefix=_STAGE_PREFIX, last=(CONFIG_NAME,)) as stage:
+        save_file(_saved_state(model), str(stage / WEIGHTS_NAME), metadata={"format": "pt", "qlip": FORMAT})
+        if isinstance(model.tokenizer, WordTokenizer):
+            model.tokenizer.save(stage / TOKENIZER_NAME)
+        payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **model.cfg.to_dict()}
+        (stage / CONFIG_NAME).write_text(json.dumps(payload, indent=1) + "\n")
+    return directory
+
+
+def read_vlm_config(directory: str | Path) -> VLMConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise UnderstandingError(f"{directory} has no {CONFIG_NAME}; is it a VLM directory (run_dir/last of a "
+                                 "`task: vlm` run)?")  # fmt: skip
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UnderstandingError(f"{path} is not a valid VLM config: {e}") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise UnderstandingError(f'{path} is not a VLM config (expected "format": "{FORMAT}")')
+    if d.get("format_version", 0) > FORMAT_VERSION:
+        raise UnderstandingError(f"{path}: VLM format version {d['format_version']} is newer than this qlip reads; "
+                                 "upgrade qlip")  # fmt: skip
+    try:
+        return VLMConfig.from_dict(d)
+    except (KeyError, TypeError) as e:
+        raise UnderstandingError(f"{path} is not a valid VLM config: {e}") from None
+
+
+def load(directory: str | Path, device: str | torch.device | None = None) -> VisionLanguageModel:
+    """The :class:`VisionLanguageModel` of a VLM directory, in eval mode."""
+    from ..checkpoints import ModelDirectoryError
+    from ..factory import create_model
+    from ..weights import WeightFileError, WeightsMismatchError
+    from ..weights.files import read_weight_file
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UnderstandingError(f"{directory} is not a directory; give a VLM directory (run_dir/last)")
+    cfg = read_vlm_config(directory)
+    sub = directory / VISION_SUBDIR
+    if not (sub / "config.json").is_file():
+        raise UnderstandingError(f"{directory} has no {VISION_SUBDIR}/ QLIP model; the VLM directory is incomplete")
+    try:
+        qlip_model = create_model(str(sub))
+    except (ValueError, KeyError, OSError, WeightsMismatchError, ModelDirectoryError) as e:
+        raise UnderstandingError(f"cannot load the vision tower in {sub}: {e}") from None
+    tower = VisionTower(qlip_model, cfg.tower)
+    lm, tokenizer = build_language_model(cfg.lm, directory)
+    model = VisionLanguageModel(cfg, tower, lm, tokenizer)
+    try:
+        state = read_weight_file(directory / WEIGHTS_NAME)
+    except FileNotFoundError:
+        raise UnderstandingError(f"{directory / WEIGHTS_NAME} is missing: the VLM directory is incomplete") from None
+    except WeightFileError as e:
+        raise UnderstandingError(str(e)) from None
+    expected = set(_saved_state(model))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise UnderstandingError(f"{directory / WEIGHTS_NAME} does not match its config: missing {missing[:4]}, "
+                                 f"unexpected {unexpected[:4]}")  # fmt: skip
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise UnderstandingError(f"{directory / WEIGHTS_NAME} does not match its config: {str(e)[:300]}") from None
+    model.eval()
+    return model.to(device) if device is not None else model
