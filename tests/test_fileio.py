@@ -65,14 +65,17 @@ def test_replace_files_renames_all_or_nothing_and_keeps_other_files(tmp_path, um
 
 
 def test_model_targets_of_every_family_refuse_what_they_did_not_write(tmp_path):
-    """Generator and language-model directories share one rule: a file, or a non-empty folder of something else, is
+    """Generator, language-model and VLM directories share one rule: a file, or a non-empty folder of something else, is
     refused (one line naming what it holds); an empty folder, a staging leftover, or overwrite=True is accepted."""
     from qlip.generation.model import _STAGE_PREFIX as T2I_STAGE
     from qlip.generation.model import GeneratorDirectoryError, check_generator_target
+    from qlip.understanding.errors import UnderstandingError
+    from qlip.understanding.pipeline import check_vlm_target
     from qlip.unified.pipeline import UnifiedDirectoryError, check_unified_target
 
     for check, error, stage in ((lambda d, o=False: check_generator_target(d, o), GeneratorDirectoryError, T2I_STAGE),
-                                (check_unified_target, UnifiedDirectoryError, None)):  # fmt: skip
+                                (check_unified_target, UnifiedDirectoryError, None),
+                                (lambda d, o=False: o or check_vlm_target(d), UnderstandingError, None)):  # fmt: skip
         root = tmp_path / error.__name__
         root.mkdir()
         check(root / "new")  # does not exist yet

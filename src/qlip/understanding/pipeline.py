@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..fileio import replace_files
+from ..fileio import check_model_target, replace_files
 from .errors import UnderstandingError
 from .model import LMConfig, VisionLanguageModel, VisionTower, VLMConfig
 from .text import WordTokenizer
@@ -70,14 +70,7 @@ def _saved_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
 
 def check_vlm_target(directory: Path) -> None:
     """Refuse a file, or a non-empty folder that is not a VLM directory."""
-    if directory.exists() and not directory.is_dir():
-        raise UnderstandingError(f"{directory} is a file; choose a directory path for the VLM")
-    if not directory.is_dir() or (directory / CONFIG_NAME).is_file() and _is_vlm(directory):
-        return
-    others = sorted(p.name for p in directory.iterdir() if not p.name.startswith(_STAGE_PREFIX))
-    if others:
-        raise UnderstandingError(f"{directory} is not empty and is not a VLM directory (it holds "
-                                 f"{', '.join(others[:5])}); choose a new or empty directory")  # fmt: skip
+    check_model_target(directory, is_ours=_is_vlm, error=UnderstandingError, what="VLM", staging_prefix=_STAGE_PREFIX)
 
 
 def _is_vlm(directory: Path) -> bool:
