@@ -35,3 +35,42 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             noise = torch.randn(p.shape, generator=g) * 0.2
             p.copy_(1.0 + noise if "norm" in name and name.endswith("weight") else noise)
     return model
+
+
+def save_tiny_hf_text_encoder(path, kind: str = "bert"):
+    """A random Hugging Face text encoder folder ("bert", "t5" or "clip") with a word-level tokenizer, built here
+    (needs transformers; nothing is downloaded). Returns the folder."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted({w for c in CAPTIONS for w in c.split()} | {"red", "blue", "green", "circle", "square"})
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers.processors import TemplateProcessing
+
+    if kind == "t5":  # T5 ends a text with </s>
+        core.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 3)])
+    else:  # BERT's [CLS] ... [SEP], CLIP's start ... end
+        core.post_processor = TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
+    pad = "</s>" if kind == "clip" else "<pad>"  # CLIP pads with its end token
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token=pad, unk_token="<unk>",
+                                               bos_token="<s>", eos_token="</s>")  # fmt: skip
+    torch.manual_seed(0)
+    small = {"num_attention_heads": 2, "vocab_size": len(vocab)}
+    if kind == "bert":
+        model = transformers.BertModel(transformers.BertConfig(hidden_size=16, num_hidden_layers=1,
+                                                               intermediate_size=32, **small))  # fmt: skip
+    elif kind == "t5":
+        model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+            d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, vocab_size=len(vocab)))  # fmt: skip
+    elif kind == "clip":
+        model = transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_size=16, num_hidden_layers=1,
+                                                                       intermediate_size=32, eos_token_id=3,
+                                                                       max_position_embeddings=24, **small))
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -145,3 +145,26 @@ def test_decode_cached_equals_recomputed(guided):
     greedy = decode(m, prompt[:2], 3, Chooser(guided=False, temperature=0))
     with torch.no_grad():
         assert torch.equal(greedy[:, 0], m(prompt[:2]).argmax(-1)[:, -1])
+
+
+def test_decode_logits_processor_and_stop_id():
+    m = _model()
+    prompt = torch.randint(0, 50, (3, 4))
+    seen = []
+
+    def only_evens_then_seven(logits, step):  # step 2 may only choose id 7, the others even ids
+        seen.append(step)
+        out = torch.full_like(logits, float("-inf"))
+        if step == 2:
+            out[:, 7] = 0.0
+        else:
+            out[:, ::2] = logits[:, ::2]
+        return out
+
+    chooser = Chooser(guided=False, generator=torch.Generator().manual_seed(0))
+    ids = decode(m, prompt, 6, chooser, logits_processor=only_evens_then_seven, stop_id=7)
+    assert ids.shape == (3, 3) and seen == [0, 1, 2]  # every row chose the stop id at step 2: decoding ended
+    assert (ids[:, :2] % 2 == 0).all() and (ids[:, 2] == 7).all()
+    full = decode(m, prompt, 6, Chooser(guided=False, generator=torch.Generator().manual_seed(0)),
+                  logits_processor=only_evens_then_seven)  # fmt: skip
+    assert full.shape == (3, 6) and torch.equal(full[:, :3], ids)

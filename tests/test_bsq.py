@@ -337,3 +337,37 @@ def test_clear_errors_for_bad_arguments():
         indices_to_bits(torch.zeros(2, 2, dtype=torch.int64), 6, group_size=2)
     with pytest.raises(ValueError, match="no tokens"):
         q(torch.randn(0, 4))
+
+
+# --- graph export: the integer steps must be ops every exporter has ----------------------------------------------
+
+
+class _BitRoundTrip(torch.nn.Module):
+    def forward(self, u):
+        indices = bits_to_indices(codes_to_bits(u))  # (B, N)
+        return indices, indices_to_bits(indices, u.shape[-1], check_range=False)
+
+
+def test_bit_packing_traces_without_integer_shifts():
+    """ONNX has no shift for signed integers: the traced sign -> index step and its inverse must not shift."""
+    program = torch.export.export(_BitRoundTrip().eval(), (torch.randn(2, 5, 28),))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not [t for t in targets if "shift" in t], targets
+
+
+@pytest.mark.slow
+def test_bit_packing_exports_to_onnx_exactly():
+    """The BSQ sign -> index step and its inverse are plain integer ops that ONNX has (no signed shifts)."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+
+    u = torch.randn(3, 5, 28)
+    program = torch.onnx.export(_BitRoundTrip().eval(), (u,), dynamo=True, verbose=False,
+                                dynamic_shapes=({0: torch.export.Dim("batch")},))  # fmt: skip
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(4, 5, 28)
+    x[1, 2] = 1.0  # every bit set: index 2**28 - 1
+    indices, bits = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert torch.equal(torch.from_numpy(indices), bits_to_indices(codes_to_bits(x)))
+    assert indices[1, 2] == 2**28 - 1
+    assert torch.equal(torch.from_numpy(bits), codes_to_bits(x))

@@ -230,4 +230,7 @@ def test_model_directory_follows_the_umask(tmp_path, tiny_tokenizer):
         os.umask(old)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o755  # mkdtemp alone gives 0700
     modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in path.iterdir()}
-    assert len(modes) == 6 and set(modes.values()) == {0o644}, modes
+    # the five model files, the tokenizer's special tokens map and the generated model card
+    assert sorted(modes) == ["README.md", "config.json", "merges.txt", "model.safetensors", "special_tokens_map.json",
+                             "tokenizer_config.json", "vocab.json"], modes  # fmt: skip
+    assert len(modes) == 7 and set(modes.values()) == {0o644}, modes

@@ -125,3 +125,33 @@ def test_tokenizer_train_then_use_it_with_a_model(tmp_path, capsys):
     tok = CLIPTokenizer.from_pretrained(tmp_path / "tok")
     assert tok.vocab_size <= model.cfg.text.vocab_size
     assert model.encode_text(tok(["a red circle"])[:, :32]).shape == (1, 32)
+
+
+def test_tokenizer_train_reads_every_caption_source_the_trainer_reads(tmp_path, capsys):
+    """Caption lists (CSV, JSONL with a named column), shards, a captioned class folder: their captions, not lines."""
+    import json
+
+    from PIL import Image
+
+    from qlip.tokenizer import CLIPTokenizer
+
+    (tmp_path / "img" / "zebra").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "img" / "zebra" / "a.png")
+    words = ["quokka", "axolotl", "pangolin"]
+    (tmp_path / "pairs.csv").write_text("file,caption\n" + "".join(f"img/zebra/a.png,a {w} asleep\n" for w in words))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"path": "img/zebra/a.png", "desc": f"one {w}"}) + "\n"
+                                                  for w in words))  # fmt: skip
+    assert main(["data", "write-shards", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "shards")]) == 0
+    runs = [([str(tmp_path / "pairs.csv")], 3, "quokka"), ([str(tmp_path / "shards")], 3, "pangolin"),
+            ([str(tmp_path / "pairs.jsonl"), "--caption-key", "desc"], 3, "axolotl"),
+            ([str(tmp_path / "img"), "--caption-template", "a photo of a {}"], 1, "zebra")]  # fmt: skip
+    for i, (source, count, word) in enumerate(runs):
+        out = tmp_path / f"tok{i}"
+        capsys.readouterr()
+        assert main(["tokenizer", "train", *source, "--vocab-size", "600", "--out", str(out)]) == 0, source
+        assert f"on {count} captions" in capsys.readouterr().out
+        tok = CLIPTokenizer.from_pretrained(out)
+        assert len(tok.encode(word)) == 1, (source, word)  # a word of the captions became one token
+        assert len(tok.encode("png")) > 1  # image paths (and headers) are not captions: never merged
+    assert main(["tokenizer", "train", str(tmp_path / "img"), "--vocab-size", "600", "--out", str(tmp_path / "t")]) == 2
+    assert "class folder" in capsys.readouterr().err  # no captions without a template: one line, exit 2

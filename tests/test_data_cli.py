@@ -55,3 +55,38 @@ def test_preview_writes_png(tmp_path):
     assert main(["data", "preview", "shapes:hard", "--n", "6", "--cols", "3", "--out", str(out)]) == 0
     img = Image.open(out)
     assert img.size[0] == 3 * (128 + 8) + 8 and img.size[1] > 2 * 128
+
+
+def test_preview_shows_the_images_the_source_holds(tmp_path, capsys):
+    """A caption list, a class folder and shards written from it: each cell shows that file's own color."""
+    colors = [(230, 20, 20), (20, 200, 30), (30, 30, 220)]
+    (tmp_path / "img" / "warm").mkdir(parents=True)
+    (tmp_path / "img" / "cold").mkdir(parents=True)
+    rows = ["file,caption"]
+    for i, color in enumerate(colors):
+        folder = "warm" if i == 0 else "cold"
+        Image.new("RGB", (60 + 20 * i, 40), color).save(tmp_path / "img" / folder / f"{i}.png")  # not square
+        rows.append(f"img/{folder}/{i}.png,picture {i}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    side = 32 * 2
+
+    def cells(out):
+        grid = Image.open(out).convert("RGB")
+        return [grid.getpixel((8 + i * (side + 8) + side // 2, 8 + side // 2)) for i in range(3)]
+
+    out = tmp_path / "captions.png"
+    assert main(["data", "preview", str(tmp_path / "pairs.csv"), "--n", "3", "--cols", "3", "--image-size", "32",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert f"wrote 3 {tmp_path / 'pairs.csv'} samples" in capsys.readouterr().out
+    assert cells(out) == colors
+    assert main(["data", "preview", str(tmp_path / "img"), "--n", "3", "--cols", "3", "--image-size", "32",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert cells(out) == [colors[1], colors[2], colors[0]]  # class folders in sorted order: cold, then warm
+    assert main(["data", "write-shards", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "shards")]) == 0
+    assert main(["data", "preview", str(tmp_path / "shards"), "--n", "3", "--cols", "3", "--image-size", "32",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert cells(out) == colors
+    (tmp_path / "pairs.csv").write_text("file,caption\nimg/gone.png,a picture\n" + "\n".join(rows[1:]) + "\n")
+    assert main(["data", "preview", str(tmp_path / "pairs.csv"), "--n", "3", "--cols", "3", "--image-size", "32",
+                 "--out", str(out)]) == 1  # the three readable images drawn, the missing one named
+    assert "img/gone.png (missing_file)" in capsys.readouterr().err and cells(out) == colors

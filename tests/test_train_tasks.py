@@ -194,7 +194,8 @@ def test_a_task_section_is_read_checked_and_written_like_the_others(tmp_path, to
         load_config(toy_config(tmp_path / "c.yaml", tmp_path / "r"), ["toy.vocab_size=1"])
     with pytest.raises(ConfigError, match="config section 'toy' belongs to task 'toy'.*set task=toy"):
         load_config(toy_config(tmp_path / "c.yaml", tmp_path / "r"), ["task=qlip"])
-    with pytest.raises(ConfigError, match="unknown task 'tiny'; the registered tasks are generator, qlip, toy"):
+    with pytest.raises(ConfigError,
+                       match="unknown task 'tiny'; the registered tasks are generator, lm, qlip, toy, unified, vlm"):
         load_config(toy_config(tmp_path / "c.yaml", tmp_path / "r"), ["task=tiny"])
 
 

@@ -8,9 +8,10 @@ The public API, re-exported::
     recon = model.decode(tokens)           # (B, 3, H, W), CLIP-normalized
     gen = qlip.generation.load("runs/t2i-shapes/last")   # a text-to-image generator over QLIP tokens
     vlm = qlip.understanding.load("runs/vlm-shapes/last")  # a vision-language model: vlm.chat(image, question)
+    um = qlip.unified.load("runs/um3-shapes/last")       # one decoder: complete, caption, generate
 """
 
-from . import generation, understanding
+from . import generation, understanding, unified
 from .config import DecoderConfig, QLIPConfig, QuantizerConfig, TextConfig, VisionConfig
 from .factory import create_model, create_model_and_transforms, get_model_config, get_tokenizer, list_models
 from .models.qlip import QLIP
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "generation",
     "understanding",
+    "unified",
     "QLIP",
     "BSQOutput",
     "BSQuantizer",

@@ -122,12 +122,14 @@ def _contiguous_cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None, *,
                     overwrite: bool = False) -> Path:  # fmt: skip
-    """Our format: config.json + model.safetensors (+ tokenizer files), each written atomically.
+    """Our format: config.json + model.safetensors (+ tokenizer files), each written atomically, and a model card.
 
     ``directory`` may be new, empty or a model directory; its other files are kept. A non-empty folder that is not
     a model directory raises :class:`ModelDirectoryError` unless ``overwrite`` (which writes the model files into
-    it and still leaves the rest alone); a path that is a file always raises it.
+    it and still leaves the rest alone); a path that is a file always raises it. The card (``README.md``, see
+    :mod:`qlip.model_card`) is written after the model files, and only where no README.md of someone else's is.
     """
+    from .model_card import update_model_card
 
     def write(tmp: Path) -> None:
         model.cfg.to_json(tmp / CONFIG_NAME)
@@ -135,7 +137,9 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer: An
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    return _write_model_dir(directory, write, overwrite)
+    directory = _write_model_dir(directory, write, overwrite)
+    update_model_card(directory, model.cfg)
+    return directory
 
 
 def save_released_layout(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None, *,

@@ -11,6 +11,10 @@
   slower than float32 on other CPUs, where it warns) or ``"int8"`` (dynamic int8 quantization of every Linear,
   CPU only, VNNI kernels);
 * optional ``torch.compile`` with static shapes (one compiled graph per batch shape).
+* an optional onnxruntime encoder (``runtime="onnxruntime"``, float32 on CPU): the encoder graph of
+  :mod:`qlip.export` run by onnxruntime's CPU kernels, faster than eager PyTorch on CPU with the same tokens
+  (measured in docs/benchmarks.md). It is exported in memory when the model is prepared (seconds to a minute for
+  the released sizes), so ``"auto"`` only takes it for jobs of at least :data:`ONNXRUNTIME_MIN_IMAGES` images.
 
 Reduced precision changes the latents slightly, so bits whose pre-quantization value is near zero can flip and a
 token index differs from the float32 result when any one of its d bits flips. The benchmarks report this "token
@@ -45,6 +49,10 @@ from .quantizers.bsq import (
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "fp32", "bf16", "int8")
+RUNTIMES = ("auto", "torch", "onnxruntime")
+# Below this many images the one-time ONNX export of the encoder costs more than onnxruntime saves (B-16 on 2 cores,
+# docs/benchmarks.md), so runtime="auto" keeps PyTorch for smaller jobs.
+ONNXRUNTIME_MIN_IMAGES = 64
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,6 +139,35 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     return mode
 
 
+def resolve_runtime(runtime: str, device: torch.device, encoder_mode: str, compile: bool,
+                    expected_images: int | None = None) -> str:  # fmt: skip
+    """Turn ``runtime`` ("auto" included) into the encoder's runtime: "torch" or "onnxruntime".
+
+    onnxruntime runs the float32 encoder on CPU only. "auto" takes it where it applies and is installed (with
+    onnxscript, which torch's ONNX exporter needs), unless the job is known to hold fewer than
+    :data:`ONNXRUNTIME_MIN_IMAGES` images; otherwise PyTorch.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
+    applies = device.type == "cpu" and encoder_mode == "fp32" and not compile
+    if runtime == "auto":
+        from .export import onnx_available
+
+        small = expected_images is not None and expected_images < ONNXRUNTIME_MIN_IMAGES
+        return "onnxruntime" if applies and not small and onnx_available() else "torch"
+    if runtime == "onnxruntime" and not applies:
+        raise ValueError(
+            f"runtime='onnxruntime' runs the float32 encoder on CPU without compile (got device {device}, mode "
+            f"{encoder_mode!r}, compile={compile}); use runtime='torch' for the others"
+        )
+    if runtime == "onnxruntime":
+        from .export import onnx_available
+
+        if not onnx_available():
+            raise ValueError("runtime='onnxruntime' needs onnx, onnxscript and onnxruntime: pip install 'qlip[export]'")
+    return runtime
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Fused BSQ index computation
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,6 +203,7 @@ class InferencePlan:
     compiled: bool
     device: str
     refine_margin: float | None
+    runtime: str = "torch"  # the encoder's: "torch" or "onnxruntime"
 
 
 class Float32Island(nn.Module):
@@ -231,6 +269,8 @@ class FastQLIP:
             # Static shapes: a tokenizer sees one image size and, but for the last batch, one batch size.
             self._encode_fn = torch.compile(self._encode_latents, dynamic=False)
             self._decode_fn = torch.compile(self._decode_codes, dynamic=False)
+        if plan.runtime == "onnxruntime" and model.visual is not None:
+            self._encode_fn = _onnxruntime_encoder(model)
 
     # --- model-like properties ------------------------------------------------------------------------------------
     @property
@@ -345,6 +385,19 @@ class FastQLIP:
             return self._decode_fn(codes)
 
 
+def _onnxruntime_encoder(model: QLIP):
+    """images (B, 3, S, S) -> latents u (B, N, d) float32 by onnxruntime, from the encoder graph exported in memory."""
+    from .export import onnx_program, onnx_session
+
+    session = onnx_session(onnx_program(model, "encoder", output="latents").model_proto.SerializeToString())
+    name = session.get_inputs()[0].name
+
+    def encode_latents(images: Tensor) -> Tensor:
+        return torch.from_numpy(session.run(None, {name: images.cpu().contiguous().numpy()})[0])
+
+    return encode_latents
+
+
 def _token_parts(model: QLIP) -> QLIP:
     """A deep copy of ``model`` without its text tower (tokens never need it, and it would double the copy)."""
     text = model.text
@@ -362,6 +415,8 @@ def optimize_for_inference(
     decoder_mode: str | None = None,
     compile: bool = False,
     refine_margin: float | None = None,
+    runtime: str = "torch",
+    expected_images: int | None = None,
 ) -> FastQLIP:
     """Prepare ``model`` for fast tokenizing and decoding; ``model`` itself is not modified.
 
@@ -376,6 +431,10 @@ def optimize_for_inference(
             not with int8).
         refine_margin: when set, images with any l2-normalized latent |u_k| below this are re-encoded in float32,
             so their tokens equal the reference path's (see the module docstring). None: never re-encode.
+        runtime: what runs the encoder: "torch", "onnxruntime" (float32 on CPU; see the module docstring) or
+            "auto" (onnxruntime where it applies and is installed, see :func:`resolve_runtime`). The decoder always
+            runs in PyTorch.
+        expected_images: how many images the job holds, when known (lets "auto" skip the export for small jobs).
 
     Returns:
         A :class:`FastQLIP`.
@@ -392,6 +451,9 @@ def optimize_for_inference(
         raise ValueError(
             f"refine_margin must be in (0, 1) (a distance to zero on the unit sphere), got {refine_margin!r}"
         )
+    use = resolve_runtime(runtime, device, enc_mode, bool(compile), expected_images)
+    if model.visual is None:
+        use = "torch"  # nothing to encode: the decoder runs in PyTorch whatever was asked
     fast = _token_parts(model)
     fast.set_attention_impl("sdpa")
     fast.eval().requires_grad_(False)
@@ -414,6 +476,6 @@ def optimize_for_inference(
     if dec_mode == "int8" and fast.decoder is not None:
         _quantize_linears_int8(fast.decoder)
         _quantize_linears_int8(fast.quant_out)
-    plan = InferencePlan(enc_mode, dec_mode, bool(compile), str(device), refine_margin)
+    plan = InferencePlan(enc_mode, dec_mode, bool(compile), str(device), refine_margin, use)
     log.info("inference plan for %s: %s", model.cfg.name, plan)
     return FastQLIP(fast, plan, reference)

@@ -161,6 +161,7 @@ def tokenize_dataset(
     progress: bool = True,
     stop_after_shards: int | None = None,
     source_options: dict[str, Any] | None = None,
+    resize: str = "crop",
 ) -> TokenizeResult:
     """Encode every image of ``data`` into token shards under ``out``, continuing an earlier run there.
 
@@ -177,7 +178,9 @@ def tokenize_dataset(
         rank, world_size: this process's share of the data; default from torchrun's RANK / WORLD_SIZE.
         progress: show a tqdm bar (images/s and ETA) on stderr.
         stop_after_shards: stop after writing this many new shards (to spread work over jobs, and for tests).
-        source_options: passed on to build_dataset (e.g. caption_template, require_caption, min_size).
+        source_options: passed on to build_dataset (e.g. caption_template, require_caption, min_size, background:
+            also the color the eval transform pads with).
+        resize: "crop" or "pad" (see :func:`qlip.transforms.image_transform`).
 
     Returns:
         A :class:`TokenizeResult`.
@@ -196,6 +199,8 @@ def tokenize_dataset(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = _run_settings(model, data, batch_size, shard_size, num_workers, limit, rank, world_size, options)
+    if resize != "crop":  # only then: runs with the default preprocessing resume as they always did
+        settings["resize"] = resize
 
     # --- resume: what does the manifest say is done? ---
     mpath = manifest_path(out, rank)
@@ -203,7 +208,8 @@ def tokenize_dataset(
     if mpath.exists():
         old = json.loads(mpath.read_text())
         if old.get("settings") != settings:
-            changed = sorted(k for k in settings if old.get("settings", {}).get(k) != settings[k])
+            before = old.get("settings", {})
+            changed = sorted(k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k))
             raise ValueError(
                 f"{out} holds tokens of a different run (settings differ in {changed}); resume with the same "
                 "settings, or write to a new --out directory"
@@ -232,7 +238,8 @@ def tokenize_dataset(
         total = len(dataset)
     elif limit is not None:
         total = max(0, limit // world_size - sum(e["num_samples"] for e in done))
-    transform = image_transform(model.image_size, train=False)
+    transform = image_transform(model.image_size, train=False, resize=resize,
+                                background=options.get("background", "white"))  # fmt: skip
     loader = build_dataloader(dataset, batch_size=batch_size, transform=transform, num_workers=num_workers,
                               pin_memory=model.device.type == "cuda", max_bad_fraction=1.0)  # fmt: skip
     spec = TokenSpec.of(model)

@@ -187,10 +187,12 @@ class CLIPTokenizer:
         sot_token_id: id of ``<|startoftext|>``, read from the vocabulary by name.
         eot_token_id: id of ``<|endoftext|>``; the largest id, which the text model's argmax pooling relies on.
         pad_token_id: 0, the padding value CLIP uses after the end token.
+        num_special_tokens: 2, the start and end tokens of every row.
         context_length: default length of the rows returned by ``__call__``.
     """
 
     pad_token_id: int = 0
+    num_special_tokens: int = 2  # the start and end tokens every row carries
 
     def __init__(
         self,
@@ -361,6 +363,24 @@ class CLIPTokenizer:
                 ids[-1] = self.eot_token_id
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
+
+    def count_truncated(self, texts: Iterable[str], context_length: int | None = None) -> int:
+        """How many of ``texts`` are longer than the context (start and end tokens included) and would be cut."""
+        length = self.context_length if context_length is None else int(context_length)
+        return sum(len(self.encode(text)) + 2 > length for text in texts)
+
+    def warn_truncated(self, texts: Sequence[str], *, where: str = "", context_length: int | None = None) -> int:
+        """Count the captions ``__call__`` would cut and, when there are any, log one warning with the count.
+
+        Returns:
+            The number of truncated captions.
+        """
+        length = self.context_length if context_length is None else int(context_length)
+        cut = self.count_truncated(texts, length)
+        if cut:
+            logger.warning("%s%d of %d captions were longer than the %d-token context and were truncated",
+                           f"{where}: " if where else "", cut, len(texts), length)  # fmt: skip
+        return cut
 
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         """Text of a sequence of ids; special tokens and the padding after the end token are dropped.

@@ -7,11 +7,21 @@ random resized crop and an optional horizontal flip. The inverse (:func:`denorma
 
 Every loader in :mod:`qlip.data` goes through :func:`load_image`, so that any image mode becomes RGB the same way
 and every unreadable file fails with one exception type (:class:`ImageLoadError`) that names the file.
+
+Two choices for real photographs live here and nowhere else (``data.resize`` / ``data.background`` in a training
+config, ``--resize`` / ``--background`` on the command line):
+
+* ``resize``: ``crop`` (the default, the released recipe) fills the square and cuts the longer side;
+  ``pad`` keeps the whole image, scaled to fit, and fills the rest of the square with the background;
+* ``background``: the color transparent pixels are flattened onto (and that ``pad`` fills with): ``white`` (the
+  default), ``black`` or ``#rrggbb``. The first flattened image is logged once per process.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import math
 import os
 import struct
@@ -27,6 +37,12 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes]
+Background = str | tuple[int, int, int]
+
+RESIZE_MODES = ("crop", "pad")
+NAMED_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
+
+logger = logging.getLogger(__name__)
 
 # Modes that carry an alpha channel: composited on white rather than dropped, so that transparent regions
 # (logos, icons) do not turn into whatever color the encoder left under the alpha.
@@ -56,7 +72,38 @@ def _describe(source: ImageSource, name: str | None) -> str:
     return str(getattr(source, "name", "<file object>"))
 
 
-def load_image(source: ImageSource, *, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
+def parse_background(spec: Background) -> tuple[int, int, int]:
+    """``white``, ``black``, ``#rrggbb`` (or an (r, g, b) tuple of 0..255) -> the (r, g, b) color.
+
+    Raises:
+        ValueError: anything else, with the accepted forms.
+    """
+    if isinstance(spec, (tuple, list)):
+        if len(spec) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in spec):
+            return (int(spec[0]), int(spec[1]), int(spec[2]))
+    elif isinstance(spec, str):
+        text = spec.strip().lower()
+        if text in NAMED_BACKGROUNDS:
+            return NAMED_BACKGROUNDS[text]
+        if len(text) == 7 and text.startswith("#"):
+            try:
+                return (int(text[1:3], 16), int(text[3:5], 16), int(text[5:7], 16))
+            except ValueError:
+                pass
+    raise ValueError(f"background {spec!r} is not a color; use white, black or #rrggbb (e.g. #808080)")
+
+
+@functools.cache
+def _note_flattened(background: tuple[int, int, int]) -> None:
+    """Say once per process and background that transparent pixels are being flattened."""
+    logger.warning("transparent images are flattened onto the background %s (#%02x%02x%02x); choose another with "
+                   "data.background / --background (white, black or #rrggbb)",
+                   next((k for k, v in NAMED_BACKGROUNDS.items() if v == background), "color"),
+                   *background)  # fmt: skip
+
+
+def load_image(source: ImageSource, *, name: str | None = None, max_pixels: int | None = None,
+               background: Background = "white") -> Image.Image:  # fmt: skip
     """Read an image from a path, bytes or a binary file object into a fully decoded RGB PIL image.
 
     Any mode is converted with :func:`to_rgb`; EXIF orientation is applied so photos come out upright.
@@ -66,6 +113,7 @@ def load_image(source: ImageSource, *, name: str | None = None, max_pixels: int 
         name: how to name the image in error messages (defaults to the path, or a description of the bytes).
         max_pixels: refuse images with more pixels than this (decompression-bomb guard). Defaults to
             ``PIL.Image.MAX_IMAGE_PIXELS`` (about 89 million).
+        background: the color transparent pixels are flattened onto (see :func:`parse_background`).
 
     Returns:
         An RGB image whose pixels are already decoded (``img.load()`` was called).
@@ -99,7 +147,7 @@ def load_image(source: ImageSource, *, name: str | None = None, max_pixels: int 
                     )
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                return to_rgb(img)
+                return to_rgb(img, background)
     except ImageLoadError:
         raise
     except UnidentifiedImageError as err:
@@ -137,11 +185,12 @@ def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
     return np.round(np.clip(arr, 0, None) / top * 255.0).astype(np.uint8)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image, background: Background = "white") -> Image.Image:
     """Convert an image of any PIL mode to 8-bit RGB.
 
-    Alpha is composited on white; 16-bit, 32-bit and float single-channel images are scaled to 8 bits (not clipped);
-    palette images keep their transparency; CMYK/YCbCr/LAB/HSV use PIL's color conversion.
+    Alpha is composited on ``background`` (white by default; see :func:`parse_background`); 16-bit, 32-bit and
+    float single-channel images are scaled to 8 bits (not clipped); palette images keep their transparency;
+    CMYK/YCbCr/LAB/HSV use PIL's color conversion.
     """
     mode = img.mode
     if mode == "RGB":
@@ -151,9 +200,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode == "P" and "transparency" in img.info:
         img, mode = img.convert("RGBA"), "RGBA"
     if mode in _ALPHA_MODES:
+        color = parse_background(background)
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
         alpha = rgba[..., 3:4] / 255.0
-        rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+        if alpha.min() < 1.0:
+            _note_flattened(color)
+        rgb = rgba[..., :3] * alpha + np.asarray(color, dtype=np.float32) * (1.0 - alpha)
         return Image.fromarray(np.round(rgb).astype(np.uint8))
     return img.convert("RGB")
 
@@ -166,6 +218,30 @@ def _resize_shorter(img: Image.Image, size: int) -> Image.Image:
     new_w = max(size, int(round(width * size / short))) if width != short else size
     new_h = max(size, int(round(height * size / short))) if height != short else size
     return img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+
+
+def _fit_and_pad(img: Image.Image, size: int, color: tuple[int, int, int]) -> Image.Image:
+    """The whole image scaled so its longer side is ``size``, centred on a ``size`` x ``size`` square of ``color``."""
+    width, height = img.size
+    scale = size / max(width, height)
+    new_w, new_h = max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+    if (new_w, new_h) != img.size:
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    if (new_w, new_h) == (size, size):
+        return img
+    canvas = Image.new("RGB", (size, size), color)
+    canvas.paste(img, ((size - new_w) // 2, (size - new_h) // 2))
+    return canvas
+
+
+def _pad_to_square(img: Image.Image, color: tuple[int, int, int]) -> Image.Image:
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), color)
+    canvas.paste(img, ((side - width) // 2, (side - height) // 2))
+    return canvas
 
 
 def _center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -197,7 +273,14 @@ class ImageTransform:
         hflip: bool = True,
         scale: tuple[float, float] = (0.9, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        resize: str = "crop",
+        background: Background = "white",
     ) -> None:
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES} (crop fills the square, pad keeps the whole "
+                             f"image), got {resize!r}")  # fmt: skip
+        self.resize = resize
+        self.background = parse_background(background)
         if image_size < 1:
             raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
         if not (0 < scale[0] <= scale[1] <= 1):
@@ -237,20 +320,25 @@ class ImageTransform:
         return (width - w) // 2, (height - h) // 2, w, h
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = to_rgb(img)
+        img = to_rgb(img, self.background)
         size = self.image_size
         if self.train:
+            if self.resize == "pad":  # the random crop then works on the whole image, bordered to a square
+                img = _pad_to_square(img, self.background)
             left, top, w, h = self._random_box(*img.size)
             img = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
             if self.hflip and bool(torch.rand(1) < 0.5):
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        elif self.resize == "pad":
+            img = _fit_and_pad(img, size, self.background)
         else:
             img = _center_crop(_resize_shorter(img, size), size)
         return _to_normalized_tensor(img, self.mean, self.std)
 
     def __repr__(self) -> str:
         mode = f"train, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}" if self.train else "eval"
-        return f"ImageTransform(image_size={self.image_size}, {mode})"
+        extra = f", resize=pad, background={self.background}" if self.resize == "pad" else ""
+        return f"ImageTransform(image_size={self.image_size}, {mode}{extra})"
 
 
 def image_transform(
@@ -262,6 +350,8 @@ def image_transform(
     hflip: bool = True,
     scale: tuple[float, float] = (0.9, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    resize: str = "crop",
+    background: Background = "white",
 ) -> Callable[[Image.Image], torch.Tensor]:
     """Build the released QLIP/CLIP preprocessing (eval) or its augmented variant (train).
 
@@ -277,11 +367,15 @@ def image_transform(
         hflip: random horizontal flip in train mode.
         scale: range of the crop's area as a fraction of the image area (train mode).
         ratio: range of the crop's width / height (train mode).
+        resize: "crop" (fill the square, cut the longer side) or "pad" (keep the whole image, fill the rest of the
+            square with ``background``); training pads to a square before its random crop.
+        background: the color transparent pixels are flattened onto and "pad" fills with.
 
     Returns:
         A picklable callable mapping a PIL image to a float32 tensor of shape (3, S, S).
     """
-    return ImageTransform(image_size, train=train, mean=mean, std=std, hflip=hflip, scale=scale, ratio=ratio)
+    return ImageTransform(image_size, train=train, mean=mean, std=std, hflip=hflip, scale=scale, ratio=ratio,
+                          resize=resize, background=background)  # fmt: skip
 
 
 def denormalize(

@@ -8,7 +8,11 @@
     qlip tokenize --model M --data SRC --out DIR                (tokenize.py)
     qlip generate PROMPT... --model GEN --out DIR              (generate.py)
     qlip chat QUESTION --model VLM --image IMG                 (chat.py)
+    qlip complete PROMPT --model LM                            (complete.py)
     qlip experiment {balance-sweep,balance-modes,recipes,report} (experiment.py)
+    qlip demo --model M [--generator G] [--vlm V]               (demo.py)
+    qlip hub {push,card} DIR [--repo USER/NAME]                 (hub.py)
+    qlip export MODEL --format F --out DIR | export check DIR   (export.py)
 
 Each module of this package is one command group with a ``register(subparsers)`` function; a new group is one
 new module named in :data:`COMMAND_GROUPS`. The conventions (exit codes, errors) are in :mod:`qlip.cli.common`.
@@ -26,7 +30,7 @@ from ..progress import setup_logging
 from .common import EXIT_BAD_DATA, EXIT_USER_ERROR, CLIError
 
 COMMAND_GROUPS = ("codec", "classify", "tokenizer", "data", "train", "eval", "tokenize", "generate", "chat",
-                  "experiment")
+                  "complete", "experiment", "export", "demo", "hub")
 
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -64,6 +68,7 @@ def _library_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseE
     from ..checkpoints import ModelDirectoryError
     from ..data.sample import BadDataError
     from ..eval.zero_shot import TemplateError
+    from ..hf.errors import HFModelError
     from ..tokenfile import TokenFileError
     from ..train.checkpoint import CheckpointLoadError
     from ..train.config import ConfigError
@@ -71,7 +76,7 @@ def _library_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseE
     from ..weights import WeightFileError, WeightsMismatchError
 
     user_errors = (ConfigError, TokenFileError, WeightsMismatchError, WeightFileError, CheckpointLoadError,
-                   ModelDirectoryError, TemplateError, UnderstandingError)  # fmt: skip
+                   ModelDirectoryError, TemplateError, UnderstandingError, HFModelError)  # fmt: skip
     return user_errors, (BadDataError,)
 
 

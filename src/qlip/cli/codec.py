@@ -13,11 +13,14 @@ import torch
 from .common import (
     EXIT_BAD_DATA,
     CLIError,
+    add_image_options,
     add_model_options,
+    add_runtime_option,
     autocast,
     check_output_dir,
     check_output_file,
     expand_images,
+    image_transform_for,
     load_batches,
     load_model,
     plan_outputs,
@@ -65,21 +68,32 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     from ..tokenfile import TokenSpec, write_token_file
-    from ..transforms import image_transform
 
     inputs = expand_images(args.images)
     files = [f for f, _ in inputs]
     out = check_output_file(args.out, files, overwrite=args.overwrite)
     device = resolve_device(args.device)
     model = load_model(args.model, device, parts=("vision", "quantizer"))
-    transform = image_transform(model.image_size, train=False)
+    encoder = model
+    if device.type == "cpu":  # the exact float32 tokens, by the fastest runtime installed (see --runtime)
+        from ..inference import optimize_for_inference
+
+        try:
+            encoder = optimize_for_inference(model, mode="fp32", runtime=args.runtime, expected_images=len(files))
+        except ValueError as e:
+            raise CLIError(str(e)) from e
+        log.info("encoding with %s", encoder.plan)
+    elif args.runtime == "onnxruntime":
+        raise CLIError(f"--runtime onnxruntime runs on the CPU only, not on {device}; use --device cpu or "
+                       "--runtime torch")  # fmt: skip
+    transform = image_transform_for(args, model.image_size)
     tokens, keys, bad = [], [], []
     with torch.inference_mode(), autocast(device):
         for good, batch, errors in load_batches(files, transform, args.batch_size, not args.quiet):
             bad.extend(errors)
             if batch is None:
                 continue
-            tokens.append(model.encode(batch.to(device), output=args.output).cpu())
+            tokens.append(encoder.encode(batch.to(device), output=args.output).cpu())
             keys.extend(inputs[i][1].as_posix() for i in good)
     report_bad(bad)
     if not tokens:
@@ -135,7 +149,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from ..eval.metrics import psnr
-    from ..transforms import image_transform, to_uint8
+    from ..transforms import to_uint8
 
     inputs = expand_images(args.images)
     files = [f for f, _ in inputs]
@@ -149,7 +163,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {out_dir} would overwrite input images; choose another folder")
     device = resolve_device(args.device)
     model = load_model(args.model, device, parts=("vision", "quantizer", "decoder"))
-    transform = image_transform(model.image_size, train=False)
+    transform = image_transform_for(args, model.image_size)
     bad, values = [], []
     with torch.inference_mode(), autocast(device):
         for good, batch, errors in load_batches(files, transform, args.batch_size, not args.quiet):
@@ -183,7 +197,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument("--output", choices=("indices", "bits", "group_indices"), default="indices")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_runtime_option(p)
     add_model_options(p)
+    add_image_options(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("decode", help="token file (or a `qlip tokenize` folder) -> PNG images")
@@ -199,6 +215,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-inputs", action="store_true", help="also write the preprocessed inputs to OUT/inputs/")
     p.add_argument("--overwrite", action="store_true", help="replace existing PNGs in --out")
     add_model_options(p)
+    add_image_options(p)
     p.set_defaults(func=cmd_reconstruct)
 
 

@@ -90,7 +90,8 @@ def load_batches(
         good, tensors, errors = [], [], []
         for i in range(start, min(start + batch_size, len(files))):
             try:
-                tensors.append(transform(load_image(files[i])))
+                background = getattr(transform, "background", "white")  # the transform's, for transparent files
+                tensors.append(transform(load_image(files[i], background=background)))
                 good.append(i)
             except ImageLoadError as e:
                 errors.append(str(e))
@@ -218,9 +219,44 @@ def save_pngs(images: torch.Tensor, paths: Sequence[Path]) -> list[Path]:
     return written
 
 
+def background_color(text: str) -> str:
+    """An argparse type: white, black or #rrggbb (the color transparent images are flattened onto)."""
+    from ..transforms import parse_background
+
+    try:
+        parse_background(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_image_options(p: argparse.ArgumentParser) -> None:
+    """--resize and --background: how a photograph becomes the model's square (see :mod:`qlip.transforms`)."""
+    p.add_argument("--resize", choices=("crop", "pad"), default="crop",
+                   help="crop: fill the square, cutting the longer side (default); pad: keep the whole image")
+    p.add_argument("--background", type=background_color, default="white",
+                   help="color transparent images are flattened onto and pad fills with: white (default), black "
+                   "or #rrggbb")  # fmt: skip
+
+
+def image_transform_for(args: argparse.Namespace, image_size: int):
+    """The eval transform with the command's --resize / --background (the defaults when it has none)."""
+    from ..transforms import image_transform
+
+    return image_transform(image_size, train=False, resize=getattr(args, "resize", "crop"),
+                           background=getattr(args, "background", "white"))  # fmt: skip
+
+
 def add_model_options(p: argparse.ArgumentParser, model_required: bool = True, batch_size: int = 8) -> None:
     """--model, --device, --batch-size and --quiet, as every model command takes them."""
     p.add_argument("--model", required=model_required, help="model directory, registered name or hf-hub:ORG/NAME")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--batch-size", type=positive_int, default=batch_size)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_runtime_option(p: argparse.ArgumentParser) -> None:
+    """--runtime: what runs the float32 encoder on CPU (qlip encode, qlip tokenize)."""
+    p.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnxruntime"),
+                   help="CPU float32 encoder: onnxruntime (fastest, same tokens; needs the export extra), torch, or "
+                        "auto = onnxruntime when installed and the job holds 64 images or more")  # fmt: skip

@@ -1,4 +1,4 @@
-"""``qlip data ...``: write tar shards from any source, check a source for bad files, preview ``shapes``."""
+"""``qlip data ...``: write tar shards from any source, check a source for bad files, preview any source."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.loader import build_dataset, describe_source, iter_samples
-from ..data.preview import render_preview
+from ..data.preview import render_grid, render_preview
 from ..data.sample import BAD_REASONS, BadDataError, BadSampleCounter, is_bad
 from ..data.shapes import ShapesConfig
 from ..data.shards import MANIFEST_NAME, ShardWriter
@@ -147,25 +147,59 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    """Write a PNG grid of shapes samples with their captions (for the README)."""
+    """Write a PNG grid of a source's first samples with their captions: the images the files hold, or shapes."""
     out = check_output_file(args.out, overwrite=True)
-    preset = args.source.partition(":")[2] or "default"
-    if args.source.partition(":")[0] != "shapes":
-        raise CLIError(f"preview draws the built-in shapes data only, not {args.source!r}; use "
-                       "shapes[:easy|default|hard]")  # fmt: skip
     try:
-        config = ShapesConfig.preset(preset, image_size=args.image_size or 64)
-    except (TypeError, ValueError) as e:
+        kind = describe_source(args.source)
+    except FileNotFoundError as e:
         raise CLIError(str(e)) from e
-    grid = render_preview(args.n, cols=args.cols, config=config, split=args.split, seed=args.seed, scale=args.scale)
+    if kind == "shapes":
+        preset = args.source.partition(":")[2] or "default"
+        try:
+            config = ShapesConfig.preset(preset, image_size=args.image_size or 64)
+        except (TypeError, ValueError) as e:
+            raise CLIError(str(e)) from e
+        grid = render_preview(args.n, cols=args.cols, config=config, split=args.split, seed=args.seed,
+                              scale=args.scale)  # fmt: skip
+        shown, bad, bad_keys = args.n, 0, []
+    else:
+        options: dict[str, Any] = {}
+        if kind == "captions":
+            options.update(image_key=args.image_key, caption_key=args.caption_key)
+        elif kind == "folder":
+            options.update(caption_template=args.caption_template or "{}")  # the class name under each image
+        elif kind == "shards":
+            options.update(require_caption=False)
+        try:
+            dataset = build_dataset(args.source, **options)
+        except (FileNotFoundError, ValueError) as e:
+            raise CLIError(f"{e}; preview draws shapes[:preset], a class folder, a caption list or tar shards") from e
+        samples, bad_keys = [], []
+        for sample in iter_samples(dataset):
+            if is_bad(sample):
+                bad_keys.append(f"{sample['key']} ({sample['bad']})")
+            else:
+                samples.append(sample)
+            if len(samples) == args.n:
+                break
+        if not samples:
+            print(f"error: {args.source}: none of its first {len(bad_keys)} samples could be read: "
+                  f"{', '.join(bad_keys[:5])}", file=sys.stderr)  # fmt: skip
+            return EXIT_BAD_DATA
+        grid = render_grid(samples, cols=args.cols, side=args.image_size * args.scale)
+        shown, bad = len(samples), len(bad_keys)
     atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))
-    print(f"wrote {args.n} {args.source} samples to {out} ({grid.size[0]}x{grid.size[1]})")
+    print(f"wrote {shown} {args.source} samples to {out} ({grid.size[0]}x{grid.size[1]})")
+    if bad:
+        print(f"skipped {bad} unreadable samples: {', '.join(bad_keys[:5])}{', ...' if bad > 5 else ''}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_BAD_DATA
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``data`` with ``write-shards``, ``check`` and ``preview`` to a CLI; each sets ``args.func``."""
-    data = subparsers.add_parser("data", help="datasets: write tar shards, check a source, preview shapes")
+    data = subparsers.add_parser("data", help="datasets: write tar shards, check a source, preview a source")
     sub = data.add_subparsers(dest="data_command", required=True)
 
     write = sub.add_parser("write-shards", help="convert a source (or shapes --count N) into tar shards")
@@ -184,12 +218,18 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     check.add_argument("--json", default=None, help="also write the report to this JSON file")
     check.set_defaults(func=cmd_check)
 
-    preview = sub.add_parser("preview", help="PNG grid of shapes samples with captions")
-    preview.add_argument("source", nargs="?", default="shapes", help="shapes[:easy|default|hard]")
+    preview = sub.add_parser("preview", help="PNG grid of a source's first samples with their captions")
+    preview.add_argument("source", nargs="?", default="shapes",
+                         help="shapes[:easy|default|hard], a class folder, a .csv/.tsv/.jsonl list, or tar shards")
     preview.add_argument("--n", type=positive_int, default=16, help="number of samples")
     preview.add_argument("--cols", type=positive_int, default=4, help="samples per row")
-    preview.add_argument("--image-size", type=positive_int, default=64, help="shapes resolution (32..256)")
-    preview.add_argument("--scale", type=positive_int, default=2, help="nearest-neighbour upscaling for display")
+    preview.add_argument("--image-size", type=positive_int, default=64,
+                         help="shapes resolution (32..256); other sources: the cell size before --scale")
+    preview.add_argument("--scale", type=positive_int, default=2, help="upscaling of a cell for display")
+    preview.add_argument("--image-key", default=None, help="caption lists: the image path column")
+    preview.add_argument("--caption-key", default=None, help="caption lists: the caption column")
+    preview.add_argument("--caption-template", default=None,
+                         help='class folders: caption such as "a photo of a {}." (default: the class name)')
     preview.add_argument("--split", default="train", choices=("train", "val", "test"))
     preview.add_argument("--seed", type=int, default=0)
     preview.add_argument("--out", default="shapes_preview.png", help="output PNG")

@@ -3,14 +3,16 @@
     qlip eval zero-shot    --model M --data PATH_OR_shapes [--task shape] [--classnames imagenet] [--templates openai]
     qlip eval linear-probe --model M --data ... [--features cls|patch-mean|codes] [--train-data PATH]
     qlip eval recon        --model M --data ... [--inception-weights FILE] [--lpips-weights DIR]
+    qlip eval retrieval    --model M --data PAIRS.csv   (image <-> text Recall@1/5/10, mean and median rank)
     qlip eval all          --model M --data ... --out report/ [--run-dir RUN]
     qlip eval train-judge  --out DIR [--steps 1500] [--seed 0]   (the ShapesEval judge: a CNN, no QLIP model)
     qlip eval vqa          --model VLM --data shapes --out report/  (a vision-language model on shapes questions)
 
 ``--data`` is ``shapes[:preset]`` (the held-out ``--split`` of the built-in data), a class folder (ImageNet layout;
-``DATA/<split>`` is used when it exists), or anything :func:`qlip.data.build_dataset` accepts (caption lists and
-shards have no labels: reconstruction only). Every command writes ``report.json`` + ``report.md`` (+ pictures)
-into ``--out`` and prints a short table.
+``DATA/<split>`` is used when it exists), or anything :func:`qlip.data.build_dataset` accepts. A caption list is
+labelled by ``--label-column`` (class names are the column's values) for zero-shot and the linear probe, and its
+captions are what retrieval ranks. Every command writes ``report.json`` + ``report.md`` (+ pictures) into
+``--out`` and prints a short table.
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..eval.generation import DEMO_HELD_OUT
 from .common import (
+    EXIT_BAD_DATA,
     CLIError,
+    add_image_options,
     check_output_dir,
     finite_float,
+    fraction,
+    image_transform_for,
     load_model,
     non_negative_int,
     positive_int,
@@ -55,13 +62,13 @@ def _load_model(args: argparse.Namespace, parts: tuple[str, ...] | None) -> Any:
     return load_model(args.model, device, parts=parts)
 
 
-def _tokenizer(args: argparse.Namespace) -> Any:
+def _tokenizer(args: argparse.Namespace, what: str = "zero-shot") -> Any:
     from ..factory import get_tokenizer
 
     try:
         return get_tokenizer(args.model, vocabulary=getattr(args, "tokenizer", None))
     except (ValueError, FileNotFoundError) as e:
-        raise CLIError(f"zero-shot needs the text tokenizer saved beside the model: {e}") from e
+        raise CLIError(f"{what} needs the text tokenizer saved beside the model: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -76,29 +83,65 @@ def _is_shapes(data: str) -> bool:
         return False
 
 
-def open_dataset(data: str, split: str, limit: int | None, image_size: int, *, default_shapes: int) -> Any:
-    """The dataset a ``--data`` / ``--split`` / ``--limit`` combination names (a subset when limited)."""
+def _subset(dataset: Any, indices: list[int]) -> Any:
+    """A Subset that keeps the dataset's class names."""
     from torch.utils.data import Subset
 
+    subset = Subset(dataset, indices)
+    subset.classnames = getattr(dataset, "classnames", None)  # type: ignore[attr-defined]
+    return subset
+
+
+def open_dataset(data: str, split: str, limit: int | None, image_size: int, *, default_shapes: int,
+                 label_column: str | None = None, per_image: bool = False,
+                 background: str = "white") -> Any:  # fmt: skip
+    """The dataset a ``--data`` / ``--split`` / ``--limit`` combination names (a subset when limited).
+
+    ``label_column`` labels a caption list by one of its columns; ``per_image`` keeps one row per image of a caption
+    list that gives an image several captions (classification counts images, not captions).
+    """
     from ..data import build_dataset
+    from ..data.loader import describe_source
 
     try:
         if _is_shapes(data):
+            if label_column:
+                raise CLIError(f"--label-column applies to caption lists (.csv/.tsv/.jsonl), not to {data}")
             size = min(max(image_size, 32), 256)  # shapes draws 32..256 px; the eval transform resizes the rest
             return build_dataset(data, split=split, length=limit or default_shapes, image_size=size)
         path = Path(data).expanduser()
         if (path / split).is_dir():
             path = path / split
-        dataset = build_dataset(str(path))
+        options: dict[str, Any] = {"background": background}
+        if label_column:
+            if describe_source(str(path)) != "captions":
+                raise CLIError(f"--label-column applies to caption lists (.csv/.tsv/.jsonl), not to {data}; a class "
+                               "folder is labelled by its subfolders")  # fmt: skip
+            options["label_key"] = label_column
+        dataset = build_dataset(str(path), **options)
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(str(e)) from e
+    indices = dataset.first_row_per_image() if per_image and hasattr(dataset, "first_row_per_image") else None
+    if indices is not None and len(indices) < len(dataset):
+        dataset = _subset(dataset, indices)
     if limit is not None and hasattr(dataset, "__len__") and limit < len(dataset):
         # Evenly spaced indices: class folders are sorted by class, so the first N would be a few classes only.
         picks = np.linspace(0, len(dataset) - 1, limit).round().astype(int).tolist()
-        subset = Subset(dataset, picks)
-        subset.classnames = getattr(dataset, "classnames", None)  # type: ignore[attr-defined]
-        return subset
+        return _subset(dataset, picks)
     return dataset
+
+
+def split_dataset(dataset: Any, test_fraction: float, seed: int) -> tuple[Any, Any]:
+    """A seeded random (train, test) split of a map-style dataset, for probing a single caption list."""
+    import torch
+
+    n = len(dataset)
+    n_test = int(round(n * test_fraction))
+    if n_test < 1 or n - n_test < 3:
+        raise CLIError(f"{n} images are too few to split into a probe training and test part with "
+                       f"--test-fraction {test_fraction}; give --train-data or more images")  # fmt: skip
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return _subset(dataset, sorted(order[n_test:])), _subset(dataset, sorted(order[:n_test]))
 
 
 def _limited(loader: Any, limit: int | None) -> Any:
@@ -109,7 +152,10 @@ def _limited(loader: Any, limit: int | None) -> Any:
             return
         if limit is not None and seen + batch["image"].shape[0] > limit:
             keep = limit - seen
-            batch = {**batch, "image": batch["image"][:keep], "label": batch["label"][:keep]}
+            batch = {**batch, "image": batch["image"][:keep], "label": batch["label"][:keep],
+                     "key": batch["key"][:keep], "caption": batch["caption"][:keep]}  # fmt: skip
+            if "text" in batch:
+                batch["text"] = batch["text"][:keep]
             if "labels" in batch:
                 batch["labels"] = {k: v[:keep] for k, v in batch["labels"].items()}
         seen += batch["image"].shape[0]
@@ -123,9 +169,7 @@ def batches(dataset: Any, args: argparse.Namespace, image_size: int, limit: int 
     """
     from ..data import build_dataloader
     from ..eval.progress import TrackedBatches
-    from ..transforms import image_transform
-
-    loader = build_dataloader(dataset, batch_size=args.batch_size, transform=image_transform(image_size, train=False),
+    loader = build_dataloader(dataset, batch_size=args.batch_size, transform=image_transform_for(args, image_size),
                               num_workers=args.workers)  # fmt: skip
     total = len(dataset) if hasattr(dataset, "__len__") else None
     if total is not None and limit is not None:
@@ -145,7 +189,10 @@ def dataset_name(args: argparse.Namespace, split: str, limit: int | None) -> str
     """Names the evaluated images for the FID reference cache: source, split and count."""
     source = args.data if _is_shapes(args.data) else str(Path(args.data).expanduser().resolve())
     count = limit or (DEFAULT_SHAPES_EVAL if _is_shapes(args.data) else "all")
-    return f"{source}|split={split}|n={count}"
+    name = f"{source}|split={split}|n={count}"
+    if (args.resize, args.background) != ("crop", "white"):  # other preprocessing: other reference statistics
+        name += f"|resize={args.resize}|background={args.background}"
+    return name
 
 
 def _tasks(dataset: Any, args: argparse.Namespace, model_has_text: bool) -> dict[str, Any]:
@@ -172,12 +219,17 @@ def _tasks(dataset: Any, args: argparse.Namespace, model_has_text: bool) -> dict
             names = load_classnames("imagenet")  # ImageNet synset folders: sorted synsets = CLIP's label order
         elif folder_names:
             names = list(folder_names)
+        elif getattr(args, "label_column", None):
+            raise CLIError(f"the label column {args.label_column!r} of {args.data} holds whole numbers, not class "
+                           "names; give --classnames FILE with one name per label, in label order")  # fmt: skip
         else:
-            raise CLIError(f"{args.data} has no class labels; zero-shot and linear probes need a class folder or "
-                             "shapes (captions and shards can only be reconstructed)")  # fmt: skip
+            raise CLIError(f"{args.data} has no class labels; zero-shot and linear probes need a class folder, "
+                           "shapes, or a caption list with --label-column COLUMN")  # fmt: skip
         if folder_names and len(names) != len(folder_names):
-            raise CLIError(f"--classnames gives {len(names)} names but {args.data} has {len(folder_names)} class "
-                             "folders; give one name per folder, in sorted folder order")  # fmt: skip
+            what = (f"values in its label column {args.label_column!r}" if getattr(args, "label_column", None)
+                    else "class folders")  # fmt: skip
+            raise CLIError(f"--classnames gives {len(names)} names but {args.data} has {len(folder_names)} {what}; "
+                           "give one name per class, in sorted order")  # fmt: skip
         templates = load_templates(args.templates or "openai") if model_has_text else ("{}",)
         return {"label": ClassificationTask(tuple(names), tuple(templates), None)}
     except ValueError as e:
@@ -191,7 +243,8 @@ def run_zero_shot(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     from ..eval.zero_shot import evaluate_zero_shot_tasks
 
     tokenizer = _tokenizer(args)
-    dataset = open_dataset(args.data, args.split, args.limit, model.image_size, default_shapes=DEFAULT_SHAPES_EVAL)
+    dataset = open_dataset(args.data, args.split, args.limit, model.image_size, default_shapes=DEFAULT_SHAPES_EVAL,
+                           label_column=args.label_column, per_image=True, background=args.background)  # fmt: skip
     tasks = _tasks(dataset, args, model_has_text=True)
     try:
         stream = batches(dataset, args, model.image_size, args.limit, "zero-shot")
@@ -205,12 +258,30 @@ def run_linear_probe(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     from ..eval.linear_probe import extract_features_multi, linear_probe
 
     size = model.image_size
-    test = open_dataset(args.data, args.split, args.limit, size, default_shapes=DEFAULT_SHAPES_EVAL)
+    column = args.label_column
     train_source = args.train_data or args.data
-    if not _is_shapes(train_source) and not args.train_data and not (Path(args.data) / args.train_split).is_dir():
-        raise CLIError(f"the linear probe needs a training split: {args.data}/{args.train_split} does not exist; "
-                         "pass --train-data DIR (a class folder with the same classes)")  # fmt: skip
-    train = open_dataset(train_source, args.train_split, args.train_limit, size, default_shapes=DEFAULT_SHAPES_TRAIN)
+    if column and not args.train_data:  # one labelled list: a seeded split into the probe's training and test part
+        whole = open_dataset(args.data, args.split, None, size, default_shapes=0, label_column=column, per_image=True,
+                             background=args.background)
+        train, test = split_dataset(whole, args.test_fraction, args.seed)
+        if args.limit is not None and args.limit < len(test):
+            test = _subset(test, list(range(args.limit)))
+        if args.train_limit is not None and args.train_limit < len(train):
+            train = _subset(train, list(range(args.train_limit)))
+    else:
+        if not _is_shapes(train_source) and not args.train_data and not (Path(args.data) / args.train_split).is_dir():
+            raise CLIError(f"the linear probe needs a training split: {args.data}/{args.train_split} does not exist; "
+                           "pass --train-data DIR (a class folder with the same classes), or --label-column COLUMN "
+                           "for a caption list")  # fmt: skip
+        test = open_dataset(args.data, args.split, args.limit, size, default_shapes=DEFAULT_SHAPES_EVAL,
+                            label_column=column, per_image=True, background=args.background)  # fmt: skip
+        train = open_dataset(train_source, args.train_split, args.train_limit, size,
+                             default_shapes=DEFAULT_SHAPES_TRAIN, label_column=column, per_image=True,
+                             background=args.background)  # fmt: skip
+        if getattr(train, "classnames", None) != getattr(test, "classnames", None):
+            raise CLIError(f"--train-data {train_source} has the classes {getattr(train, 'classnames', None)} but "
+                           f"{args.data} has {getattr(test, 'classnames', None)}; the probe needs the same classes "
+                           "in both")  # fmt: skip
     tasks = _tasks(test, args, model_has_text=False)
     keys = list(dict.fromkeys(t.label_key for t in tasks.values()))
     results: dict[str, Any] = {}
@@ -234,7 +305,8 @@ def run_recon(model: Any, args: argparse.Namespace) -> tuple[dict[str, Any], tup
     from ..eval.fid import load_fid_network
     from ..eval.recon import evaluate_reconstruction, resolve_lpips_weights
 
-    dataset = open_dataset(args.data, args.split, args.limit, model.image_size, default_shapes=DEFAULT_SHAPES_EVAL)
+    dataset = open_dataset(args.data, args.split, args.limit, model.image_size, default_shapes=DEFAULT_SHAPES_EVAL,
+                           background=args.background)
     fid = load_fid_network(Path(args.inception_weights).expanduser() if args.inception_weights else None)
     lpips = resolve_lpips_weights(args.lpips_weights)
     for option, given, network in (("--inception-weights", args.inception_weights, fid),
@@ -252,6 +324,41 @@ def run_recon(model: Any, args: argparse.Namespace) -> tuple[dict[str, Any], tup
     return result.metrics, (result.originals, result.reconstructions)
 
 
+def run_retrieval(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Image <-> text retrieval over the pairs of a caption list (several rows may give one image)."""
+    from ..data.sample import BadDataError
+    from ..eval.retrieval import evaluate_retrieval
+
+    if _is_shapes(args.data):
+        raise CLIError(f"--data {args.data}: shapes captions repeat across images, so retrieval would rank equal "
+                       "captions; evaluate retrieval on image-caption pairs (a .csv/.tsv/.jsonl list or shards) "
+                       "and shapes with zero-shot")  # fmt: skip
+    tokenizer = _tokenizer(args, "retrieval")
+    dataset = open_dataset(args.data, args.split, args.limit, model.image_size, default_shapes=0,
+                           background=args.background)
+    stream = batches(dataset, args, model.image_size, args.limit, "retrieval")
+    try:
+        return evaluate_retrieval(model, stream, tokenizer=tokenizer)
+    except ValueError as e:
+        if stream.skipped and not stream.images:
+            raise BadDataError(f"--data {args.data}: no readable pair; {bad_data_line(stream)}") from e
+        if "caption" in str(e):
+            raise CLIError(f"--data {args.data} has images without a caption; retrieval needs image-caption pairs "
+                           "(a .csv/.tsv/.jsonl caption list, or shards with captions)") from e
+        raise CLIError(str(e)) from e
+
+
+def bad_data_line(stage: Any) -> str:
+    """One line naming and counting the samples an evaluation stage skipped, by reason."""
+    total = sum(stage.skipped.values())
+    parts = []
+    for reason, n in sorted(stage.skipped.items()):
+        names = stage.examples.get(reason, [])
+        more = ", ..." if n > len(names) else ""
+        parts.append(f"{n} {reason.replace('_', ' ')} ({', '.join(names)}{more})" if names else f"{n} {reason}")
+    return f"skipped {total} of {total + stage.images} samples: {'; '.join(parts)}"
+
+
 # ------------------------------------------------------------------------------------------------ commands
 
 
@@ -266,10 +373,20 @@ def _base_report(args: argparse.Namespace, model: Any) -> dict[str, Any]:
 
 
 def _finish(report: dict[str, Any], args: argparse.Namespace, examples: Any = None, run_dir: Any = None) -> None:
-    from ..eval.report import format_table, linear_probe_rows, recon_rows, skipped_rows, write_report, zero_shot_rows
+    from ..eval.report import (
+        format_table,
+        linear_probe_rows,
+        recon_rows,
+        retrieval_rows,
+        skipped_rows,
+        write_report,
+        zero_shot_rows,
+    )
 
     if report.get("zero_shot"):
         print("zero-shot\n" + format_table(zero_shot_rows(report["zero_shot"])) + "\n")
+    if report.get("retrieval"):
+        print("retrieval\n" + format_table(retrieval_rows(report["retrieval"])) + "\n")
     if report.get("linear_probe"):
         print("linear probe\n" + format_table(linear_probe_rows(report["linear_probe"])) + "\n")
     if report.get("recon"):
@@ -304,6 +421,20 @@ def cmd_linear_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrieval(args: argparse.Namespace) -> int:
+    import sys
+
+    model = _load_model(args, parts=("vision", "text"))
+    report = _base_report(args, model)
+    report["retrieval"] = run_retrieval(model, args)
+    _finish(report, args)
+    stage = args.stages["retrieval"]
+    if stage.skipped:  # the report covers the readable pairs; the unreadable ones are bad data
+        print(f"bad data: {args.data}: {bad_data_line(stage)}", file=sys.stderr)
+        return EXIT_BAD_DATA
+    return 0
+
+
 def cmd_recon(args: argparse.Namespace) -> int:
     model = _load_model(args, parts=("vision", "quantizer", "decoder"))
     report = _base_report(args, model)
@@ -324,6 +455,13 @@ def cmd_all(args: argparse.Namespace) -> int:
             report["zero_shot"] = run_zero_shot(model, args)
         except CLIError as e:  # a missing tokenizer or unlabeled data must not cost the other sections
             skipped["zero_shot"] = str(e)
+    if model.text is None:
+        skipped["retrieval"] = "the model has no text tower"
+    else:
+        try:
+            report["retrieval"] = run_retrieval(model, args)
+        except CLIError as e:  # shapes, or images without captions
+            skipped["retrieval"] = str(e)
     try:
         report["linear_probe"] = run_linear_probe(model, args)
     except CLIError as e:
@@ -362,20 +500,13 @@ def cmd_train_judge(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ parser
 
 
-DEMO_HELD_OUT = "shapes:easy?sizes=large&holdout_combinations=0.1&eval_combinations=held_out"
-
-
 def cmd_generation(args: argparse.Namespace) -> int:
     """ShapesEval of a text-to-image generator on held-out captions, the judge's ceiling, the CLIP score."""
-    import dataclasses
-    import warnings
-
     from .. import __version__
     from ..data.loader import shapes_config_from_spec
-    from ..data.shapes import generate_shapes_sample
-    from ..eval.generation import clip_score, judge_ceiling, shapes_eval
+    from ..eval.generation import evaluate_generator
     from ..eval.judge import load_judge
-    from ..generation import load
+    from ..generation import GenerationInputError, load
 
     if not _is_shapes(args.data):
         raise CLIError(f"--data {args.data}: ShapesEval reads shapes captions; give a shapes spec such as "
@@ -388,26 +519,15 @@ def cmd_generation(args: argparse.Namespace) -> int:
         gen = load(args.model, device=device)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
-    captions = [generate_shapes_sample(i, config, split=args.split)["caption"] for i in range(args.limit)]
-    images = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a caption cut to the text context is the generator's own convention
-        for start in range(0, len(captions), args.batch_size):
-            try:
-                images += gen.generate(captions[start : start + args.batch_size], cfg_scale=args.cfg,
-                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                       seed=args.seed + start)  # fmt: skip
-            except ValueError as e:  # a sampling setting out of range (the generation errors are ValueErrors)
-                raise CLIError(str(e)) from e
     try:
-        result = shapes_eval(images, captions, judge)
-    except ValueError as e:
+        result = evaluate_generator(gen, judge, config, split=args.split, limit=args.limit,
+                                    batch_size=args.batch_size, cfg_scale=args.cfg, temperature=args.temperature,
+                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # fmt: skip
+    except GenerationInputError as e:  # a sampling setting out of range
+        raise CLIError(str(e)) from e
+    except ValueError as e:  # captions ShapesEval cannot read
         raise CLIError(f"--data {args.data}: {e}") from e
-    metrics: dict[str, Any] = dict(result.metrics)
-    if gen.qlip.visual is not None:  # the tokenizer's image encoder: its reconstructions cap what the judge can read
-        real = dataclasses.replace(config, eval_combinations="all")  # the ceiling reads every composition
-        metrics.update(judge_ceiling(judge, real, num_images=args.limit, split=args.split, model=gen.qlip))
-        metrics["clip_score"] = clip_score(gen.qlip, gen.tokenizer, images, captions)
+    metrics, captions, images = result.metrics, result.captions, result.images
     report = {"model": args.model, "data": args.data, "split": args.split, "limit": args.limit, "cfg_scale": args.cfg,
               "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
               "judge": args.judge, "qlip_version": __version__, "metrics": metrics,
@@ -474,6 +594,7 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", default=out_default, help=f"report directory (default {out_default})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_image_options(p)
 
 
 def _zero_shot_flags(p: argparse.ArgumentParser) -> None:
@@ -482,6 +603,8 @@ def _zero_shot_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--templates", default=None, help="'openai' (default for folders), or a text file of templates")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="vocab.json + merges.txt to use instead of the model's (e.g. from qlip tokenizer train)")
+    p.add_argument("--label-column", default=None, metavar="COLUMN",
+                   help="caption lists: the column that labels each image (its values are the class names)")
 
 
 def _probe_flags(p: argparse.ArgumentParser) -> None:
@@ -490,7 +613,10 @@ def _probe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-split", default="train")
     p.add_argument("--train-limit", type=positive_int, default=None,
                    help=f"at most N training images (shapes default {DEFAULT_SHAPES_TRAIN})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out part used to choose the L2 strength")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out part used to choose the L2 strength "
+                   "(and of the train/test split of a single labelled caption list)")
+    p.add_argument("--test-fraction", type=fraction, default=0.3,
+                   help="a single caption list with --label-column: share of its images the probe is scored on")
 
 
 def _recon_flags(p: argparse.ArgumentParser) -> None:
@@ -502,8 +628,9 @@ def _recon_flags(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Register ``qlip eval {zero-shot,linear-probe,recon,all,train-judge}`` on the top-level subparsers."""
-    p = subparsers.add_parser("eval", help="evaluate a model: zero-shot, linear probe, reconstruction, reports")
+    """Register ``qlip eval {zero-shot,linear-probe,retrieval,recon,all,generation,train-judge}``."""
+    p = subparsers.add_parser("eval", help="evaluate a model: zero-shot, linear probe, retrieval, reconstruction, "
+                              "reports")  # fmt: skip
     sub = p.add_subparsers(dest="eval_command", required=True, metavar="SUBCOMMAND")
 
     z = sub.add_parser("zero-shot", help="zero-shot classification (class names x prompt templates)")
@@ -516,6 +643,12 @@ def register(subparsers: Any) -> None:
     _zero_shot_flags(lp)
     _probe_flags(lp)
     lp.set_defaults(func=cmd_linear_probe)
+
+    t = sub.add_parser("retrieval", help="image <-> text retrieval (Recall@1/5/10, mean and median rank) on pairs")
+    _common(t, "report-retrieval")
+    t.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="vocab.json + merges.txt to use instead of the model's (e.g. from qlip tokenizer train)")
+    t.set_defaults(func=cmd_retrieval)
 
     r = sub.add_parser("recon", help="reconstruction metrics (PSNR, SSIM, LPIPS, rFID) and code usage")
     _common(r, "report-recon")
@@ -568,3 +701,7 @@ def register(subparsers: Any) -> None:
     j.add_argument("--num-train", type=positive_int, default=6000, help="training images (6000)")
     j.add_argument("--num-eval", type=positive_int, default=2000, help="held-out images for the accuracy (2000)")
     j.set_defaults(func=cmd_train_judge)
+
+    from .unified_eval import add_eval_unified  # the unified model's evaluation lives beside its own command
+
+    add_eval_unified(sub, DEMO_HELD_OUT)

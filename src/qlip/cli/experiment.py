@@ -1,5 +1,5 @@
-"""``qlip experiment balance-sweep | balance-modes | recipes | vlm-layers | report``: the paper's findings at laptop
-scale.
+"""``qlip experiment balance-sweep | balance-modes | recipes | t2i-codecs | t2i-tokenizers | vlm-layers | report``:
+the paper's findings at laptop scale.
 
 Each experiment command runs its variants (resuming: finished (variant, seed) jobs are skipped), then writes
 ``OUT/table.json``, ``OUT/table.md`` and PNG plots. ``report`` gathers the experiments' outputs into
@@ -13,11 +13,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .common import CLIError, non_negative_int, positive_int
+from .common import CLIError, finite_float, non_negative_int, positive_int
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SEEDS = {"balance-sweep": "0,1,2", "balance-modes": "0", "recipes": "0"}
+DEFAULT_SEEDS = {"balance-sweep": "0,1,2", "balance-modes": "0", "recipes": "0", "t2i-codecs": "0",
+                 "t2i-tokenizers": "0"}
+T2I_EVAL_CAPTIONS = 200  # held-out captions per generator (as qlip eval generation)
 
 
 def _seeds(text: str) -> list[int]:
@@ -34,8 +36,14 @@ def _settings(args: argparse.Namespace) -> Any:
     from ..experiments.runner import Settings
 
     ev = {k: v for k, v in (("num_eval", args.eval_images), ("num_probe_train", args.probe_images)) if v}
+    t2i: dict[str, Any] = {}
+    if args.experiment.startswith("t2i-"):
+        ev.setdefault("num_eval", T2I_EVAL_CAPTIONS)
+        t2i = {"fixed_steps": args.steps or 0, "generation": {"judge": args.judge, "data": args.eval_data,
+                                                             "split": args.split, "cfg_scale": args.cfg,
+                                                             "batch_size": 32}}  # fmt: skip
     return Settings(config=args.config, out=args.out, seeds=_seeds(args.seeds), budget=args.budget, smoke=args.smoke,
-                    isolate=not args.in_process, eval=ev, threads=args.threads)  # fmt: skip
+                    isolate=not args.in_process, eval=ev, threads=args.threads, **t2i)  # fmt: skip
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -47,6 +55,16 @@ def _run(args: argparse.Namespace) -> int:
             from ..experiments.balance_sweep import run_balance_sweep
 
             table = run_balance_sweep(settings)
+        elif args.experiment == "t2i-codecs":
+            from ..experiments.t2i import run_t2i_codecs
+
+            table = run_t2i_codecs(settings, overrides=args.set)
+        elif args.experiment == "t2i-tokenizers":
+            from ..experiments.t2i import parse_tokenizers, run_t2i_tokenizers
+
+            table = run_t2i_tokenizers(settings, parse_tokenizers(args.tokenizers), data=args.data,
+                                       count=args.count, tokenize_batch=args.tokenize_batch_size,
+                                       overrides=args.set)  # fmt: skip
         elif args.experiment == "balance-modes":
             from ..experiments.balance_modes import run_balance_modes
 
@@ -96,9 +114,10 @@ def _run_report(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``experiment`` with its sub-commands to the ``qlip`` command line."""
     p = subparsers.add_parser("experiment", help="reproduce the paper's findings at laptop scale (tables + plots)",
-                              description="Balance sweep (Table 3a), balancing modes, recipes (Table 3c) on shapes; "
-                                          "each writes OUT/table.json, OUT/table.md and plots. Rerun to continue: "
-                                          "finished variants are skipped.")  # fmt: skip
+                              description="Balance sweep (Table 3a), balancing modes, recipes (Table 3c) on shapes, "
+                                          "and the text-to-image comparisons; each writes OUT/table.json, "
+                                          "OUT/table.md (and plots). Rerun to continue: finished variants are "
+                                          "skipped.")  # fmt: skip
     sub = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
     helps = {
         "balance-sweep": "a_a : a_r from 1:0 to 0:1: zero-shot, linear probe, PSNR/SSIM, code usage",
@@ -141,6 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--threads", type=non_negative_int, default=0, help="torch threads per job (default: the config's)")
     v.add_argument("--eval-images", type=positive_int, default=None, help="held-out images (default 200)")
     v.set_defaults(func=_run_vlm_layers)
+    _register_t2i(sub)
     r = sub.add_parser("report", help="write docs/results.md from the experiments' outputs",
                        description="Gathers RESULTS/{balance,modes,recipes}/table.json into a results page with "
                                    "the paper's numbers and copies the tables and plots to --assets.")  # fmt: skip
@@ -150,3 +170,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--command-line", dest="command_line", action="append", default=None,
                    help="the command(s) that produced the results, shown at the top (repeatable)")
     r.set_defaults(func=_run_report, experiment="report")
+
+
+def _register_t2i(sub: argparse._SubParsersAction) -> None:
+    from ..eval.generation import DEMO_HELD_OUT
+    from ..experiments.t2i import DEMO_TRAIN_DATA
+
+    helps = {
+        "t2i-codecs": "text-to-image: the subtoken / depth / bits codecs at equal steps and batch (ShapesEval)",
+        "t2i-tokenizers": "text-to-image: one generator over the tokens of several tokenizers (e.g. aligned vs "
+                          "reconstruction-only), equal budget (ShapesEval)",
+    }  # fmt: skip
+    for name, text in helps.items():
+        e = sub.add_parser(name, help=text, description=text + ". Writes OUT/table.json and OUT/table.md.")
+        e.add_argument("--config", required=True, help="a generator YAML config (e.g. configs/t2i-shapes.yaml)")
+        e.add_argument("--out", required=True, help="output directory (run dirs, table.json, table.md)")
+        e.add_argument("--steps", type=positive_int, default=None,
+                       help="optimizer steps of every run (default: --budget x the config's optim.steps)")
+        e.add_argument("--budget", type=float, default=1.0,
+                       help="fraction of the config's optim.steps per run when --steps is not given (default 1)")
+        e.add_argument("--seeds", default=DEFAULT_SEEDS[name], help=f"comma-separated seeds (default "
+                       f"{DEFAULT_SEEDS[name]})")  # fmt: skip
+        e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="an override for every run (repeatable), e.g. generator.width=64")
+        e.add_argument("--judge", default="docs/results/judge", help="ShapesEval judge (default docs/results/judge)")
+        e.add_argument("--eval-data", default=DEMO_HELD_OUT,
+                       help="shapes spec whose captions are generated (default: the demo's held-out compositions)")
+        e.add_argument("--split", default="test", choices=("val", "test"), help="split of those captions (test)")
+        e.add_argument("--cfg", type=finite_float, default=3.0, help="guidance scale of the samples (default 3)")
+        e.add_argument("--eval-images", type=positive_int, default=None,
+                       help=f"held-out captions per generator (default {T2I_EVAL_CAPTIONS})")
+        e.add_argument("--smoke", action="store_true", help="3 steps per run (a check that it runs)")
+        e.add_argument("--in-process", action="store_true",
+                       help="run the jobs in this process (faster start; peak memory is then not per variant)")
+        e.add_argument("--threads", type=non_negative_int, default=0,
+                       help="torch threads per job (default: the config's)")
+        e.set_defaults(func=_run, probe_images=None)
+        if name == "t2i-tokenizers":
+            e.add_argument("--tokenizers", nargs="+", required=True, metavar="NAME=MODEL_DIR[,TOKENS]",
+                           help="the tokenizers to compare: a QLIP model directory each (its data is tokenized "
+                                "into OUT/tokens/NAME), or with its `qlip tokenize` folder after a comma")
+            e.add_argument("--data", default=DEMO_TRAIN_DATA,
+                           help=f"what to tokenize (default {DEMO_TRAIN_DATA!r}, the demo's training shapes)")
+            e.add_argument("--count", type=positive_int, default=30000, help="samples to tokenize (default 30000)")
+            e.add_argument("--tokenize-batch-size", type=positive_int, default=64)

@@ -8,7 +8,16 @@ from typing import Any
 
 import torch
 
-from .common import CLIError, check_output_dir, load_model, non_negative_int, positive_int, resolve_device
+from .common import (
+    CLIError,
+    add_image_options,
+    add_runtime_option,
+    check_output_dir,
+    load_model,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+)
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
@@ -23,7 +32,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     model = load_model(args.model, device, parts=("vision", "quantizer"))
     try:
-        fast = optimize_for_inference(model, mode=args.mode, compile=args.compile)
+        fast = optimize_for_inference(model, mode=args.mode, compile=args.compile, runtime=args.runtime,
+                                      expected_images=args.limit)  # fmt: skip
     except ValueError as e:
         raise CLIError(str(e)) from e
     options: dict[str, Any] = {}
@@ -31,10 +41,12 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         options["caption_template"] = args.caption_template
     if args.allow_missing_caption:
         options["require_caption"] = False
+    if args.background != "white":
+        options["background"] = args.background
     try:
         result = tokenize_dataset(fast, args.data, args.out, batch_size=args.batch_size, num_workers=args.workers,
                                   shard_size=args.shard_size, limit=args.limit, progress=not args.quiet,
-                                  source_options=options)  # fmt: skip
+                                  source_options=options, resize=args.resize)  # fmt: skip
     except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
         raise CLIError(str(e)) from e
     bad = ", ".join(f"{k}={v}" for k, v in sorted(result.bad.items())) or "none"
@@ -56,9 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="auto", choices=("auto", "fp32", "bf16", "int8"),
                    help="encoder precision; auto = bf16 on CUDA, exact float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (static shapes)")
+    add_runtime_option(p)
     p.add_argument("--limit", "--count", dest="limit", type=positive_int, default=None,
                    help="at most this many samples (required for shapes)")
     p.add_argument("--caption-template", default=None, help='class folders: caption such as "a photo of a {}."')
     p.add_argument("--allow-missing-caption", action="store_true", help="shards: keep samples without a caption")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_image_options(p)
     p.set_defaults(func=cmd_tokenize)

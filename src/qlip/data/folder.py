@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from ..transforms import ImageLoadError
+from ..transforms import Background, ImageLoadError
 from .sample import Sample, bad_marker, read_image_checked
 
 logger = logging.getLogger(__name__)
@@ -39,12 +39,14 @@ class ImageFolderDataset(Dataset):
         caption_template: if set (e.g. "a photo of a {}."), samples get this caption with the class name.
         min_size: images smaller than this on either side are bad ("too_small").
         max_pixels: images with more pixels are bad ("decompression_bomb"); None uses PIL's limit.
+        background: the color transparent images are flattened onto (white, black or #rrggbb).
     """
 
     root: str | os.PathLike
     caption_template: str | None = None
     min_size: int = 1
     max_pixels: int | None = None
+    background: Background = "white"
 
     def __post_init__(self) -> None:
         root = Path(self.root)
@@ -75,7 +77,8 @@ class ImageFolderDataset(Dataset):
         path, label = self.files[index]
         key = os.path.relpath(path, self.root)
         try:
-            image = read_image_checked(path, path, min_size=self.min_size, max_pixels=self.max_pixels)
+            image = read_image_checked(path, path, min_size=self.min_size, max_pixels=self.max_pixels,
+                                       background=self.background)  # fmt: skip
         except ImageLoadError as err:
             return bad_marker(key, err.reason, str(err))
         caption = self.caption_template.format(self.classnames[label]) if self.caption_template else None

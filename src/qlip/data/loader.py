@@ -133,6 +133,38 @@ def build_dataset(
     return ImageFolderDataset(spec, min_size=min_size, max_pixels=max_pixels, **options)
 
 
+def read_captions(spec: str, *, image_key: str | None = None, caption_key: str | None = None,
+                  caption_template: str | None = None) -> list[str]:  # fmt: skip
+    """Every caption a training source gives, read without decoding an image (for training a tokenizer).
+
+    Args:
+        spec: a caption list, tar shards, or a class folder (with ``caption_template``).
+        image_key: caption lists: the image path column (None: the default names).
+        caption_key: caption lists: the caption column (None: the default names).
+        caption_template: class folders: the caption of an image of class ``c`` is ``caption_template.format(c)``.
+
+    Raises:
+        ValueError: the source has no captions (shapes brings its own; a class folder needs a template).
+        FileNotFoundError: the source does not exist.
+    """
+    kind = describe_source(spec)
+    if kind == "captions":
+        ds = CaptionFileDataset(spec, image_key=image_key, caption_key=caption_key)
+        return [c for c in (ds.caption_of(i) for i in range(len(ds))) if c is not None]
+    if kind == "shards":
+        from .shards import shard_captions
+
+        return list(shard_captions(spec))
+    if kind == "folder":
+        if not caption_template:
+            raise ValueError(f"{spec} is a class folder, whose images have no captions; give a caption template "
+                             "such as 'a photo of a {}.' to caption each image by its class")  # fmt: skip
+        folder = ImageFolderDataset(spec, caption_template=caption_template)
+        return [caption_template.format(folder.classnames[label]) for _, label in folder.files]
+    raise ValueError(f"{spec}: the shapes data writes its own captions; the trainer trains its tokenizer on them "
+                     "(data.shapes_training.bpe_*)")  # fmt: skip
+
+
 class SampleCollator:
     """Turns a list of samples (and bad markers) into a batch; picklable, so it runs inside DataLoader workers.
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..transforms import ImageLoadError, load_image
+from ..transforms import Background, ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -168,13 +168,15 @@ class BadSampleCounter:
         self.seen = int(state["seen"])
 
 
-def read_image_checked(source: Any, key: str, *, min_size: int = 1, max_pixels: int | None = None) -> Image.Image:
-    """Load an image as RGB, treating images smaller than ``min_size`` on either side as bad.
+def read_image_checked(source: Any, key: str, *, min_size: int = 1, max_pixels: int | None = None,
+                       background: Background = "white") -> Image.Image:  # fmt: skip
+    """Load an image as RGB (transparency flattened onto ``background``), treating images smaller than ``min_size``
+    on either side as bad.
 
     Raises:
         ImageLoadError: with ``reason`` set (see :data:`BAD_REASONS`).
     """
-    img = load_image(source, name=key, max_pixels=max_pixels)
+    img = load_image(source, name=key, max_pixels=max_pixels, background=background)
     if min(img.size) < min_size:
         raise ImageLoadError(
             f"image {key} is {img.size[0]}x{img.size[1]}, smaller than min_size={min_size}; lower min_size to keep it",

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from ..transforms import ImageLoadError
+from ..transforms import Background, ImageLoadError
 from .sample import Sample, bad_marker, current_slot, read_image_checked, resume_point
 
 logger = logging.getLogger(__name__)
@@ -136,36 +136,62 @@ def _scan_shard(path: str, want: Callable[[int], bool]) -> Iterator[dict[str, An
             yield {"key": key, "shard": shard, "data": data}
 
 
+def _read_meta(data: dict[str, bytes]) -> dict[str, Any]:
+    """The ``.json`` member of a raw sample ({} when absent or not an object); raises on bad bytes or JSON."""
+    if "json" not in data:
+        return {}
+    meta = json.loads(data["json"].decode("utf-8"))
+    return meta if isinstance(meta, dict) else {}
+
+
+def _read_caption(data: dict[str, bytes], meta: dict[str, Any]) -> str | None:
+    """The caption of a raw sample: its ``.txt`` member, else the json's caption/text field; raises on bad UTF-8."""
+    if "txt" in data:
+        return data["txt"].decode("utf-8").strip()
+    text = meta.get("caption", meta.get("text"))
+    return text.strip() if isinstance(text, str) else None
+
+
+def shard_captions(spec: str | os.PathLike | list[str]) -> Iterator[str]:
+    """Every non-empty caption of a set of shards, in shard order, without decoding an image.
+
+    Samples whose caption cannot be read (bad UTF-8 or JSON, a cut-short shard) are left out.
+    """
+    for path in list_shards(spec):
+        for item in _scan_shard(path, lambda i: True):
+            if "bad" in item:
+                continue
+            try:
+                caption = _read_caption(item["data"], _read_meta(item["data"]))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if caption:
+                yield caption
+
+
 def decode_shard_sample(item: dict[str, Any], *, require_caption: bool = True, min_size: int = 1,
-                        max_pixels: int | None = None) -> Sample:  # fmt: skip
+                        max_pixels: int | None = None, background: Background = "white") -> Sample:  # fmt: skip
     """Turn a raw tar sample into the common sample dict, or a bad marker saying why it cannot be used."""
     if "bad" in item:
         return item
     data, key = item["data"], f"{item['shard']}/{item['key']}"
-    meta: dict[str, Any] = {}
-    if "json" in data:
-        try:
-            meta = json.loads(data["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            return bad_marker(key, "non_utf8_caption" if isinstance(err, UnicodeDecodeError) else "bad_row", str(err))
-        if not isinstance(meta, dict):
-            meta = {}
+    try:
+        meta = _read_meta(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return bad_marker(key, "non_utf8_caption" if isinstance(err, UnicodeDecodeError) else "bad_row", str(err))
     key = str(meta.get("key", key))
     image_ext = next((ext for ext in IMAGE_EXTS if ext in data), None)
     if image_ext is None:
         return bad_marker(key, "missing_image", f"members: {sorted(data)}")
-    caption = None
-    if "txt" in data:
-        try:
-            caption = data["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError as err:
-            return bad_marker(key, "non_utf8_caption", str(err))
-    elif isinstance(meta.get("caption", meta.get("text")), str):
-        caption = meta.get("caption", meta.get("text")).strip()
+    try:
+        caption = _read_caption(data, meta)
+    except UnicodeDecodeError as err:
+        return bad_marker(key, "non_utf8_caption", str(err))
     if require_caption and not caption:
         return bad_marker(key, "missing_caption", "no .txt member and no caption in .json")
     try:
-        image = read_image_checked(data[image_ext], key, min_size=min_size, max_pixels=max_pixels)
+        image = read_image_checked(data[image_ext], key, min_size=min_size, max_pixels=max_pixels,
+                                   background=background)  # fmt: skip
     except ImageLoadError as err:
         return bad_marker(key, err.reason, str(err))
     label = meta.get("label")
@@ -197,6 +223,7 @@ class ShardDataset(IterableDataset):
         require_caption: samples without a caption are bad ("missing_caption").
         min_size: images smaller than this on either side are bad ("too_small").
         max_pixels: images with more pixels are bad ("decompression_bomb"); None uses PIL's limit.
+        background: the color transparent images are flattened onto (white, black or #rrggbb).
     """
 
     shards: str | os.PathLike | list[str]
@@ -210,6 +237,7 @@ class ShardDataset(IterableDataset):
     require_caption: bool = True
     min_size: int = 1
     max_pixels: int | None = None
+    background: Background = "white"
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -279,7 +307,7 @@ class ShardDataset(IterableDataset):
 
         def emit(item: dict[str, Any]) -> Sample:
             sample = decode_shard_sample(item, require_caption=self.require_caption, min_size=self.min_size,
-                                         max_pixels=self.max_pixels)  # fmt: skip
+                                         max_pixels=self.max_pixels, background=self.background)  # fmt: skip
             sample["position"] = (slot, num_slots, epoch, emitted)
             return sample
 

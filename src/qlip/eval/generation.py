@@ -9,7 +9,8 @@ memory. The judge's own accuracy on real held-out images and on a QLIP model's r
 (:func:`judge_ceiling`) bounds what a generator over that model's tokens can score.
 
 The CLIP score (:func:`clip_score`) is 100 times the mean cosine similarity of each image's and its caption's
-QLIP embeddings.
+QLIP embeddings. :func:`evaluate_generator` runs all of it for a generator (``qlip eval generation`` and the
+text-to-image experiments).
 """
 
 from __future__ import annotations
@@ -29,6 +30,21 @@ from ..transforms import image_transform, to_uint8
 from .judge import ATTRIBUTES, ShapesJudge, judge_accuracy, label_names, shapes_images
 
 ImageBatch = Sequence[Image.Image] | Tensor  # PIL images or uint8 (B, 3, H, W)
+# The demo's held-out compositions (the generator of configs/t2i-shapes.yaml never saw these triples).
+DEMO_HELD_OUT = "shapes:easy?sizes=large&holdout_combinations=0.1&eval_combinations=held_out"
+
+
+def attribute_mentions(caption: str, classes: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """Every shape, color and position class a caption names (lists, maybe empty or several): shapes and colors
+    as whole words, positions by their caption phrase (:data:`qlip.data.shapes.POSITION_PHRASE`)."""
+    text = caption.lower()
+    found: dict[str, list[str]] = {}
+    for attribute in ATTRIBUTES:
+        if attribute == "position":
+            found[attribute] = [p for p in classes[attribute] if POSITION_PHRASE[p] in text]
+        else:
+            found[attribute] = [c for c in classes[attribute] if re.search(rf"\b{re.escape(c)}\b", text)]
+    return found
 
 
 def caption_attributes(caption: str, classes: Mapping[str, Sequence[str]]) -> dict[str, str]:
@@ -40,13 +56,8 @@ def caption_attributes(caption: str, classes: Mapping[str, Sequence[str]]) -> di
     Raises:
         ValueError: the caption names none or several of one attribute (the message names the caption).
     """
-    text = caption.lower()
     found: dict[str, str] = {}
-    for attribute in ATTRIBUTES:
-        if attribute == "position":
-            hits = [p for p in classes[attribute] if POSITION_PHRASE[p] in text]
-        else:
-            hits = [c for c in classes[attribute] if re.search(rf"\b{re.escape(c)}\b", text)]
+    for attribute, hits in attribute_mentions(caption, classes).items():
         if len(hits) != 1:
             what = "no" if not hits else f"several ({', '.join(hits)})"
             raise ValueError(f"caption {caption!r} names {what} {attribute}; ShapesEval needs captions of one shape "
@@ -175,3 +186,53 @@ def clip_score(model: torch.nn.Module, tokenizer: Any, images: ImageBatch, capti
         txt_emb = model.encode_text(ids, normalize=True).float()  # (b, D)
         total += float((img_emb * txt_emb).sum(-1).sum())
     return 100.0 * total / len(images)
+
+
+@dataclass
+class GeneratorEvalResult:
+    """What :func:`evaluate_generator` found: ``metrics`` (ShapesEval, the judge's ceiling and the CLIP score), the
+    ``captions`` asked for and the generated ``images`` (PIL)."""
+
+    metrics: dict[str, Any]
+    captions: list[str]
+    images: list[Image.Image]
+
+
+def evaluate_generator(gen: Any, judge: ShapesJudge, config: ShapesConfig, *, split: str = "test", limit: int = 200,
+                       batch_size: int = 32, cfg_scale: float = 3.0, temperature: float = 1.0, top_k: int = 0,
+                       top_p: float = 1.0, seed: int = 0) -> GeneratorEvalResult:  # fmt: skip
+    """ShapesEval of a generator on the captions of the first ``limit`` images of ``split`` under ``config``, the
+    judge's ceiling on its QLIP model's reconstructions of real images (every composition) and the CLIP score.
+
+    Args:
+        gen: a :class:`qlip.generation.Generator`.
+        judge: the judge (:func:`qlip.eval.judge.load_judge`).
+        config: the shapes whose captions are drawn (e.g. ``shapes_config_from_spec(DEMO_HELD_OUT)``).
+        split, limit: which captions.
+        batch_size: captions per generation call; batch ``k`` is sampled with seed ``seed + k * batch_size``.
+        cfg_scale, temperature, top_k, top_p: sampling settings.
+
+    Raises:
+        GenerationInputError: a sampling setting out of range.
+        ValueError: captions that do not state one shape, color and position the judge knows.
+    """
+    import dataclasses
+    import warnings
+
+    from ..data.shapes import generate_shapes_sample
+
+    captions = [generate_shapes_sample(i, config, split=split)["caption"] for i in range(limit)]
+    for caption in captions:  # before sampling: a caption ShapesEval cannot read fails at once
+        caption_attributes(caption, judge.cfg.classes)
+    images: list[Image.Image] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a caption cut to the text context is the generator's own convention
+        for start in range(0, len(captions), batch_size):
+            images += gen.generate(captions[start : start + batch_size], cfg_scale=cfg_scale, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, seed=seed + start)  # fmt: skip
+    metrics: dict[str, Any] = dict(shapes_eval(images, captions, judge).metrics)
+    if gen.qlip.visual is not None:  # the tokenizer's image encoder: its reconstructions cap what the judge can read
+        real = dataclasses.replace(config, eval_combinations="all")  # the ceiling reads every composition
+        metrics.update(judge_ceiling(judge, real, num_images=limit, split=split, model=gen.qlip))
+        metrics["clip_score"] = clip_score(gen.qlip, gen.tokenizer, images, captions)
+    return GeneratorEvalResult(metrics, captions, images)

@@ -233,8 +233,8 @@ def linear_probe(
         max_iter: L-BFGS iterations per fit.
 
     Returns:
-        ``{"top1", "top5" (C >= 5), "l2", "val_top1" {l2: acc}, "train_top1", "n_train", "n_test", "num_classes",
-        "feature_dim"}``.
+        ``{"top1", "top5" (C >= 5), "majority" (share of the test split's most frequent class), "l2",
+        "val_top1" {l2: acc}, "train_top1", "n_train", "n_test", "num_classes", "feature_dim"}``.
     """
     if not l2_grid:
         raise ValueError("l2_grid is empty; give at least one L2 strength")
@@ -256,6 +256,7 @@ def linear_probe(
     train_acc = float((clf.logits(train_features).argmax(dim=-1) == train_labels).float().mean())
     return {
         **{k: v for k, v in summary.items() if k.startswith("top")},
+        "majority": summary["majority"],
         "l2": chosen,
         "val_top1": {f"{k:g}": v for k, v in val_scores.items()},
         "train_top1": train_acc,

@@ -33,7 +33,10 @@ class TrackedBatches:
     Attributes:
         images: readable images seen so far.
         skipped: reason -> number of samples dropped before this stage (see :data:`qlip.data.BAD_REASONS`).
+        examples: reason -> the keys of the first few samples dropped for it (``batch["bad_items"]``).
     """
+
+    max_examples = 5
 
     def __init__(self, batches: Iterable[Mapping[str, Any]], *, desc: str, total: int | None = None,
                  progress: bool = True, stream: TextIO | None = None) -> None:  # fmt: skip
@@ -44,6 +47,7 @@ class TrackedBatches:
         self.stream = stream
         self.images = 0
         self.skipped: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
 
     def __iter__(self) -> Iterator[Mapping[str, Any]]:
         with progress_bar(desc=self.desc, total=self.total, unit="img", enabled=self.progress,
@@ -52,6 +56,10 @@ class TrackedBatches:
                 n, bad = int(batch["image"].shape[0]), batch.get("bad") or {}
                 self.images += n
                 self.skipped.update(bad)
+                for key, reason, _ in batch.get("bad_items") or ():
+                    names = self.examples.setdefault(reason, [])
+                    if len(names) < self.max_examples:
+                        names.append(key)
                 bar.update(n + sum(bad.values()))  # samples read, so that a total of len(dataset) is reached
                 if self.skipped:
                     bar.set_postfix(skipped=sum(self.skipped.values()), refresh=False)

@@ -3,7 +3,9 @@
 A report is one dict (see docs/evaluation.md for the schema)::
 
     {"model": ..., "data": ..., "split": ..., "created": ..., "qlip_version": ...,
-     "zero_shot": {task: {"top1", "top5", "n", "num_classes", "classnames", "confusion"?}},
+     "zero_shot": {task: {"top1", "top5", "majority", "n", "num_classes", "classnames", "confusion"?}},
+     "retrieval": {"i2t": {"R@1", "R@5", "R@10", "mean_rank", "median_rank"}, "t2i": {...}, "chance": {...},
+                   "num_images", "num_captions"},
      "linear_probe": {task: {"features", "top1", "l2", "n_train", "n_test", ...}},
      "recon": {"psnr", "ssim", "lpips", "rfid", "usage", "compression_ratio", ...},
      "metrics": {"zs/<task>", "lp/<task>", "psnr", ...},
@@ -87,22 +89,45 @@ def _pct(share: float | None) -> str | None:
     return None if share is None else f"{percent(share):.2f}"
 
 
+def _baselines(r: Mapping[str, Any]) -> dict[str, Any]:
+    """Chance 1/C and the majority-class rate (always answering the most frequent class), in percent."""
+    return {"chance %": _pct(1.0 / r["num_classes"]) if r.get("num_classes") else None,
+            "majority %": _pct(r.get("majority"))}  # fmt: skip
+
+
 def zero_shot_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per zero-shot task: classes, images, top-1 %, top-5 % (or "-" with fewer than 5 classes), chance %."""
+    """One row per zero-shot task: classes, images, top-1 %, top-5 % (or "-" with fewer than 5 classes), chance %
+    and majority-class %."""
     return [
         {"task": name, "classes": r.get("num_classes"), "images": r.get("n"), "top-1 %": _pct(r.get("top1")),
-         "top-5 %": _pct(r.get("top5")), "chance %": _pct(1.0 / r["num_classes"]) if r.get("num_classes") else None}
+         "top-5 %": _pct(r.get("top5")), **_baselines(r)}
         for name, r in results.items()
     ]  # fmt: skip
 
 
 def linear_probe_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per probed task: feature kind, top-1 %, top-5 %, chosen L2, train/test sizes."""
+    """One row per probed task: feature kind, top-1 %, top-5 %, chance % and majority-class %, chosen L2,
+    train/test sizes."""
     return [
         {"task": name, "features": r.get("features"), "top-1 %": _pct(r.get("top1")), "top-5 %": _pct(r.get("top5")),
-         "l2": r.get("l2"), "n_train": r.get("n_train"), "n_test": r.get("n_test")}
+         **_baselines(r), "l2": r.get("l2"), "n_train": r.get("n_train"), "n_test": r.get("n_test")}
         for name, r in results.items()
     ]  # fmt: skip
+
+
+def retrieval_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Two rows per direction (image -> text, text -> image): the model's Recall@K % and ranks, then chance's."""
+    rows = []
+    for direction, label, queries, candidates in (("i2t", "image->text", "num_images", "num_captions"),
+                                                  ("t2i", "text->image", "num_captions", "num_images")):  # fmt: skip
+        for who, r in (("model", result.get(direction, {})), ("chance", result.get("chance", {}).get(direction, {}))):
+            row = {"direction": label if who == "model" else "  chance", "queries": result.get(queries),
+                   "candidates": result.get(candidates)}  # fmt: skip
+            row.update({f"R@{k} %": _pct(r.get(f"R@{k}")) for k in (1, 5, 10)})
+            row["mean rank"] = r.get("mean_rank")
+            row["median rank"] = r.get("median_rank")
+            rows.append(row)
+    return rows
 
 
 def metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -223,6 +248,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         for name in report["zero_shot"]:
             if f"confusion_{name}" in figures:
                 lines += [f"![confusion matrix, {name}]({figures[f'confusion_{name}']})", ""]
+    if report.get("retrieval"):
+        lines += ["## Retrieval", "",
+                  "Every image ranks every caption and every caption every image (cosine similarity). An image is "
+                  "right at K when any of its captions is among the K best; ties count against the model. The chance "
+                  "rows are a random ranking's.", "",
+                  markdown_table(retrieval_rows(report["retrieval"])), ""]  # fmt: skip
     if report.get("linear_probe"):
         lines += ["## Linear probe", "",
                   "Multinomial logistic regression (L-BFGS) on frozen, standardized features; L2 strength chosen on "
@@ -274,7 +305,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     if "metrics" not in report:
         metrics = summary_metrics(zero_shot=report.get("zero_shot"), linear_probe=report.get("linear_probe"),
-                                  recon=report.get("recon"))  # fmt: skip
+                                  recon=report.get("recon"), retrieval=report.get("retrieval"))  # fmt: skip
         if metrics:
             report["metrics"] = metrics
     report["figures"] = {**report.get("figures", {}), **make_figures(report, out_dir, examples=examples,

@@ -11,6 +11,11 @@ key                      unit      meaning
 ``zs/mean``              percent   mean of the ``zs/<task>`` values
 ``lp/<task>``            percent   linear-probe top-1 accuracy on one task (0..100)
 ``lp/mean``              percent   mean of the ``lp/<task>`` values
+``i2t/r<K>``             percent   image -> text Recall@K, K = 1, 5, 10 (an image is right when any of its captions
+                                   is among the K best; ties count against the model), 0..100
+``t2i/r<K>``             percent   text -> image Recall@K (each caption has one image), 0..100
+``i2t/mean_rank``        rank      mean rank of an image's best-ranked caption (1 = first); ``i2t/median_rank``
+``t2i/mean_rank``        rank      mean rank of a caption's image; ``t2i/median_rank``
 ``psnr``                 dB        mean per-image PSNR on 0..255
 ``ssim``                 --        mean per-image SSIM (0..1)
 ``lpips``                --        mean LPIPS distance (only when its weights were given)
@@ -23,8 +28,13 @@ key                      unit      meaning
                                    the caption asked (``gen/shape``, ``gen/color``, ``gen/position``), 0..100
 ``gen/all``              percent   ShapesEval: generated images right on all three attributes at once
 ``judge_real/<task>``    percent   the ShapesEval judge's accuracy on real held-out shapes images (its ceiling)
-``judge_recon/<task>``  percent   the judge's accuracy on a QLIP model's reconstructions of those images
+``judge_recon/<task>``   percent   the judge's accuracy on a QLIP model's reconstructions of those images
 ``clip_score``           --        100 x mean cosine of image and caption QLIP embeddings (generated images)
+``text_ppl``             --        held-out text perplexity of a language / unified model (exp of the mean NLL)
+``text_ppl_init``        --        the same for the language model a unified model started from
+``text_ppl_change``      percent   change of ``text_ppl`` from ``text_ppl_init`` (negative: better)
+``cap/<task>``           percent   image->text: captions that name the image's true shape / color / position
+``cap/all``              percent   image->text: captions right on all three attributes at once
 ``vqa/<type>``           percent   visual question answering: exact-match accuracy on one question type
                                    (``vqa/color``, ``vqa/shape``, ``vqa/position``, ``vqa/size``, ``vqa/yesno``)
 ``vqa/mean``             percent   mean of the ``vqa/<type>`` values
@@ -54,6 +64,8 @@ METRIC_UNITS: dict[str, str] = {
     "zs/mean": "%",
     "lp/<task>": "%",
     "lp/mean": "%",
+    **{f"{d}/r{k}": "%" for d in ("i2t", "t2i") for k in (1, 5, 10)},
+    **{f"{d}/{r}": "rank" for d in ("i2t", "t2i") for r in ("mean_rank", "median_rank")},
     "psnr": "dB",
     "ssim": "",
     "lpips": "",
@@ -66,6 +78,10 @@ METRIC_UNITS: dict[str, str] = {
     "judge_real/<task>": "%",
     "judge_recon/<task>": "%",
     "clip_score": "",
+    "text_ppl": "",
+    "text_ppl_init": "",
+    "text_ppl_change": "%",
+    "cap/<task>": "%",
     "vqa/<task>": "%",
     "vqa/mean": "%",
     "hallucination": "%",
@@ -77,7 +93,7 @@ METRIC_UNITS: dict[str, str] = {
 
 
 def metric_unit(key: str) -> str:
-    """The unit of a flat metric key ("%", "dB", "bits", "count", "fraction" or "" for unitless).
+    """The unit of a flat metric key ("%", "dB", "bits", "count", "fraction", "rank" or "" for unitless).
 
     Raises:
         KeyError: ``key`` is not in the vocabulary (a ``<stage>/`` prefix is allowed).
@@ -117,6 +133,7 @@ def summary_metrics(
     zero_shot: Mapping[str, Mapping[str, Any]] | None = None,
     linear_probe: Mapping[str, Mapping[str, Any]] | None = None,
     recon: Mapping[str, Any] | None = None,
+    retrieval: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The flat metrics of the module docstring from the detailed results of each evaluation.
 
@@ -124,9 +141,11 @@ def summary_metrics(
         zero_shot: task -> summary (:func:`qlip.eval.zero_shot.evaluate_zero_shot_tasks`).
         linear_probe: task -> result (:func:`qlip.eval.linear_probe.linear_probe`).
         recon: the metrics of :func:`qlip.eval.recon.evaluate_reconstruction` (``ReconResult.metrics``).
+        retrieval: the summary of :func:`qlip.eval.retrieval.retrieval_summary`.
 
     Returns:
-        ``zs/...``, ``lp/...``, the reconstruction and code-usage keys, and ``num_eval``, for what was given
+        ``zs/...``, ``lp/...``, ``i2t/...`` and ``t2i/...``, the reconstruction and code-usage keys, and
+        ``num_eval``, for what was given
         (LPIPS and rFID only when available).
     """
     out: dict[str, Any] = {}
@@ -136,8 +155,14 @@ def summary_metrics(
         out["num_eval"] = int(next(iter(zero_shot.values()))["n"])
     elif linear_probe:
         out["num_eval"] = int(next(iter(linear_probe.values()))["n_test"])
+    elif retrieval:
+        out["num_eval"] = int(retrieval["num_images"])
     out.update(_accuracies("zs", zero_shot or {}))
     out.update(_accuracies("lp", linear_probe or {}))
+    for direction in ("i2t", "t2i"):
+        for key, value in (retrieval or {}).get(direction, {}).items():
+            name = key.lower().replace("@", "") if key.startswith("R@") else key  # "R@5" -> "r5"
+            out[f"{direction}/{name}"] = percent(value) if key.startswith("R@") else float(value)
     if recon:
         for key in ("psnr", "ssim", "lpips", "rfid"):
             metric = recon.get(key) or {}

@@ -219,7 +219,8 @@ def accuracy_summary(
 ) -> dict[str, Any]:
     """Top-k accuracy (fractions in [0, 1]) and an optional confusion matrix from logits (N, C) and labels (N,).
 
-    Top-k entries are present only for k <= C (so no "top5" for a 4-class task). ``confusion`` defaults to
+    Top-k entries are present only for k <= C (so no "top5" for a 4-class task); ``majority`` is the share of the
+    most frequent label (what always answering that class scores). ``confusion`` defaults to
     C <= :data:`MAX_CONFUSION_CLASSES`; it is a C x C list of counts, rows = true class, columns = predicted.
     """
     n, num_classes = logits.shape
@@ -235,6 +236,8 @@ def accuracy_summary(
     out: dict[str, Any] = {"n": int(n), "num_classes": int(num_classes)}
     for k, hits in topk_correct(logits, labels, topk).items():
         out[f"top{k}"] = hits / n if n else float("nan")
+    # The accuracy of always answering the most frequent class: on unbalanced labels a better floor than 1/C.
+    out["majority"] = int(torch.bincount(labels.cpu(), minlength=num_classes).max()) / n if n else float("nan")
     if confusion if confusion is not None else num_classes <= MAX_CONFUSION_CLASSES:
         pred = logits.argmax(dim=-1)
         matrix = torch.zeros(num_classes * num_classes, dtype=torch.int64)

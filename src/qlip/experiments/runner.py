@@ -96,6 +96,10 @@ class Settings:
         isolate: run each job in its own process (per-variant peak memory); False runs in this process.
         eval: evaluation sizes (``num_eval``, ``num_probe_train``, ``batch_size``).
         threads: torch threads per job (0 = the config's).
+        fixed_steps: train every run this many steps instead of ``budget`` x the config's (0 = use the budget).
+        generation: ShapesEval settings when the variants train text-to-image generators (judge, data, split,
+            cfg_scale, batch_size; see :func:`qlip.experiments.worker.evaluate_generator_run`); None evaluates QLIP
+            models with :func:`qlip.experiments.evaluate.evaluate_model`.
     """
 
     config: str
@@ -107,12 +111,16 @@ class Settings:
     eval: dict[str, int] = field(default_factory=dict)
     threads: int = 0
     source_config: str = ""
+    fixed_steps: int = 0
+    generation: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.source_config = self.source_config or self.config
         if not self.seeds:
             raise ValueError("the seed list is empty; pass e.g. --seeds 0,1,2")
+        if self.fixed_steps < 0:
+            raise ValueError(f"steps must be a positive number of optimizer steps, got {self.fixed_steps}")
         if not 0 < self.budget <= 100:
             raise ValueError(f"budget must be a fraction of the config's steps in (0, 100], got {self.budget}")
         self.eval = {**(SMOKE_EVAL if self.smoke else DEFAULT_EVAL), **self.eval}
@@ -126,8 +134,10 @@ class Settings:
         return load_config(files or [self.config], SMOKE_OVERRIDES if self.smoke else [])
 
     def steps(self, cfg_steps: int) -> int:
-        """A stage's step count under this budget."""
-        return SMOKE_STEPS if self.smoke else max(1, round(cfg_steps * self.budget))
+        """A stage's step count under this budget (or the fixed step count)."""
+        if self.smoke:
+            return SMOKE_STEPS
+        return self.fixed_steps or max(1, round(cfg_steps * self.budget))
 
 
 def snapshot_config(path: str, out: Path, name: str) -> str:
@@ -189,6 +199,7 @@ def job_spec(settings: Settings, variant: Variant, seed: int) -> dict[str, Any]:
         "eval_seed": EVAL_SEED,
         "meta": variant.meta,
         "evaluator": variant.evaluator,
+        "generation": settings.generation,
     }
 
 

@@ -61,6 +61,27 @@ def _evaluate_vlm(model_dir: Path, cfg: Any, ev: dict[str, Any], seed: int) -> d
                                batch_size=int(ev.get("batch_size", 64)), blind=False)["metrics"]  # fmt: skip
 
 
+def evaluate_generator_run(generator_dir: Path, options: dict[str, Any], *, num_eval: int,
+                           seed: int) -> dict[str, Any]:  # fmt: skip
+    """ShapesEval (:func:`qlip.eval.generation.evaluate_generator`) of a generator directory, on the CPU, plus its
+    trainable parameter count (``params``).
+
+    ``options``: ``judge`` (a judge directory), ``data`` (the shapes spec whose captions are drawn), ``split``,
+    ``cfg_scale`` and ``batch_size``; ``num_eval`` captions, sampled with ``seed``."""
+    from ..data.loader import shapes_config_from_spec
+    from ..eval.generation import evaluate_generator
+    from ..eval.judge import load_judge
+    from ..generation import load
+
+    gen = load(generator_dir, device="cpu")
+    result = evaluate_generator(gen, load_judge(options["judge"]), shapes_config_from_spec(options["data"]),
+                                split=options.get("split", "test"), limit=num_eval,
+                                batch_size=int(options.get("batch_size", 32)),
+                                cfg_scale=float(options.get("cfg_scale", 3.0)), seed=seed)  # fmt: skip
+    params = sum(p.numel() for p in gen.model.trainable_parameters())
+    return {**result.metrics, "params": params}
+
+
 def execute_job(spec: dict[str, Any], *, isolated: bool = True) -> dict[str, Any]:
     """Train every stage of ``spec`` (see ``runner.job_spec``), evaluate, write and return ``result.json``.
 
@@ -70,7 +91,6 @@ def execute_job(spec: dict[str, Any], *, isolated: bool = True) -> dict[str, Any
     """
     from ..train.loop import train
     from ..train.probe import run_balance_probes
-    from .evaluate import evaluate_model
 
     directory = Path(spec["dir"])
     directory.mkdir(parents=True, exist_ok=True)
@@ -111,28 +131,41 @@ def execute_job(spec: dict[str, Any], *, isolated: bool = True) -> dict[str, Any
         previous = run_dir
     result["time_s"] = total_train_s
     result["peak_rss_mb"] = peak_rss_mb() if isolated else None
-    ev = spec["eval"]
+    eval_seed = int(spec.get("eval_seed", 0))  # the same captions / images for every variant and seed
+    if spec.get("generation"):  # text-to-image generators: ShapesEval of the last stage's export
+        result["metrics"] = evaluate_generator_run(trained[-1][2] / "last", spec["generation"],
+                                                   num_eval=spec["eval"]["num_eval"], seed=eval_seed)  # fmt: skip
+    else:
+        result["metrics"] = _evaluate_models(trained, spec["eval"], eval_seed, spec.get("evaluator", "qlip"))
+    write_text_atomic(directory / "result.json", json.dumps(result, indent=2, default=str))
+    return result
+
+
+def _evaluate_models(trained: list[tuple[dict[str, Any], Any, Path]], ev: dict[str, Any], seed: int,
+                     evaluator: str = "qlip") -> dict[str, Any]:  # fmt: skip
+    """The last stage's export, and every stage marked ``evaluate`` (keys prefixed with its name): QLIP models
+    (``evaluator`` "qlip") or vision-language models ("vqa")."""
+    from .evaluate import evaluate_model
+
     metrics: dict[str, Any] = {}
     for i, (stage, _cfg, run_dir) in enumerate(trained):
         final = i == len(trained) - 1
         if not (final or stage["evaluate"]):
             continue
-        if spec.get("evaluator", "qlip") == "vqa":
-            values = _evaluate_vlm(run_dir / "last", trained[0][1], ev, int(spec.get("eval_seed", 0)))
+        if evaluator == "vqa":
+            values = _evaluate_vlm(run_dir / "last", trained[0][1], ev, seed)
             metrics.update(values if final else {f"{stage['name']}/{k}": v for k, v in values.items()})
             continue
         # Every stage is evaluated on the images of the FIRST stage's data config (the same held-out set).
         data = trained[0][1].data
         values = evaluate_model(run_dir / "last", data, tasks=list(trained[0][1].eval.tasks), num_eval=ev["num_eval"],
                                 num_probe_train=ev["num_probe_train"], batch_size=ev["batch_size"],
-                                seed=int(spec.get("eval_seed", 0)))  # fmt: skip
+                                seed=seed)  # fmt: skip
         if final:
             metrics.update(values)
         if stage["evaluate"]:
             metrics.update({f"{stage['name']}/{k}": v for k, v in values.items()})
-    result["metrics"] = metrics
-    write_text_atomic(directory / "result.json", json.dumps(result, indent=2, default=str))
-    return result
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:

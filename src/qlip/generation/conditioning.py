@@ -1,8 +1,10 @@
 """Caption conditioning: a frozen text encoder's per-token states, projected into the generator's prefix.
 
 * :class:`FrozenTextEncoder` wraps an encoder (default: the QLIP model's own text tower,
-  :meth:`qlip.models.text.TextEncoder.token_states`) and returns ``(states (B, L, Wt), mask (B, L) bool)``. Its
-  weights never train and are not saved with the generator (they live in the QLIP model the generator carries).
+  :meth:`qlip.models.text.TextEncoder.token_states`; or a Hugging Face text encoder, :class:`qlip.hf.HFTextEncoder`,
+  which has the same interface) and returns ``(states (B, L, Wt), mask (B, L) bool)``. Its weights never train and
+  are not saved with the generator (they live in the QLIP model the generator carries, or in the Hugging Face
+  folder that ``conditioning.encoder`` names).
 * :class:`CaptionPrefix` (trainable) maps the states to the model width and, for the rows chosen for caption
   dropout, replaces the whole prefix by a learned null condition (all positions valid): the unconditional branch
   of classifier-free guidance.
@@ -19,23 +21,35 @@ from torch import Tensor, nn
 
 from ..config import dataclass_from_dict
 
-CONDITIONING_ENCODERS = ("qlip",)
+QLIP_ENCODER = "qlip"
+HF_ENCODER_PREFIX = "hf:"
+
+
+def hf_encoder_source(encoder: str) -> str | None:
+    """The Hugging Face source of an ``encoder`` setting ("hf:minilm" -> "minilm"), None for the QLIP text tower;
+    ValueError for anything else."""
+    if encoder == QLIP_ENCODER:
+        return None
+    if encoder.startswith(HF_ENCODER_PREFIX) and encoder[len(HF_ENCODER_PREFIX) :].strip():
+        return encoder[len(HF_ENCODER_PREFIX) :]
+    raise ValueError(f'unknown text encoder {encoder!r}; choose "{QLIP_ENCODER}" (the QLIP model\'s text tower) or '
+                     f'"{HF_ENCODER_PREFIX}<source>" (a Hugging Face text encoder: "hf:minilm" or '
+                     '"hf:/path/to/folder")')
 
 
 @dataclass
 class ConditioningConfig:
-    """``encoder``: which text encoder ("qlip": the QLIP model's text tower). ``context_length`` / ``width``: the
-    encoder's token count and state width. ``dropout``: probability of replacing a caption by the null condition
-    in training."""
+    """``encoder``: which text encoder ("qlip": the QLIP model's text tower; "hf:<source>": a Hugging Face text
+    encoder, see :func:`qlip.hf.load_text_encoder`). ``context_length`` / ``width``: the encoder's token count and
+    state width. ``dropout``: probability of replacing a caption by the null condition in training."""
 
-    encoder: str = "qlip"
+    encoder: str = QLIP_ENCODER
     context_length: int = 77
     width: int = 512
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.encoder not in CONDITIONING_ENCODERS:
-            raise ValueError(f"unknown text encoder {self.encoder!r}; choose one of {CONDITIONING_ENCODERS}")
+        hf_encoder_source(self.encoder)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"caption dropout must lie in [0, 1), got {self.dropout}")
 
@@ -48,7 +62,10 @@ class ConditioningConfig:
 
 
 class FrozenTextEncoder(nn.Module):
-    """A QLIP text tower used as a frozen feature extractor: ids (B, L) -> (states (B, L, Wt), mask (B, L))."""
+    """A text tower used as a frozen feature extractor: ids (B, L) -> (states (B, L, Wt), mask (B, L)).
+
+    The tower needs ``cfg.width``, ``cfg.context_length``, ``token_states(ids)`` and ``text_mask(ids)``.
+    """
 
     def __init__(self, text_encoder: nn.Module):
         super().__init__()

@@ -95,10 +95,12 @@ class T2IConfig:
 
     @classmethod
     def for_tokenizer(cls, spec: TokenSpec, *, text: Any, width: int = 256, depth: int = 4, heads: int = 4,
-                      codec: CodecConfig | None = None, dropout: float = 0.1, **ar_options: Any) -> T2IConfig:
-        """A config for tokens of ``spec``, conditioned on a QLIP text tower of config ``text`` (a TextConfig)."""
+                      codec: CodecConfig | None = None, dropout: float = 0.1, encoder: str = "qlip",
+                      **ar_options: Any) -> T2IConfig:  # fmt: skip
+        """A config for tokens of ``spec``, conditioned on a text tower of config ``text`` (``width`` and
+        ``context_length``: a QLIP TextConfig, or a Hugging Face encoder's ``cfg``) named by ``encoder``."""
         codec = codec or CodecConfig()
-        cond = ConditioningConfig("qlip", context_length=text.context_length, width=text.width, dropout=dropout)
+        cond = ConditioningConfig(encoder, context_length=text.context_length, width=text.width, dropout=dropout)
         max_len = cond.context_length + 1 + spec.grid * spec.grid * make_codec_steps(codec)
         ar = ARConfig(vocab_size=0, width=width, depth=depth, heads=heads, max_seq_len=max_len, **ar_options)
         return cls(ar=ar, token_spec=dataclasses.asdict(spec), codec=codec, conditioning=cond)
@@ -150,9 +152,10 @@ class T2IModel(nn.Module):
         self.text_encoder = FrozenTextEncoder(text_encoder)
         cond = cfg.conditioning
         if (self.text_encoder.width, self.text_encoder.context_length) != (cond.width, cond.context_length):
+            made_with = "its QLIP model" if cond.encoder == "qlip" else f"{cond.encoder}, unchanged"
             raise TokenizerMismatchError(
                 f"the text encoder has width {self.text_encoder.width} and context {self.text_encoder.context_length}"
-                f" but the generator was made for {cond.width} and {cond.context_length}; use its QLIP model")
+                f" but the generator was made for {cond.width} and {cond.context_length}; use {made_with}")
         width = cfg.ar.width
         self.prefix = CaptionPrefix(cond.width, width, cond.context_length)
         self.bos = nn.Parameter(torch.randn(width) * 0.02)

@@ -7,7 +7,9 @@ Layout of a generator directory (self-contained)::
     DIR/qlip/                the QLIP model the tokens came from (text tower + quantizer + decoder), written by
                              QLIP.save_pretrained, with its text tokenizer
 
-``load(DIR)`` rebuilds both and checks that the QLIP model matches (bits, grid, quantizer fingerprint).
+``load(DIR)`` rebuilds both and checks that the QLIP model matches (bits, grid, quantizer fingerprint). A generator
+conditioned on a Hugging Face text encoder (``conditioning.encoder`` "hf:<source>" in config.json) names it there
+and ``load`` rebuilds it from local files (it is not copied into DIR).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..tokenfile import TokenSpec
+from .conditioning import ConditioningConfig, hf_encoder_source
 from .errors import EmptyCaptionError, GenerationInputError
 from .model import T2IModel, check_generator_target, check_token_spec, read_generator_config
 
@@ -34,11 +37,16 @@ class CaptionTruncatedWarning(UserWarning):
 
 
 class Generator:
-    """A :class:`T2IModel` with the QLIP model (decoder, quantizer, text tower) and tokenizer it was trained on."""
+    """A :class:`T2IModel` with the QLIP model (decoder, quantizer, text tower) and tokenizer it was trained on.
 
-    def __init__(self, model: T2IModel, qlip_model: Any, tokenizer: Any):
+    ``tokenizer`` is the QLIP model's own; ``caption_tokenizer`` turns prompts into the generator's caption ids
+    (the QLIP tokenizer unless the generator is conditioned on another text encoder).
+    """
+
+    def __init__(self, model: T2IModel, qlip_model: Any, tokenizer: Any, caption_tokenizer: Any = None):
         check_token_spec(model.cfg, TokenSpec.of(qlip_model))
         self.model, self.qlip, self.tokenizer = model.eval(), qlip_model.eval(), tokenizer
+        self.caption_tokenizer = caption_tokenizer if caption_tokenizer is not None else tokenizer
 
     @property
     def device(self) -> torch.device:
@@ -59,11 +67,11 @@ class Generator:
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
                 raise EmptyCaptionError(f"prompt {i} is empty; give every image a caption")
-            n = len(self.tokenizer.encode(p)) + 2  # with the start and end tokens
+            n = len(self.caption_tokenizer.encode(p)) + self.caption_tokenizer.num_special_tokens
             if n > length:
                 warnings.warn(f"prompt {i} has {n} tokens but the text tower reads {length}: the last {n - length} "
                               f"were dropped", CaptionTruncatedWarning, stacklevel=3)  # fmt: skip
-        return self.tokenizer(prompts, context_length=length).to(self.device)
+        return self.caption_tokenizer(prompts, context_length=length).to(self.device)
 
     @torch.no_grad()
     def generate_tokens(self, prompts: list[str], cfg_scale: float = 3.0, temperature: float = 1.0, top_k: int = 0,
@@ -112,6 +120,19 @@ def load(directory: str | Path, device: str | torch.device | None = None) -> Gen
                                 f"tokenizer it was trained on (save it with qlip.generation.save_generator)")
     qlip_model = create_model(str(sub))  # every part it was saved with (the image encoder serves evaluation)
     check_token_spec(cfg, TokenSpec.of(qlip_model), what=f"the QLIP model in {sub}")
-    model = T2IModel.from_pretrained(directory, text_encoder=qlip_model.text)
-    gen = Generator(model, qlip_model, get_tokenizer(str(sub)))
+    text_encoder, caption_tokenizer = load_caption_encoder(cfg.conditioning, qlip_model)
+    model = T2IModel.from_pretrained(directory, text_encoder=text_encoder)
+    gen = Generator(model, qlip_model, get_tokenizer(str(sub)), caption_tokenizer)
     return gen.to(device) if device is not None else gen
+
+
+def load_caption_encoder(cond: ConditioningConfig, qlip_model: Any) -> tuple[Any, Any]:
+    """(text tower, caption tokenizer) that ``cond.encoder`` names: the QLIP model's text tower with no tokenizer
+    of its own (None: the QLIP tokenizer), or a Hugging Face text encoder with its tokenizer, from local files."""
+    source = hf_encoder_source(cond.encoder)
+    if source is None:
+        return qlip_model.text, None
+    from ..hf import load_text_encoder
+
+    encoder = load_text_encoder(source, context_length=cond.context_length)
+    return encoder, encoder.tokenizer

@@ -7,9 +7,10 @@ estimator passes the gradient of the identity back to ``u``. Each code is one to
 
 Conventions used throughout this module:
 
-* Indices are int64 and computed with integer arithmetic only (shifts, masks, int64 sums). A float32 sum rounds
-  every index >= 2**24 and a float64 sum every index >= 2**53, so decode-from-indices would then disagree with the
-  forward pass. ``dim`` is therefore limited to 62 bits (the sum of 62 int64 powers of two cannot overflow).
+* Indices are int64 and computed with integer arithmetic only (constant powers of two, masks, integer sums). A
+  float32 sum rounds every index >= 2**24 and a float64 sum every index >= 2**53, so decode-from-indices would then
+  disagree with the forward pass. ``dim`` is therefore limited to 62 bits (the sum of 62 int64 powers of two
+  cannot overflow).
 * Group indices split the d bits into ``d // group_size`` runs of consecutive bits, each read MSB first.
 * Nothing of size ``2**d`` is ever allocated: the soft assignment used by the entropy regulariser lives per group
   (``2**group_size`` entries), and usage statistics use ``torch.unique`` over the observed indices.
@@ -103,6 +104,15 @@ def _msb_first_shifts(num_bits: int, device: torch.device | None = None) -> Tens
     return torch.arange(num_bits - 1, -1, -1, dtype=torch.int64, device=device)
 
 
+def _msb_first_powers(num_bits: int, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
+    """The bit weights (2**(num_bits - 1), ..., 2, 1) as a constant tensor, MSB first.
+
+    Built from Python integers rather than with tensor shifts: graph exporters (ONNX, ``torch.export``) then see a
+    constant, and ONNX has no shift operator for signed integers.
+    """
+    return torch.tensor([1 << s for s in range(num_bits - 1, -1, -1)], dtype=dtype, device=device)
+
+
 def _pack_bits(bits: Tensor) -> Tensor:
     """(..., n) bool bits, MSB first -> (...) int64 integers, exact: the one place bits become indices.
 
@@ -112,13 +122,12 @@ def _pack_bits(bits: Tensor) -> Tensor:
     """
     n = bits.shape[-1]
     dtype = torch.int32 if n <= 31 else torch.int64
-    powers = torch.ones(n, dtype=dtype, device=bits.device) << _msb_first_shifts(n, bits.device).to(dtype)
-    return (bits.to(dtype) * powers).sum(dim=-1, dtype=dtype).to(torch.int64)
+    return (bits.to(dtype) * _msb_first_powers(n, dtype, bits.device)).sum(dim=-1, dtype=dtype).to(torch.int64)
 
 
 def _unpack_bits(indices: Tensor, num_bits: int) -> Tensor:
     """(...) int64 integers -> (..., num_bits) bool bits, MSB first; the inverse of :func:`_pack_bits`, unchecked."""
-    return ((indices.unsqueeze(-1) >> _msb_first_shifts(num_bits, indices.device)) & 1).to(torch.bool)
+    return (indices.unsqueeze(-1) & _msb_first_powers(num_bits, torch.int64, indices.device)) != 0
 
 
 # ----------------------------------------------------------------------------------------------------------------

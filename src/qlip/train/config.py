@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from ..transforms import RESIZE_MODES, parse_background
+
 
 class ConfigError(ValueError):
     """A configuration the user must fix (unknown key, wrong type, impossible value)."""
@@ -76,7 +78,10 @@ class DataSection:
 
     Attributes:
         train: a data spec (``shapes[:preset]``, shards, caption list, class folder; see ``qlip.data``).
-        val: held-out data for the periodic checks; None = the ``val`` split of shapes, or no checks for real data.
+        val: held-out data for the periodic checks; None = the ``val`` split of shapes, or the ``val_fraction``
+            held out of a caption list or class folder.
+        val_fraction: without ``data.val``, this share of a caption list or class folder (``data.train``) is held out
+            for the periodic checks and left out of training, chosen by ``seed`` (0 = no held-out checks on them).
         batch_size: images per rank per micro-step (global batch = batch_size x world size x optim.accum_steps).
         num_workers: DataLoader worker processes per rank.
         shapes: ShapesConfig fields for the built-in data (e.g. ``{sizes: [small, large], image_size: 64}``).
@@ -87,10 +92,14 @@ class DataSection:
         hflip: random horizontal flip when augmenting (off for shapes: left/right is a label).
         max_bad_fraction: stop when more than this fraction of samples cannot be read.
         shuffle_buffer: shards: block size of the within-slot shuffle.
+        resize: how an image becomes the model's square: "crop" (fill it, cut the longer side; the released recipe)
+            or "pad" (keep the whole image, fill the rest with ``background``); training and held-out checks alike.
+        background: the color transparent images are flattened onto, and "pad" fills with: white, black or #rrggbb.
     """
 
     train: str = "shapes:easy"
     val: str | None = None
+    val_fraction: float = 0.0
     batch_size: int = 32
     num_workers: int = 0
     shapes: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +109,8 @@ class DataSection:
     hflip: bool = False
     max_bad_fraction: float = 0.05
     shuffle_buffer: int = 0
+    resize: str = "crop"
+    background: str = "white"
 
 
 # Keys that moved, old -> new: an old key is an error that names its new place.
@@ -415,6 +426,19 @@ class TrainConfig:
             raise ConfigError(f"optim.eps must be a finite number > 0, got {self.optim.eps}")
         if not 0 <= self.optim.min_lr_ratio <= 1:
             raise ConfigError(f"optim.min_lr_ratio must lie in [0, 1], got {self.optim.min_lr_ratio}")
+        if self.data.resize not in RESIZE_MODES:
+            raise ConfigError(f"data.resize={self.data.resize!r} is not one of {list(RESIZE_MODES)} (crop fills the "
+                              "square, pad keeps the whole image)")  # fmt: skip
+        try:
+            parse_background(self.data.background)
+        except ValueError as e:
+            raise ConfigError(f"data.background: {e}") from None
+        if not 0.0 <= self.data.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must lie in [0, 1) (the share of data.train held out), got "
+                              f"{self.data.val_fraction}")  # fmt: skip
+        if self.data.val_fraction and self.data.val is not None:
+            raise ConfigError(f"data.val={self.data.val} and data.val_fraction={self.data.val_fraction} both name the "
+                              "held-out data; keep one (data.val_fraction=0 or data.val=null)")  # fmt: skip
         if not 0 <= self.data.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction must lie in [0, 1] (a fraction of the samples), got "
                               f"{self.data.max_bad_fraction}")  # fmt: skip

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler, Subset
 
 from ..data import BadSampleCounter, SampleCollator, ShapesConfig, ShapesDataset, StreamTracker, build_dataset
 from ..data.loader import describe_source
@@ -34,6 +34,57 @@ def shapes_config(data: DataSection, image_size: int) -> ShapesConfig:
         return ShapesConfig.preset(preset, **overrides)
     except TypeError as e:
         raise ConfigError(f"data.shapes={data.shapes}: {e}; see qlip.data.ShapesConfig for the fields") from e
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training indices, held-out indices) of a map-style dataset of ``n`` samples: a seeded random ``fraction``
+    held out (at least one sample), both sorted; the same on every rank and every resume."""
+    n_val = max(1, int(round(n * fraction)))
+    if n - n_val < 1:
+        raise ConfigError(f"data.val_fraction={fraction} holds out all {n} samples of data.train; lower it")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def _split_training_list(data: DataSection, dataset: Any, seed: int, part: int) -> Any:
+    """``dataset`` without (part 0) or only (part 1) the samples ``data.val_fraction`` holds out."""
+    if isinstance(dataset, IterableDataset):
+        raise ConfigError(f"data.val_fraction holds out part of a caption list or class folder, but data.train="
+                          f"{data.train} is a stream; set data.val to held-out data instead")  # fmt: skip
+    return Subset(dataset, holdout_split(len(dataset), data.val_fraction, seed)[part])
+
+
+def _captions_of(dataset: Any) -> list[str]:
+    """The captions of a caption list (or a subset of one) without reading its images; [] for other sources."""
+    if isinstance(dataset, IterableDataset):
+        return []
+    indices = list(range(len(dataset)))
+    while isinstance(dataset, Subset):
+        indices = [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    if not hasattr(dataset, "caption_of"):
+        return []
+    return [c for c in (dataset.caption_of(i) for i in indices) if c is not None]
+
+
+def warn_truncated_captions(dataset: Any, tokenizer: Any, where: str) -> None:
+    """Log once how many captions of a caption list the tokenizer will cut to its context."""
+    if tokenizer is not None and hasattr(tokenizer, "warn_truncated"):
+        captions = _captions_of(dataset)
+        if captions:
+            tokenizer.warn_truncated(captions, where=where)
+
+
+def held_out_description(data: DataSection) -> str | None:
+    """Which held-out data the periodic checks read, in words (None when there is none)."""
+    if data.val is not None:
+        return f"data.val={data.val}"
+    if data.val_fraction:
+        return (f"{data.val_fraction:.1%} of data.train={data.train} held out by data.val_fraction (by seed, "
+                "left out of training)")  # fmt: skip
+    if describe_source(data.train) == "shapes":
+        return f"the val split of {data.train}"
+    return None
 
 
 class ResumableSampler(Sampler[int]):
@@ -72,7 +123,8 @@ class BatchStream:
                  world_size: int) -> None:  # fmt: skip
         self.data, self.rank, self.world = data, rank, world_size
         self.kind = describe_source(data.train)
-        transform = image_transform(image_size, train=data.augment, hflip=data.hflip)
+        transform = image_transform(image_size, train=data.augment, hflip=data.hflip, resize=data.resize,
+                                    background=data.background)  # fmt: skip
         self.counter = BadSampleCounter(max_bad_fraction=data.max_bad_fraction, name=data.train)
         self.collate = SampleCollator(transform, tokenizer)
         groups = data.shapes_training
@@ -90,9 +142,14 @@ class BatchStream:
         else:
             try:
                 self.dataset = build_dataset(data.train, seed=seed, shuffle=True, endless=True, rank=rank,
-                                             world_size=world_size, shuffle_buffer=data.shuffle_buffer)  # fmt: skip
+                                             world_size=world_size, shuffle_buffer=data.shuffle_buffer,
+                                             background=data.background)  # fmt: skip
             except (FileNotFoundError, ValueError) as e:  # a missing path, an empty or malformed list
                 raise ConfigError(f"data.train={data.train}: {e}") from e
+        if data.val is None and data.val_fraction:
+            self.dataset = _split_training_list(data, self.dataset, seed, part=0)
+        if rank == 0:
+            warn_truncated_captions(self.dataset, tokenizer, data.train)
         self.streaming = isinstance(self.dataset, IterableDataset)
         self.tracker = StreamTracker()
         self.sampler = None if self.streaming else ResumableSampler(len(self.dataset), seed=seed, rank=rank,
@@ -154,17 +211,25 @@ class BatchStream:
 
 def held_out_batches(data: DataSection, *, image_size: int, tokenizer: Any, num_samples: int, batch_size: int,
                      seed: int) -> list[dict[str, Any]]:  # fmt: skip
-    """The held-out set as a list of collated batches (the ``val`` split of shapes, or ``data.val``)."""
-    transform = image_transform(image_size, train=False)
+    """The held-out set as a list of collated batches: ``data.val``, the ``val`` split of shapes, or the part of a
+    caption list or class folder ``data.val_fraction`` holds out of training (see :func:`held_out_description`)."""
+    transform = image_transform(image_size, train=False, resize=data.resize, background=data.background)
     collate = SampleCollator(transform, tokenizer)
-    if data.val is None and describe_source(data.train) == "shapes":
+    if data.val is None and not data.val_fraction and describe_source(data.train) == "shapes":
         cfg = shapes_config(data, image_size)
         samples = [generate_shapes_sample(i, cfg, split="val", seed=seed) for i in range(num_samples)]
-    elif data.val is not None:
+    elif data.val is not None or data.val_fraction:
+        key, spec = ("data.val", data.val) if data.val is not None else ("data.train", data.train)
         try:
-            ds = build_dataset(data.val, split="val", seed=seed, length=num_samples, rank=0, world_size=1)
+            options = {} if describe_source(spec) == "shapes" else {"background": data.background}
+            ds = build_dataset(spec, split="val", seed=seed, length=num_samples, rank=0, world_size=1, **options)
         except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"data.val={data.val}: {e}") from e
+            raise ConfigError(f"{key}={spec}: {e}") from e
+        if data.val is None:
+            ds = _split_training_list(data, ds, seed, part=1)
+        if not isinstance(ds, IterableDataset) and len(ds) > num_samples:
+            ds = Subset(ds, range(num_samples))
+        warn_truncated_captions(ds, tokenizer, f"held-out {spec}")
         samples = []
         for i, s in enumerate(ds if isinstance(ds, IterableDataset) else (ds[j] for j in range(len(ds)))):
             if i >= num_samples:

@@ -1,5 +1,6 @@
-"""Periodic held-out checks during training: zero-shot accuracy on the shapes tasks, reconstruction PSNR / SSIM,
-codebook usage, and a PNG grid of originals above their reconstructions.
+"""Periodic held-out checks during training: zero-shot accuracy on the shapes tasks, image-text retrieval on data
+with real captions, reconstruction PSNR / SSIM, codebook usage, and a PNG grid of originals above their
+reconstructions.
 
 The numbers come from the evaluation harness (:mod:`qlip.eval`) and are stated in its one vocabulary
 (:mod:`qlip.eval.schema`), so a training log, a ``qlip eval`` report and the experiments' tables agree.
@@ -34,22 +35,28 @@ def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | Path) -
 @torch.no_grad()
 def evaluate(model: QLIP, batches: Sequence[Mapping[str, Any]], *, tokenizer: Any = None,
              tasks: Mapping[str, Any] | None = None, device: torch.device, autocast_dtype: torch.dtype | None = None,
-             grid_path: str | Path | None = None, grid_images: int = 8) -> dict[str, Any]:  # fmt: skip
+             grid_path: str | Path | None = None, grid_images: int = 8,
+             retrieval: bool = False) -> dict[str, Any]:  # fmt: skip
     """Held-out metrics of ``model`` (put in eval mode here; the caller restores train mode).
+
+    Args:
+        retrieval: also rank images against captions (the batches carry them, tokenized in ``batch["text"]``).
 
     Returns:
         The flat metrics of :mod:`qlip.eval.schema` that the model's parts allow: ``psnr``, ``ssim``,
         ``distinct_codes``, ``code_entropy``, ``mean_bit_entropy``, ``bits_used`` with a quantizer and decoder;
-        ``zs/<task>`` and ``zs/mean`` (percent) with a text tower, a tokenizer and tasks; ``num_eval``.
+        ``zs/<task>`` and ``zs/mean`` (percent) with a text tower, a tokenizer and tasks; ``i2t/...`` and ``t2i/...``
+        with a text tower and ``retrieval``; ``num_eval``.
     """
     from ..eval.recon import evaluate_reconstruction
+    from ..eval.retrieval import evaluate_retrieval
     from ..eval.zero_shot import evaluate_zero_shot_tasks
 
     model.eval()
     if not batches:
         return {}
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    recon, zero_shot = None, None
+    recon, zero_shot, ranked = None, None, None
     if model.decoder is not None and model.quantizer is not None:
         keep = grid_images if grid_path is not None else 0
         with autocast:
@@ -60,4 +67,7 @@ def evaluate(model: QLIP, batches: Sequence[Mapping[str, Any]], *, tokenizer: An
     if model.text is not None and tokenizer is not None and tasks:
         with autocast:
             zero_shot = evaluate_zero_shot_tasks(model, tokenizer, batches, tasks, topk=(1,), device=device)
-    return summary_metrics(zero_shot=zero_shot, recon=recon)
+    if model.text is not None and retrieval:
+        with autocast:
+            ranked = evaluate_retrieval(model, batches, tokenizer=tokenizer, device=device)
+    return summary_metrics(zero_shot=zero_shot, recon=recon, retrieval=ranked)

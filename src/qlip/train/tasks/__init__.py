@@ -9,8 +9,11 @@ from __future__ import annotations
 from .base import BatchSource, StepLosses, Task
 from .generator import GeneratorTask
 from .qlip import QLIPTask
+from .unified import LMTask, UnifiedTask
 from .vlm import VLMTask
 
-TASKS: dict[str, type[Task]] = {"qlip": QLIPTask, "generator": GeneratorTask, "vlm": VLMTask}
+TASKS: dict[str, type[Task]] = {"qlip": QLIPTask, "generator": GeneratorTask, "vlm": VLMTask, "lm": LMTask,
+                                "unified": UnifiedTask}
 
-__all__ = ["TASKS", "BatchSource", "GeneratorTask", "QLIPTask", "StepLosses", "Task", "VLMTask"]
+__all__ = ["TASKS", "BatchSource", "GeneratorTask", "LMTask", "QLIPTask", "StepLosses", "Task", "UnifiedTask",
+           "VLMTask"]

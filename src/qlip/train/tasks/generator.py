@@ -45,6 +45,9 @@ class GeneratorOptions:
         caption_dropout: probability of replacing a caption by the learned null condition (for CFG).
         eval_prompts: captions sampled at each held-out check (the picture shows them; 0 = no samples).
         eval_cfg_scale: guidance scale of those samples.
+        text_encoder: the captions' frozen encoder: "qlip" (the tokenizer's own text tower) or "hf:<source>", a
+            Hugging Face text encoder read from local files ("hf:minilm", "hf:/path/to/flan-t5-xl"); the exported
+            generator names it and loads it again from there.
     """
 
     tokenizer: str = ""
@@ -58,6 +61,7 @@ class GeneratorOptions:
     caption_dropout: float = 0.1
     eval_prompts: int = 16
     eval_cfg_scale: float = 3.0
+    text_encoder: str = "qlip"
 
     def validate(self, cfg: TrainConfig) -> None:
         if not self.tokenizer:
@@ -77,6 +81,12 @@ class GeneratorOptions:
             raise ConfigError(f"generator.caption_dropout must lie in [0, 1), got {self.caption_dropout}")
         if self.eval_prompts < 0 or self.eval_cfg_scale < 0:
             raise ConfigError("generator.eval_prompts and generator.eval_cfg_scale must be >= 0")
+        from ...generation.conditioning import hf_encoder_source
+
+        try:
+            hf_encoder_source(self.text_encoder)
+        except ValueError as e:
+            raise ConfigError(f"generator.text_encoder: {e}") from None
 
 
 class TokenBatches:
@@ -176,19 +186,38 @@ class GeneratorTask(Task):
         # evaluation can reconstruct real images (the judge's ceiling) and score samples against captions.
         self.qlip = create_model(opts.tokenizer, device=self.rt.device)
         self.qlip.requires_grad_(False).eval()
-        self.text_tokenizer = get_tokenizer(opts.tokenizer)
+        self.qlip_tokenizer = get_tokenizer(opts.tokenizer)
+        self.text_model, self.text_tokenizer, encoder = self._text_encoder()
         self.tokens, self.captions, spec = read_token_folder(opts.tokens)
         codec = CodecConfig(kind=opts.codec, parts=opts.parts if opts.codec != "bits" else 1)
-        cfg = T2IConfig.for_tokenizer(TokenSpec.of(self.qlip), text=self.qlip.cfg.text, width=opts.width,
+        cfg = T2IConfig.for_tokenizer(TokenSpec.of(self.qlip), text=self.text_model.cfg, width=opts.width,
                                       depth=opts.depth, heads=opts.heads, codec=codec, dropout=opts.caption_dropout,
-                                      qk_norm=opts.qk_norm)  # fmt: skip
+                                      encoder=encoder, qk_norm=opts.qk_norm)  # fmt: skip
         try:
             check_token_spec(cfg, spec, what=f"the token folder {opts.tokens}")
         except ValueError as e:
             raise ConfigError(str(e)) from e
         self.t2i_cfg = cfg
         log.info("generator: %d training images with captions from %s", len(self.captions), opts.tokens)
-        return T2IModel(cfg, text_encoder=self.qlip.text).to(self.rt.device)
+        return T2IModel(cfg, text_encoder=self.text_model).to(self.rt.device)
+
+    def _text_encoder(self) -> tuple[nn.Module, Any, str]:
+        """(frozen text tower, its caption tokenizer, the ``conditioning.encoder`` the export records)."""
+        from ...generation.conditioning import HF_ENCODER_PREFIX, hf_encoder_source
+        from ...hf import HFModelError, load_text_encoder
+
+        source = hf_encoder_source(self.options.text_encoder)
+        if source is None:
+            return self.qlip.text, self.qlip_tokenizer, self.options.text_encoder
+        if Path(source).expanduser().exists():  # a folder: recorded absolute, so the export loads from anywhere
+            source = str(Path(source).expanduser().resolve())
+        try:
+            encoder = load_text_encoder(source, device=self.rt.device)
+        except HFModelError as e:
+            raise ConfigError(f"generator.text_encoder={self.options.text_encoder}: {e}") from None
+        log.info("generator: captions encoded by %s (width %d, %d tokens)", source, encoder.width,
+                 encoder.context_length)  # fmt: skip
+        return encoder, encoder.tokenizer, HF_ENCODER_PREFIX + source
 
     def batches(self) -> TokenBatches:
         return TokenBatches(self.tokens, self.captions, self.cfg.data.batch_size, self.cfg.seed, self.rt.rank,
@@ -235,11 +264,11 @@ class GeneratorTask(Task):
         from ...generation import T2IModel
 
         self.qlip.to("cpu")  # the export is the run's last act: the generator directory is written from the CPU
-        model = T2IModel(self.t2i_cfg, text_encoder=self.qlip.text)
+        model = T2IModel(self.t2i_cfg, text_encoder=self.text_model.to("cpu"))
         model.load_state_dict(state)
         return model
 
     def save_export(self, model: nn.Module, out_dir: Path) -> Path:
         from ...generation import save_generator
 
-        return save_generator(out_dir, model, self.qlip, self.text_tokenizer)
+        return save_generator(out_dir, model, self.qlip, self.qlip_tokenizer)

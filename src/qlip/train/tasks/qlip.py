@@ -9,6 +9,7 @@ balancer combines them; every term and every weight is logged. Its options are t
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...data.loader import describe_source
 from ...losses.adversarial import adaptive_weight, discriminator_loss, generator_loss, r1_penalty
 from ...losses.contrastive import ClipLoss, clamp_logit_scale_
 from ...losses.reconstruction import pixel_loss
@@ -29,11 +31,13 @@ from ..build import (
     set_train_mode,  # fmt: skip
 )
 from ..config import ConfigError, TrainConfig, config_from_dict, load_yaml
-from ..data import BatchStream, build_tokenizer, held_out_batches
+from ..data import BatchStream, build_tokenizer, held_out_batches, held_out_description
 from ..distributed import average_gradients
 from ..evaluate import evaluate
 from ..optim import build_scheduler
 from .base import StepLosses, Task
+
+log = logging.getLogger(__name__)
 
 
 class QLIPTask(Task):
@@ -223,21 +227,51 @@ class QLIPTask(Task):
 
     # --- evaluation and export ------------------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, *, name: str) -> dict[str, Any]:
-        """Zero-shot accuracy (stage 1, shapes), reconstruction PSNR / SSIM, code usage and a reconstruction grid."""
+        """Zero-shot accuracy (stage 1, shapes), retrieval (stage 1, captioned data), reconstruction PSNR / SSIM,
+        code usage and a reconstruction grid; the first call logs which checks run on which held-out data."""
         cfg = self.cfg
         if not hasattr(self, "_held_out"):
-            tok = self.tokenizer if self.model.text is not None else None
-            self._held_out = held_out_batches(cfg.data, image_size=self.image_size, tokenizer=tok,
-                                              num_samples=cfg.eval.num_samples, batch_size=cfg.eval.batch_size,
-                                              seed=cfg.seed)  # fmt: skip
-            tasks = {}
-            if self.model.text is not None and cfg.data.train.startswith("shapes"):
-                all_tasks = self.stream.dataset.tasks if hasattr(self.stream.dataset, "tasks") else {}
-                tasks = {k: all_tasks[k] for k in cfg.eval.tasks if k in all_tasks}
-            self._tasks = tasks
+            self._plan_checks()
         return evaluate(model, self._held_out, tokenizer=self.tokenizer, tasks=self._tasks, device=self.rt.device,
                         autocast_dtype=self.rt.autocast_dtype, grid_path=self.grid_path(name),
-                        grid_images=cfg.eval.grid_images)  # fmt: skip
+                        grid_images=cfg.eval.grid_images, retrieval=self._retrieval)  # fmt: skip
+
+    def _plan_checks(self) -> None:
+        """Build the held-out batches once and say (once) which checks they allow, or that none applies."""
+        cfg = self.cfg
+        text = self.model.text is not None
+        self._held_out = held_out_batches(cfg.data, image_size=self.image_size, tokenizer=self.tokenizer if text
+                                          else None, num_samples=cfg.eval.num_samples,
+                                          batch_size=cfg.eval.batch_size, seed=cfg.seed)  # fmt: skip
+        shapes = describe_source(cfg.data.val or cfg.data.train) == "shapes"
+        tasks = {}
+        if text and cfg.data.train.startswith("shapes"):
+            all_tasks = self.stream.dataset.tasks if hasattr(self.stream.dataset, "tasks") else {}
+            tasks = {k: all_tasks[k] for k in cfg.eval.tasks if k in all_tasks}
+        self._tasks = tasks
+        # Shapes captions repeat across images, so ranking them measures ties; real captions are ranked.
+        captioned = bool(self._held_out) and all("text" in b for b in self._held_out if b["key"])
+        self._retrieval = text and self.tokenizer is not None and captioned and not shapes
+        where = held_out_description(cfg.data)
+        if not self._held_out:
+            log.warning("no held-out checks: %s; set data.val=PATH (held-out data) or data.val_fraction=0.05 (a "
+                        "share of data.train left out of training)",
+                        f"{where} gave no samples" if where else f"data.train={cfg.data.train} has no held-out "
+                        "split")  # fmt: skip
+            return
+        checks = []
+        if self.model.decoder is not None and self.model.quantizer is not None:
+            checks.append("reconstruction and code usage")
+        if tasks:
+            checks.append(f"zero-shot on {', '.join(tasks)}")
+        if self._retrieval:
+            checks.append("image-text retrieval")
+        if checks:
+            log.warning("held-out checks on %s (%d samples): %s", where, sum(len(b["key"]) for b in self._held_out),
+                     "; ".join(checks))  # fmt: skip
+        else:
+            log.warning("no held-out check applies to %s: the model has no decoder, and the data gives neither "
+                        "zero-shot tasks (shapes) nor captions to rank", where)  # fmt: skip
 
     def export_model(self, state: dict[str, torch.Tensor]) -> nn.Module:
         from ...models.qlip import QLIP

@@ -1,0 +1,301 @@
+"""One autoregressive decoder over one vocabulary: text tokens, image markers and visual sub-tokens (UM3).
+
+The unified model of the paper is a text language model (the package's :class:`qlip.ar.ARTransformer`, with
+QK-norm) whose vocabulary is extended with the visual tokens. Ids, in order::
+
+    [0, V_text)                     the text tokenizer's ids (its start / end tokens included)
+    V_text, V_text + 1              begin-of-image, end-of-image (never predicted: the format places them)
+    V_text + 2 + p * 2^k + c        visual sub-token c of part p: a d-bit image token split into ``parts`` codes
+                                    of k = d / parts bits, most significant first (the subtoken codec's split)
+
+A plain language model (:func:`text_config`) has the text ids only; :func:`extend_vocabulary` adds the others,
+their embedding and output rows set to the mean of the text rows, so the text outputs do not move.
+
+**Split softmax.** A target is normalized over its own modality only: a text target over the text ids, a visual
+target over the visual ids (:func:`split_nll`); sampling restricts each step to the ids its modality allows (a
+softmax over the allowed ids of the full logits is exactly the modality's softmax).
+
+Sequences (``sot``/``eot``: the text tokenizer's start / end tokens; the loss covers the targets in brackets)::
+
+    text        sot [t1 .. tn eot]                        a window of the corpus stream
+    image->text boi v1 .. vT eoi sot [c1 .. cm eot]      caption of an image
+    text->image sot c1 .. cm eot boi [v1 .. vT] eoi      image of a caption (the caption may be dropped: CFG)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..ar.decode import decode
+from ..ar.model import ARConfig, ARTransformer
+from ..ar.sampling import Chooser
+from ..config import dataclass_from_dict
+from ..generation.codec import check_split, join_tokens, split_tokens
+
+LM_FORMAT = "qlip-lm"
+UNIFIED_FORMAT = "qlip-um3"
+KINDS = ("text", "image_to_text", "text_to_image")
+
+
+@dataclass
+class ImageVocab:
+    """The image tokens a unified model reads and writes: the QLIP tokenizer's grid and bits, and the split.
+
+    Attributes:
+        model: the QLIP tokenizer's name; fingerprint: its quantizer's fingerprint (None: unknown).
+        grid: tokens per side; bits: bits per token; parts: sub-tokens per token (``bits`` divisible by it).
+    """
+
+    model: str
+    grid: int
+    bits: int
+    parts: int = 2
+    fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        check_split(self.bits, self.parts)
+
+    @property
+    def part_vocab(self) -> int:
+        return 1 << (self.bits // self.parts)
+
+    @property
+    def size(self) -> int:
+        """Visual ids: ``parts`` blocks of ``part_vocab``."""
+        return self.parts * self.part_vocab
+
+    @property
+    def steps(self) -> int:
+        """Visual sub-tokens of one image."""
+        return self.grid * self.grid * self.parts
+
+
+@dataclass
+class UnifiedConfig:
+    """A language model (``image`` None) or a unified model; see the module docstring for the id layout.
+
+    Attributes:
+        ar: the decoder (its ``vocab_size`` is :attr:`vocab_size`).
+        text_vocab, sot_id, eot_id: the text tokenizer's size and its start / end ids.
+        image: the image vocabulary (None for a text-only language model).
+        corpus: what the text corpus was (:meth:`qlip.unified.corpus.TextCorpus.describe`).
+        reference: figures of the language model a unified model started from (its held-out perplexity).
+    """
+
+    ar: ARConfig
+    text_vocab: int
+    sot_id: int
+    eot_id: int
+    image: ImageVocab | None = None
+    corpus: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.ar.vocab_size != self.vocab_size:
+            raise ValueError(f"the decoder has {self.ar.vocab_size} ids but the vocabulary has {self.vocab_size}")
+
+    @property
+    def format(self) -> str:
+        return LM_FORMAT if self.image is None else UNIFIED_FORMAT
+
+    @property
+    def boi_id(self) -> int:
+        return self.text_vocab
+
+    @property
+    def eoi_id(self) -> int:
+        return self.text_vocab + 1
+
+    @property
+    def visual_start(self) -> int:
+        return self.text_vocab + 2
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_vocab if self.image is None else self.visual_start + self.image.size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {"format": self.format, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UnifiedConfig:
+        d = dict(d)
+        d.pop("format", None)
+        ar = ARConfig.from_dict(d.pop("ar"))
+        image = d.pop("image", None)
+        image = dataclass_from_dict(ImageVocab, image, where="image") if image is not None else None
+        return cls(ar=ar, image=image, **d)
+
+
+def text_config(text_vocab: int, sot_id: int, eot_id: int, *, width: int, depth: int, heads: int, max_seq_len: int,
+                qk_norm: bool = True, corpus: dict[str, Any] | None = None) -> UnifiedConfig:  # fmt: skip
+    """The config of a text-only language model over ``text_vocab`` ids."""
+    ar = ARConfig(vocab_size=text_vocab, width=width, depth=depth, heads=heads, max_seq_len=max_seq_len,
+                  qk_norm=qk_norm)  # fmt: skip
+    return UnifiedConfig(ar=ar, text_vocab=text_vocab, sot_id=sot_id, eot_id=eot_id, corpus=dict(corpus or {}))
+
+
+def split_nll(logits: Tensor, targets: Tensor, text_vocab: int, visual_start: int | None) -> Tensor:
+    """Per-target negative log-likelihood (B, T) under the split softmax: a target below ``text_vocab`` is
+    normalized over the text ids, one at or above ``visual_start`` over the visual ids (markers: neither; callers
+    mask them out). ``visual_start`` None: a text-only vocabulary."""
+    logits = logits.float()
+    picked = logits.gather(-1, targets[..., None])[..., 0]  # (B, T)
+    norm = logits[..., :text_vocab].logsumexp(-1)
+    if visual_start is not None:
+        norm = torch.where(targets >= visual_start, logits[..., visual_start:].logsumexp(-1), norm)
+    return norm - picked
+
+
+class UnifiedLM(nn.Module):
+    """The decoder of a language model or a unified model (see the module docstring)."""
+
+    def __init__(self, cfg: UnifiedConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.core = ARTransformer(cfg.ar)
+
+    @property
+    def device(self) -> torch.device:
+        return self.core.norm.weight.device
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Ids (B, T) -> logits (B, T, V), causal."""
+        return self.core(tokens)
+
+    def nll(self, tokens: Tensor, loss_mask: Tensor) -> Tensor:
+        """Split-softmax NLL (B, T-1) of ``tokens[:, 1:]`` (0 where ``loss_mask`` (B, T-1) is False)."""
+        visual = self.cfg.visual_start if self.cfg.image is not None else None
+        nll = split_nll(self(tokens[:, :-1]), tokens[:, 1:], self.cfg.text_vocab, visual)
+        return nll * loss_mask
+
+    # --- image tokens <-> visual ids -----------------------------------------------------------------------------
+    def image_vocab(self) -> ImageVocab:
+        if self.cfg.image is None:
+            raise ValueError("this is a text-only language model: it has no image vocabulary (train a unified "
+                             "model, task: unified, to read or write images)")  # fmt: skip
+        return self.cfg.image
+
+    def to_visual_ids(self, tokens: Tensor) -> Tensor:
+        """Image tokens (B, h, w) -> visual ids (B, h * w * parts), raster order, most significant part first."""
+        image = self.image_vocab()
+        sub = split_tokens(tokens.flatten(1).long(), image.bits, image.parts)  # (B, N, parts)
+        offsets = torch.arange(image.parts, device=tokens.device) * image.part_vocab + self.cfg.visual_start
+        return (sub + offsets).flatten(1)
+
+    def from_visual_ids(self, ids: Tensor) -> Tensor:
+        """Inverse of :meth:`to_visual_ids`: (B, N * parts) -> (B, grid, grid)."""
+        image = self.image_vocab()
+        sub = ids.unflatten(1, (-1, image.parts)) - self.cfg.visual_start
+        sub = sub - torch.arange(image.parts, device=ids.device) * image.part_vocab
+        return join_tokens(sub, image.bits, image.parts).view(-1, image.grid, image.grid)
+
+    # --- sampling -----------------------------------------------------------------------------------------------
+    # The ids a step may not use get the dtype's lowest finite value rather than -inf: guidance subtracts the
+    # unconditional logits, and -inf - -inf would be NaN; exp() of it is still exactly 0 after the softmax.
+    def _text_only(self, logits: Tensor, step: int) -> Tensor:
+        logits = logits.clone()
+        logits[:, self.cfg.text_vocab :] = torch.finfo(logits.dtype).min
+        return logits
+
+    def _visual_part(self, logits: Tensor, step: int) -> Tensor:
+        image = self.cfg.image
+        lo = self.cfg.visual_start + (step % image.parts) * image.part_vocab
+        out = torch.full_like(logits, torch.finfo(logits.dtype).min)
+        out[:, lo : lo + image.part_vocab] = logits[:, lo : lo + image.part_vocab]
+        return out
+
+    def _prompt(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """Left-padded ids and mask (B, T): with RoPE only the offsets between real tokens matter."""
+        t = max(map(len, rows))
+        ids = torch.zeros(len(rows), t, dtype=torch.long)
+        mask = torch.zeros(len(rows), t, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, t - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, t - len(r) :] = True
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def sample_text(self, prompts: list[list[int]], max_new_tokens: int, chooser: Chooser) -> list[list[int]]:
+        """Continue each id list with text ids until the end token (excluded) or ``max_new_tokens``."""
+        ids, mask = self._prompt(prompts)
+        max_new_tokens = min(max_new_tokens, self.cfg.ar.max_seq_len - ids.shape[1])
+        if max_new_tokens < 1:
+            raise ValueError(f"the prompt ({ids.shape[1]} tokens) fills the model's context of "
+                             f"{self.cfg.ar.max_seq_len}; give a shorter prompt")  # fmt: skip
+        out = decode(self.core, ids, max_new_tokens, chooser, prompt_mask=mask, logits_processor=self._text_only,
+                     stop_id=self.cfg.eot_id)  # fmt: skip
+        result = []
+        for row in out.tolist():
+            result.append(row[: row.index(self.cfg.eot_id)] if self.cfg.eot_id in row else row)
+        return result
+
+    def image_prompt(self, tokens: Tensor) -> list[list[int]]:
+        """``boi v1 .. vT eoi sot`` for each image (B, h, w): the prompt of its caption."""
+        cfg = self.cfg
+        vis = self.to_visual_ids(tokens).tolist()
+        return [[cfg.boi_id, *v, cfg.eoi_id, cfg.sot_id] for v in vis]
+
+    def caption_prompt(self, caption: list[int]) -> list[int]:
+        """``sot c1 .. cm eot boi``: the prompt of a caption's image (an empty caption: the unconditional one)."""
+        return [self.cfg.sot_id, *caption, self.cfg.eot_id, self.cfg.boi_id]
+
+    @torch.no_grad()
+    def sample_image(self, captions: list[list[int]], chooser: Chooser) -> Tensor:
+        """Image tokens (B, grid, grid) for caption ids; a guided chooser adds the unconditional rows (CFG)."""
+        image = self.image_vocab()
+        rows = [self.caption_prompt(c) for c in captions]
+        if chooser.copies == 2:
+            rows += [self.caption_prompt([])] * len(captions)
+        ids, mask = self._prompt(rows)
+        out = decode(self.core, ids, image.steps, chooser, prompt_mask=mask, logits_processor=self._visual_part)
+        return self.from_visual_ids(out)
+
+
+def training_row(model_cfg: UnifiedConfig, kind: str, text: list[int], visual: list[int] | None = None,
+                 ) -> tuple[list[int], list[bool]]:  # fmt: skip
+    """Ids and loss mask (over the targets ``ids[1:]``) of one training sequence (module docstring).
+
+    ``text``: for "text" the whole window (its ``sot`` / ``eot`` included); otherwise the caption's ids alone.
+    ``visual``: the image's visual ids (:meth:`UnifiedLM.to_visual_ids`).
+    """
+    c = model_cfg
+    if kind == "text":
+        return list(text), [True] * (len(text) - 1)
+    if visual is None:
+        raise ValueError(f"a {kind} row needs the image's visual ids")
+    if kind == "image_to_text":
+        head = [c.boi_id, *visual, c.eoi_id, c.sot_id]
+        ids = head + [*text, c.eot_id]
+        return ids, [False] * (len(head) - 1) + [True] * (len(text) + 1)
+    if kind == "text_to_image":
+        head = [c.sot_id, *text, c.eot_id, c.boi_id]
+        ids = head + [*visual, c.eoi_id]
+        return ids, [False] * (len(head) - 1) + [True] * len(visual) + [False]
+    raise ValueError(f"unknown sequence kind {kind!r}; choose one of {KINDS}")
+
+
+def extend_vocabulary(lm: UnifiedLM, image: ImageVocab) -> UnifiedLM:
+    """A unified model made from a text language model: the same decoder, with the markers and visual ids added;
+    their input embeddings are the mean text embedding and their output rows the mean text output row."""
+    if lm.cfg.image is not None:
+        raise ValueError("the model already has an image vocabulary; extend a text-only language model")
+    old = lm.cfg
+    ar = dataclasses.replace(old.ar, vocab_size=old.text_vocab + 2 + image.size)
+    cfg = dataclasses.replace(old, ar=ar, image=image)
+    new = UnifiedLM(cfg).to(lm.device)
+    state = lm.state_dict()
+    grow = {}
+    for key in ("core.tok_embed.weight", "core.lm_head.weight"):
+        if key in state:
+            w = state.pop(key)  # (V_text, W)
+            rows = w.mean(0, keepdim=True).expand(cfg.vocab_size - old.text_vocab, -1)
+            grow[key] = torch.cat([w, rows])
+    new.load_state_dict({**state, **grow})
+    return new

@@ -1,0 +1,246 @@
+"""The unified model (UM3): one vocabulary with a split softmax, vocabulary extension from a text LM, the mixing
+schedule, and the whole path `qlip train` (task: lm, then task: unified) -> complete / caption / generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from qlip.ar.sampling import Chooser
+from qlip.cli import main
+from qlip.unified import ImageVocab, UnifiedLM, extend_vocabulary, split_nll, text_config
+from qlip.unified.mixing import MixSchedule
+
+SENTENCES = (
+    "the quick brown fox jumps over the lazy dog.", "a function returns a value to its caller.",
+    "the module reads a file and writes the result.", "every object has a type and a value.",
+    "a list holds items in order, and a dict maps keys to values.", "the parser splits the text into words.",
+)  # fmt: skip
+
+
+def _tiny_lm(vocab: int = 40, width: int = 32) -> UnifiedLM:
+    torch.manual_seed(0)
+    return UnifiedLM(text_config(vocab, vocab - 2, vocab - 1, width=width, depth=2, heads=2, max_seq_len=64))
+
+
+def _unified(parts: int = 2) -> tuple[UnifiedLM, UnifiedLM]:
+    lm = _tiny_lm()
+    with torch.no_grad():  # a trained-looking LM: rows that differ
+        lm.core.tok_embed.weight.normal_()
+        lm.core.lm_head.weight.normal_()
+    return lm, extend_vocabulary(lm, ImageVocab("tiny", grid=2, bits=6, parts=parts))
+
+
+def test_split_softmax_loss_equals_two_separate_softmaxes():
+    _, um = _unified()
+    c = um.cfg
+    torch.manual_seed(1)
+    logits = torch.randn(2, 5, c.vocab_size)
+    targets = torch.tensor([[0, 5, c.visual_start, c.visual_start + 7, 39], [c.vocab_size - 1, 1, 2, 3, 4]])
+    got = split_nll(logits, targets, c.text_vocab, c.visual_start)
+    want = torch.empty(2, 5)
+    for b in range(2):
+        for t in range(5):
+            y = int(targets[b, t])
+            if y >= c.visual_start:
+                want[b, t] = F.cross_entropy(logits[b, t, c.visual_start :][None], torch.tensor([y - c.visual_start]))
+            else:
+                want[b, t] = F.cross_entropy(logits[b, t, : c.text_vocab][None], torch.tensor([y]))
+    torch.testing.assert_close(got, want)
+    # a plain softmax over the whole vocabulary is a different loss
+    assert not torch.allclose(got, F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+                              .view(2, 5))  # fmt: skip
+
+
+def test_split_softmax_sampling_restricts_each_step_to_its_modality():
+    _, um = _unified()
+    c, image = um.cfg, um.cfg.image
+    torch.manual_seed(2)
+    logits = torch.randn(3, c.vocab_size)
+    text = um._text_only(logits, 0).softmax(-1)
+    torch.testing.assert_close(text[:, : c.text_vocab], logits[:, : c.text_vocab].softmax(-1))
+    assert float(text[:, c.text_vocab :].sum()) == 0.0
+    for step in range(image.parts):
+        lo, hi = c.visual_start + step * image.part_vocab, c.visual_start + (step + 1) * image.part_vocab
+        vis = um._visual_part(logits, step).softmax(-1)
+        torch.testing.assert_close(vis[:, lo:hi], logits[:, lo:hi].softmax(-1))
+        outside = torch.ones(c.vocab_size, dtype=torch.bool)
+        outside[lo:hi] = False
+        assert float(vis[:, outside].sum()) == 0.0
+    # guidance over restricted logits stays finite (no -inf - -inf)
+    chooser = Chooser(guided=True, cfg_scale=3.0, generator=torch.Generator().manual_seed(0))
+    ids = chooser(um._visual_part(torch.randn(4, c.vocab_size), 1))
+    assert ((ids >= c.visual_start + image.part_vocab) & (ids < c.visual_start + 2 * image.part_vocab)).all()
+
+
+def test_vocabulary_extension_keeps_the_text_model_unchanged():
+    lm, um = _unified()
+    tokens = torch.randint(0, lm.cfg.text_vocab, (2, 9))
+    old, new = lm(tokens), um(tokens)
+    torch.testing.assert_close(new[..., : lm.cfg.text_vocab], old)
+    torch.testing.assert_close(new[..., : lm.cfg.text_vocab].log_softmax(-1), old.log_softmax(-1))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    torch.testing.assert_close(um.nll(tokens, mask), lm.nll(tokens, mask))
+    mean = lm.core.tok_embed.weight.mean(0)
+    torch.testing.assert_close(um.core.tok_embed.weight[lm.cfg.text_vocab :], mean.expand(um.cfg.vocab_size - 40, -1))
+    assert um.cfg.ar.qk_norm
+    tokens = torch.randint(0, 64, (3, 2, 2))
+    assert torch.equal(um.from_visual_ids(um.to_visual_ids(tokens)), tokens)
+
+
+def test_mix_schedule_decays_the_text_share_linearly():
+    s = MixSchedule((60, 1, 3), (12, 1, 3), horizon=100)
+    assert s.ratios(0) == (60, 1, 3) and s.ratios(100) == (12, 1, 3) and s.ratios(500) == (12, 1, 3)
+    assert s.ratios(50) == pytest.approx((36, 1, 3))
+    assert s.shares(0) == pytest.approx((60 / 64, 1 / 64, 3 / 64))
+    assert MixSchedule((60, 1, 3), (12, 1, 3), 100, enabled=False).ratios(0) == (12, 1, 3)
+    with pytest.raises(ValueError, match="ratios"):
+        MixSchedule((1, 1), (1, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_tokenizer):
+    """A 3-step language model and a 3-step unified model from it, both through `qlip train`."""
+    from qlip.factory import create_model
+
+    root = tmp_path_factory.mktemp("um3")
+    (root / "corpus.txt").write_text("\n\n".join(f"{a} {b}" for a in SENTENCES for b in SENTENCES) + "\n")
+    torch.manual_seed(0)
+    create_model("qlip-tiny").save_pretrained(root / "tok", tokenizer=tiny_tokenizer)
+    assert main(["tokenize", "--model", str(root / "tok"), "--data", "shapes:easy", "--count", "16", "--out",
+                 str(root / "tokens"), "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet"]) == 0
+    common = {"data": {"batch_size": 4}, "optim": {"steps": 3, "warmup_steps": 1, "lr": 1e-3},
+              "eval": {"at_end": True}, "logging": {"every": 1, "progress": False, "tensorboard": False},
+              "checkpoint": {"every": 0, "export": True}, "distributed": {"threads": 1}}  # fmt: skip
+    lm_cfg = {"task": "lm", "lm": {"corpus": str(root / "corpus.txt"), "held_out": 0.2, "vocab_size": 600,
+                                   "seq_len": 16, "context": 96, "width": 32, "depth": 2, "heads": 2,
+                                   "eval_windows": 4}, "run_dir": str(root / "lm"), **common}  # fmt: skip
+    (root / "lm.yaml").write_text(yaml.safe_dump(lm_cfg))
+    assert main(["train", str(root / "lm.yaml")]) == 0
+    um_cfg = {"task": "unified", "unified": {"init": str(root / "lm" / "last"), "tokenizer": str(root / "tok"),
+                                             "tokens": str(root / "tokens"), "start": [2, 1, 1], "end": [1, 1, 1],
+                                             "horizon": 2, "eval_windows": 4, "eval_images": 2},
+              "run_dir": str(root / "um"), **common}  # fmt: skip
+    (root / "um.yaml").write_text(yaml.safe_dump(um_cfg))
+    assert main(["train", str(root / "um.yaml")]) == 0
+    return root
+
+
+def test_lm_then_unified_training_through_the_cli(runs):
+    import json
+
+    from qlip.train.logger import read_metrics
+
+    rows = read_metrics(runs / "um", kind=None)
+    assert len([r for r in rows if "loss/tokens" in r]) == 3
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert evals and {"text_ppl", "text_ppl_init", "text_ppl_change", "cap/all"} <= set(evals[-1]), evals
+    cfg = json.loads((runs / "um" / "last" / "config.json").read_text())
+    assert cfg["format"] == "qlip-um3" and cfg["reference"]["text_ppl"] > 1
+    assert json.loads((runs / "lm" / "last" / "config.json").read_text())["format"] == "qlip-lm"
+    assert (runs / "um" / "last" / "qlip" / "config.json").is_file() and (runs / "um" / "grids" / "final.png").is_file()
+
+
+def test_load_completes_captions_and_generates(runs):
+    from PIL import Image
+
+    from qlip.unified import UnifiedInputError, load
+
+    um = load(runs / "um" / "last")
+    assert isinstance(um.complete("the quick", max_new_tokens=5, seed=1), str)
+    assert um.complete("the quick", max_new_tokens=5, seed=1) == um.complete("the quick", max_new_tokens=5, seed=1)
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    assert isinstance(um.caption(image, max_new_tokens=4), str)
+    images = um.generate(["a red circle", "a blue square"], cfg_scale=2.0, seed=0)
+    assert len(images) == 2 and images[0].size == (32, 32)
+    tokens = um.generate_tokens("a red circle", cfg_scale=1.0, seed=3)
+    assert tokens.shape == (1, 4, 4) and int(tokens.max()) < 256
+    for bad in (lambda: um.complete("  "), lambda: um.complete(image), lambda: um.generate([""]),
+                lambda: um.caption(torch.zeros(3, 3, dtype=torch.long)),
+                lambda: um.caption(torch.full((4, 4), 1 << 9)), lambda: um.generate(["a"], cfg_scale=-1)):
+        with pytest.raises(UnifiedInputError):
+            bad()
+    lm = load(runs / "lm" / "last")
+    assert isinstance(lm.complete("a function"), str)
+    with pytest.raises(UnifiedInputError, match="text-only"):
+        lm.caption(image)
+
+
+def test_complete_cli_and_its_user_errors(runs, capsys):
+    assert main(["complete", "--model", str(runs / "lm" / "last"), "the quick", "--max-new-tokens", "4"]) == 0
+    assert main(["complete", "--model", str(runs / "um" / "last"), "the quick", "--seed", "2"]) == 0
+    capsys.readouterr()
+    assert main(["complete", "--model", str(runs / "lm" / "last"), "   "]) == 2
+    assert main(["complete", "--model", str(runs / "tok"), "the quick"]) == 2  # a QLIP model, not an LM
+    assert main(["complete", "--model", str(runs / "lm" / "last"), "the", "--image", "x.png"]) == 2
+    assert main(["complete", "--model", str(runs / "lm" / "last"), "the", "--top-p", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 4
+
+
+def test_generate_cli_takes_a_unified_model_and_refuses_a_text_only_one(runs, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "samples"
+    assert main(["generate", "a red circle", "--model", str(runs / "um" / "last"), "--n", "2", "--cfg", "2",
+                 "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    assert sorted(p.name for p in out.glob("*.png")) == ["000-00.png", "000-01.png"]
+    assert Image.open(out / "000-00.png").size == (32, 32)
+    capsys.readouterr()
+    assert main(["generate", "a red circle", "--model", str(runs / "lm" / "last"), "--out", str(tmp_path / "t"),
+                 "--device", "cpu"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "text-only" in err and "Traceback" not in err
+
+
+def test_config_errors_name_what_to_change(runs, tmp_path, capsys):
+    from qlip.train.config import ConfigError, load_config
+
+    cfg = yaml.safe_load((runs / "um.yaml").read_text())
+    cfg["unified"]["start"] = [1, 1]
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="ratios"):
+        load_config([str(tmp_path / "a.yaml")])
+    cfg = yaml.safe_load((runs / "um.yaml").read_text())
+    cfg["unified"]["init"] = str(runs / "tok")  # a QLIP model, not a language model
+    cfg["run_dir"] = str(tmp_path / "r")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "b.yaml")]) == 2
+    cfg = yaml.safe_load((runs / "um.yaml").read_text())
+    cfg["unified"]["parts"] = 3  # 8-bit tokens do not split into 3 sub-tokens
+    cfg["run_dir"] = str(tmp_path / "c")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "3 equal parts" in err and "qlip" in err
+
+
+def test_eval_unified_writes_one_report(runs, tmp_path, capsys):
+    import json
+
+    from qlip.eval.judge import train_judge
+    from qlip.unified.evaluate import caption_accuracy
+
+    train_judge(tmp_path / "judge", steps=2, num_train=32, num_eval=16)
+    spec = "shapes:easy?holdout_combinations=0.1&eval_combinations=held_out&image_size=32"
+    out = tmp_path / "report"
+    assert main(["eval", "unified", "--model", str(runs / "um" / "last"), "--judge", str(tmp_path / "judge"),
+                 "--data", spec, "--limit", "3", "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    metrics = json.loads((out / "report.json").read_text())["metrics"]
+    for key in ("text_ppl", "text_ppl_init", "text_ppl_change", "cap/shape", "cap/color", "cap/position", "cap/all",
+                "gen/shape", "gen/all"):
+        assert key in metrics, key
+    assert (out / "report.md").is_file() and (out / "samples.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", "unified", "--model", str(runs / "lm" / "last"), "--judge", "none", "--out",
+                 str(tmp_path / "r2")]) == 2  # a text-only LM
+    assert main(["eval", "unified", "--model", str(runs / "tok"), "--out", str(tmp_path / "r3")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    # the scoring itself
+    got = caption_accuracy(["a red circle at the top.", "a blue star", "a red star in the center."],
+                           ["a large red circle at the top.", {"shape": "circle", "color": "blue", "position": "top"},
+                            "a small red circle in the center."])  # fmt: skip
+    assert got["cap/color"] == 100.0 and got["cap/shape"] == pytest.approx(100 / 3)
+    assert got["cap/position"] == pytest.approx(200 / 3) and got["cap/all"] == pytest.approx(100 / 3)
