@@ -51,7 +51,7 @@ def _build_hf(cfg: LMConfig, directory: Path | None) -> tuple[nn.Module, Any]:
     try:
         lm, tokenizer = load_causal_lm(cfg.source)
     except HFModelError as e:
-        raise UnderstandingError(f"cannot read the VLM's language model (lm.source {cfg.source!r}): {e}") from None
+        raise UnderstandingError(f"cannot read the VLM's 'hf' language model (lm.source {cfg.source!r}): {e}") from None
     return lm.requires_grad_(False), tokenizer  # frozen: its weights are the source's, never saved with the VLM
 
 
