@@ -74,3 +74,31 @@ def save_tiny_hf_text_encoder(path, kind: str = "bert"):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def save_tiny_hf_causal_lm(path, texts: list[str], *, max_positions: int = 128):
+    """A random 2-layer Llama folder with a lowercased word-level tokenizer covering ``texts`` and a chat template,
+    built here (needs transformers; nothing is downloaded). Returns the folder."""
+    import transformers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t.lower())} | {"user", "assistant", ":"})
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                               eos_token="</s>", unk_token="<unk>")  # fmt: skip
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -229,7 +229,7 @@ def test_save_and_load_give_the_same_answers(tmp_path):
         load(tmp_path / "nothing")
 
 
-def test_hf_language_model_kind_is_a_clear_error_until_wired():
+def test_hf_language_model_with_a_missing_source_is_a_clear_error():
     from qlip.understanding import build_language_model
 
     with pytest.raises(UnderstandingError, match="'hf'"):

@@ -3,13 +3,14 @@
 Layout::
 
     DIR/config.json          the VLMConfig ("format": "qlip-vlm"): tower, projector, LM kind (+ ARConfig or source)
-    DIR/model.safetensors    the projector and, for "qlip-ar", the language model
+    DIR/model.safetensors    the projector and, for "qlip-ar", the language model ("hf": the LM is read from
+                             lm.source when the directory is loaded, offline; its weights are not copied)
     DIR/tokenizer.json       the word tokenizer ("qlip-ar")
     DIR/vision/              the QLIP model of the tower (image encoder, + quantizer for "codes"), save_pretrained
 
 The language model of a config comes from :data:`LM_BUILDERS` by its ``kind``: "qlip-ar" builds the package's
-:class:`qlip.ar.ARTransformer`; "hf" (a pretrained causal LM read from ``lm.source``) is the place for a Hugging Face
-wrapper implementing :class:`qlip.understanding.protocols.LanguageModel` and its tokenizer.
+:class:`qlip.ar.ARTransformer`; "hf" reads a pretrained causal LM and its tokenizer from ``lm.source`` ("smollm2",
+a .gguf file or a local Hugging Face folder) with :func:`qlip.hf.load_causal_lm`, frozen.
 """
 
 from __future__ import annotations
@@ -45,12 +46,18 @@ def _build_qlip_ar(cfg: LMConfig, directory: Path | None) -> tuple[nn.Module, An
 
 
 def _build_hf(cfg: LMConfig, directory: Path | None) -> tuple[nn.Module, Any]:
-    raise UnderstandingError(f"language model kind 'hf' (source {cfg.source!r}) is not available in this qlip; "
-                             "use kind 'qlip-ar'")  # fmt: skip
+    from ..hf import HFModelError, load_causal_lm
+
+    try:
+        lm, tokenizer = load_causal_lm(cfg.source)
+    except HFModelError as e:
+        raise UnderstandingError(f"cannot read the VLM's 'hf' language model (lm.source {cfg.source!r}): {e}") from None
+    return lm.requires_grad_(False), tokenizer  # frozen: its weights are the source's, never saved with the VLM
 
 
 # kind -> (LM config, VLM directory or None) -> (language model, its tokenizer or None). A builder for "hf" reads
-# cfg.source; whatever LM weights the VLM directory holds are loaded afterwards under the "lm." prefix.
+# cfg.source; whatever LM weights the VLM directory holds are loaded afterwards under the "lm." prefix (none for
+# "hf": see FROZEN_LM_KINDS).
 LM_BUILDERS: dict[str, Callable[[LMConfig, Path | None], tuple[nn.Module, Any]]] = {
     "qlip-ar": _build_qlip_ar,
     "hf": _build_hf,
@@ -63,9 +70,15 @@ def build_language_model(cfg: LMConfig, directory: Path | None = None) -> tuple[
     return LM_BUILDERS[cfg.kind](cfg, directory)
 
 
+# LM kinds that stay frozen as their source has them: the VLM directory keeps the source, not the LM's weights.
+FROZEN_LM_KINDS = ("hf",)
+
+
 def _saved_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
-    """Projector and LM weights (the tower is saved as a QLIP model directory of its own)."""
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if not k.startswith("tower.")}
+    """Projector and LM weights (the tower is saved as a QLIP model directory of its own; a frozen LM is rebuilt
+    from its source)."""
+    skip = ("tower.", "lm.") if model.cfg.lm.kind in FROZEN_LM_KINDS else ("tower.",)
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if not k.startswith(skip)}
 
 
 def check_vlm_target(directory: Path) -> None:

@@ -48,8 +48,9 @@ class VLMOptions:
         merge: concatenate each merge x merge block of patch features before the projector: merge**2 times fewer
             image positions for the language model (1 = one per patch, LLaVA's).
         lm: the language model kind: "qlip-ar" (the package's ARTransformer, trained from scratch with a word
-            tokenizer built from the training texts) or "hf" (a pretrained causal LM read from ``lm_source``).
-        lm_source: where an "hf" language model is read from.
+            tokenizer built from the training texts) or "hf" (a pretrained causal LM read from ``lm_source``, with
+            its own tokenizer and chat template; frozen: stage 1 only, the export keeps the source, not the weights).
+        lm_source: where an "hf" language model is read from: "smollm2", a .gguf file or a local Hugging Face folder.
         width, depth, heads: the "qlip-ar" language model.
         data: the stage's conversations: a ``shapes[:preset][?field=value...]`` spec (captions in stage 1,
             question-answer instructions in stage 2; held-out triples via ``holdout_combinations``) or a LLaVA JSON
@@ -58,6 +59,8 @@ class VLMOptions:
         image_pool: how many shapes training images (rendered and encoded once; each step asks a fresh question).
         caption_steps: with stage 2 on shapes, the first this many optimizer steps are stage 1 (captions).
         stage1_trains_lm: stage 1 trains the language model too (a from-scratch LM must learn language).
+        stage1_data: the shapes conversations of stage 1: "caption" (LLaVA's feature alignment) or "qa" (the
+            question-answer instructions: a frozen pretrained LM learns the task through the projector alone).
         eval_images: held-out shapes images of the in-training check (one question of each type per image, held-out
             phrasings); 0 = no check.
     """
@@ -79,6 +82,7 @@ class VLMOptions:
     image_pool: int = 4000
     caption_steps: int = 0
     stage1_trains_lm: bool = False
+    stage1_data: str = "caption"
     eval_images: int = 100
 
     def validate(self, cfg: TrainConfig) -> None:
@@ -95,11 +99,17 @@ class VLMOptions:
             raise ConfigError(f"vlm.lm={self.lm!r} is not one of ['qlip-ar', 'hf']")
         if self.lm == "hf" and not self.lm_source:
             raise ConfigError("vlm.lm=hf needs vlm.lm_source: the pretrained language model to read")
+        if self.lm == "hf" and (cfg.stage != 1 or self.stage1_trains_lm):
+            raise ConfigError("vlm.lm=hf keeps the pretrained language model frozen and trains the projector only: "
+                              "use stage=1 with vlm.stage1_trains_lm=false (instruction tuning of an hf LM, stage 2, "
+                              "is not supported)")  # fmt: skip
         for key in ("width", "depth", "heads", "image_pool", "merge"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"vlm.{key} must be >= 1, got {getattr(self, key)}")
         if self.width % self.heads or (self.width // self.heads) % 2:
             raise ConfigError(f"vlm.width={self.width} must split into vlm.heads={self.heads} heads of an even size")
+        if self.stage1_data not in ("caption", "qa"):
+            raise ConfigError(f"vlm.stage1_data={self.stage1_data!r} is not one of ['caption', 'qa']")
         if self.caption_steps < 0 or self.eval_images < 0:
             raise ConfigError("vlm.caption_steps and vlm.eval_images must be >= 0")
         if self.caption_steps and cfg.stage != 2:
@@ -231,6 +241,7 @@ class VLMTask(Task):
 
     def _build_vlm(self) -> nn.Module:
         from ...ar import ARConfig, ARTransformer
+        from ...hf.causal_lm import SMOLLM2
         from ...understanding import load
         from ...understanding.model import LMConfig, VisionLanguageModel, VLMConfig, render_conversation
         from ...understanding.pipeline import build_language_model
@@ -255,8 +266,9 @@ class VLMTask(Task):
                           max_seq_len=self.tower.cfg.tokens // opts.merge**2 + 2 * longest + 32)  # fmt: skip
             lm_cfg = LMConfig("qlip-ar", ar=ar.to_dict())
             lm = ARTransformer(ar)
-        else:
-            lm_cfg = LMConfig("hf", source=opts.lm_source)
+        else:  # a path is kept absolute, so the exported VLM finds its LM from any working directory
+            source = opts.lm_source if opts.lm_source == SMOLLM2 else str(Path(opts.lm_source).expanduser().resolve())
+            lm_cfg = LMConfig("hf", source=source)
             lm, self.tokenizer = build_language_model(lm_cfg)
         self.vlm_cfg = VLMConfig(tower=self.tower.cfg, projector=opts.projector, lm=lm_cfg, merge=opts.merge,
                                  feature_norm=opts.feature_norm)  # fmt: skip
@@ -307,7 +319,7 @@ class VLMTask(Task):
 
     def batches(self) -> ConversationBatches:
         opts = self.options
-        default = "caption" if self.cfg.stage == 1 else "qa"
+        default = self.options.stage1_data if self.cfg.stage == 1 else "qa"
         return ConversationBatches(self._conversation, self.items, self.cfg.data.batch_size, self.cfg.seed,
                                    self.rt.rank, self.rt.world_size, default_kind=default,
                                    caption_batches=opts.caption_steps * self.cfg.optim.accum_steps)  # fmt: skip
@@ -358,10 +370,13 @@ class VLMTask(Task):
 
     def export_model(self, state: dict[str, torch.Tensor]) -> nn.Module:
         from ...understanding.model import VisionLanguageModel
-        from ...understanding.pipeline import build_language_model
+        from ...understanding.pipeline import FROZEN_LM_KINDS, build_language_model
 
         self.tower.to("cpu")
-        lm, _ = build_language_model(self.vlm_cfg.lm)
+        if self.vlm_cfg.lm.kind in FROZEN_LM_KINDS:
+            lm = self.model_ref.lm.to("cpu")  # frozen, so still the source's weights: not read from it a second time
+        else:
+            lm, _ = build_language_model(self.vlm_cfg.lm)
         model = VisionLanguageModel(self.vlm_cfg, self.tower, lm, self.tokenizer)
         model.load_state_dict({k: v for k, v in state.items()})
         return model
