@@ -35,24 +35,39 @@ log = logging.getLogger(__name__)
 QUESTION_TYPES = ("color", "shape", "position", "size", "yesno")
 PHRASINGS = ("train", "held_out", "all")
 
-# type -> phrasings; the LAST one of each type is held out of training.
+# type -> phrasings; the LAST one of each type is held out of training. Many training phrasings, so that the
+# from-scratch language model learns to read the question's key word rather than the wording of a few templates.
 QUESTIONS: dict[str, tuple[str, ...]] = {
     "color": ("What color is the shape?", "What is the color of the shape?", "Which color does the shape have?",
+              "What color is the object?", "Tell me the color of the shape.", "Name the color of the figure.",
+              "What color do you see?", "The shape has which color?", "What is the object's color?",
               "Which color is the shape?"),
     "shape": ("What shape is in the image?", "What kind of shape is this?", "Which shape do you see?",
+              "What is the shape?", "Name the shape in the picture.", "Which figure is drawn?",
+              "Tell me which shape this is.", "What kind of object is shown?", "Which shape is shown here?",
               "What shape do you see in the image?"),
     "position": ("Where is the shape?", "Where is the shape located?", "In which part of the image is the shape?",
-                 "Where in the image is the shape?"),
+                 "Where is it?", "Tell me where the shape is.", "Where does the shape sit?",
+                 "What is the position of the shape?", "In what part of the picture is the object?",
+                 "Where can you see the figure?", "Where in the image is the shape?"),
     "size": ("What size is the shape?", "How big is the shape?", "Is the shape medium or large?",
+             "How large is the object?", "Tell me the size of the shape.", "What is the size of the figure?",
              "Which size does the shape have?"),
 }  # fmt: skip
 # attribute -> yes/no phrasings with {value}; the last of each is held out.
 YESNO_QUESTIONS: dict[str, tuple[str, ...]] = {
-    "color": ("Is there a {value} shape?", "Is the shape {value}?", "Do you see a {value} shape?"),
-    "shape": ("Is there a {value} in the image?", "Is the shape a {value}?", "Do you see a {value}?"),
-    "position": ("Is the shape {value}?", "Is there a shape {value}?", "Do you see a shape {value}?"),
-    "size": ("Is the shape {value}?", "Is there a {value} shape?", "Do you see a {value} shape?"),
-}
+    "color": ("Is there a {value} shape?", "Is the shape {value}?", "Is the object {value}?",
+              "Does the image contain a {value} shape?", "Is a {value} shape shown?", "Can you see a {value} figure?",
+              "Do you see a {value} shape?"),
+    "shape": ("Is there a {value} in the image?", "Is the shape a {value}?", "Does the image show a {value}?",
+              "Is a {value} drawn here?", "Is the object a {value}?", "Can you see a {value} here?",
+              "Do you see a {value}?"),
+    "position": ("Is the shape {value}?", "Is there a shape {value}?", "Is the object {value}?",
+                 "Does the image have a shape {value}?", "Is a figure drawn {value}?", "Can you see a figure {value}?",
+                 "Do you see a shape {value}?"),
+    "size": ("Is the shape {value}?", "Is there a {value} shape?", "Is the object {value}?",
+             "Does the image contain a {value} shape?", "Do you see a {value} shape?"),
+}  # fmt: skip
 CAPTION_PROMPTS = ("Describe the image.", "Give a short caption of the image.", "What does the image show?",
                    "Describe the image briefly.")  # fmt: skip
 
