@@ -188,7 +188,9 @@ def write_results(name: str, payload: dict[str, Any], out: str | None) -> Path:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
         path = RESULTS_DIR / f"{name}-{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    from qlip.fileio import write_text_atomic
+
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")  # a stopped run leaves no half file
     print(f"wrote {path}")
     return path
 
