@@ -259,6 +259,22 @@ def test_shapes_questions_cover_types_absent_attributes_and_held_out_phrasings()
     assert vocab.encode(held["question"]).count(vocab.unk_id) == 0
 
 
+def test_yesno_share_sets_the_share_of_yes_no_questions_and_zero_keeps_the_uniform_draw():
+    from collections import Counter
+
+    from qlip.data.loader import shapes_config_from_spec
+
+    cfg = shapes_config_from_spec("shapes:easy?sizes=large")  # four types: color, shape, position, yesno
+    shape = {"shape": "circle", "color": "red", "position": "top left", "size": "large"}
+    rngs = [np.random.default_rng(i) for i in range(2000)]
+    counts = Counter(shapes_question(shape, cfg, rng, yesno_share=0.5)["type"] for rng in rngs)
+    assert 0.46 < counts["yesno"] / 2000 < 0.54 and set(counts) == {"color", "shape", "position", "yesno"}
+    assert all(0.13 < counts[t] / 2000 < 0.2 for t in ("color", "shape", "position"))  # 1/6 each
+    uniform = [shapes_question(shape, cfg, np.random.default_rng(i))["question"] for i in range(50)]
+    assert uniform == [shapes_question(shape, cfg, np.random.default_rng(i), yesno_share=0.0)["question"]
+                       for i in range(50)]  # fmt: skip
+
+
 def test_llava_json_bad_records_are_named_counted_and_skipped(tmp_path):
     from PIL import Image
 

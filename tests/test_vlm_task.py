@@ -180,3 +180,12 @@ def test_resume_continues_the_vlm_exactly(trained, tmp_path):
     a = [r.get("loss/caption", r.get("loss/answer")) for r in read_metrics(whole)]
     b = [r.get("loss/caption", r.get("loss/answer")) for r in read_metrics(parts)]
     assert a == b and len(a) == 3
+
+
+def test_yesno_share_out_of_range_is_a_config_error(tmp_path):
+    from qlip.train.config import ConfigError, config_from_dict
+
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="vlm.yesno_share must lie in"):
+            config_from_dict({"task": "vlm", "stage": 2, "vlm": {"tokenizer": "x", "yesno_share": bad},
+                              "run_dir": str(tmp_path / "r")})  # fmt: skip

@@ -87,8 +87,9 @@ def _value_text(attribute: str, value: str) -> str:
 
 
 def shapes_question(shape: dict[str, Any], cfg: ShapesConfig, rng: np.random.Generator, *, qtype: str | None = None,
-                    phrasings: str = "train") -> dict[str, Any]:  # fmt: skip
-    """A question about ``shape`` (one entry of a shapes sample's attributes).
+                    phrasings: str = "train", yesno_share: float = 0.0) -> dict[str, Any]:  # fmt: skip
+    """A question about ``shape`` (one entry of a shapes sample's attributes): of type ``qtype``, or drawn, every
+    type equally often unless ``yesno_share`` > 0 sets the share of yes/no questions.
 
     Returns {"question", "answer", "type", "absent"}: ``absent`` is True for a yes/no question about an attribute
     value the image does not have (its answer is "no"), False for one it has, None for the other types.
@@ -97,6 +98,8 @@ def shapes_question(shape: dict[str, Any], cfg: ShapesConfig, rng: np.random.Gen
         raise ValueError(f"phrasings must be one of {PHRASINGS}, got {phrasings!r}")
     if qtype is None:
         types = question_types(cfg)
+        if yesno_share > 0:
+            types = ("yesno",) if rng.random() < yesno_share else tuple(t for t in types if t != "yesno")
         qtype = types[int(rng.integers(len(types)))]
     if qtype in QUESTIONS:
         answer = _value_text(qtype, shape[qtype])
@@ -141,8 +144,10 @@ def shapes_corpus(cfg: ShapesConfig, *, captions: int = 400, seed: int = 0) -> l
 
 
 def shapes_conversation(index: int, cfg: ShapesConfig, *, split: str, seed: int, kind: str, rng: np.random.Generator,
-                        phrasings: str = "train", qtype: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """One single-turn conversation about shapes sample ``index``: ``kind`` "caption" or "qa".
+                        phrasings: str = "train", qtype: str | None = None,
+                        yesno_share: float = 0.0) -> dict[str, Any]:  # fmt: skip
+    """One single-turn conversation about shapes sample ``index``: ``kind`` "caption" or "qa" (see
+    :func:`shapes_question` for ``qtype`` and ``yesno_share``).
 
     Returns {"turns": [(user, answer)], "type", "absent"} (type "caption" for captions).
     """
@@ -150,7 +155,7 @@ def shapes_conversation(index: int, cfg: ShapesConfig, *, split: str, seed: int,
     if kind == "caption":
         caption = make_caption(shapes, cfg.caption_mode, rng)
         return {"turns": [(with_image(caption_prompt(rng)), caption)], "type": "caption", "absent": None}
-    qa = shapes_question(shapes[0], cfg, rng, qtype=qtype, phrasings=phrasings)
+    qa = shapes_question(shapes[0], cfg, rng, qtype=qtype, phrasings=phrasings, yesno_share=yesno_share)
     return {"turns": [(with_image(qa["question"]), qa["answer"])], "type": qa["type"], "absent": qa["absent"]}
 
 

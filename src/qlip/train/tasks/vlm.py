@@ -63,6 +63,8 @@ class VLMOptions:
             question-answer instructions: a frozen pretrained LM learns the task through the projector alone).
         eval_images: held-out shapes images of the in-training check (one question of each type per image, held-out
             phrasings); 0 = no check.
+        yesno_share: the share of shapes questions that are yes/no questions (the other types share the rest
+            equally); 0 = every question type equally often.
     """
 
     tokenizer: str = ""
@@ -84,6 +86,7 @@ class VLMOptions:
     stage1_trains_lm: bool = False
     stage1_data: str = "caption"
     eval_images: int = 100
+    yesno_share: float = 0.0
 
     def validate(self, cfg: TrainConfig) -> None:
         from ...understanding.model import FEATURES, PROJECTORS
@@ -110,6 +113,8 @@ class VLMOptions:
             raise ConfigError(f"vlm.width={self.width} must split into vlm.heads={self.heads} heads of an even size")
         if self.stage1_data not in ("caption", "qa"):
             raise ConfigError(f"vlm.stage1_data={self.stage1_data!r} is not one of ['caption', 'qa']")
+        if not 0.0 <= self.yesno_share < 1.0:
+            raise ConfigError(f"vlm.yesno_share must lie in [0, 1), got {self.yesno_share}")
         if self.caption_steps < 0 or self.eval_images < 0:
             raise ConfigError("vlm.caption_steps and vlm.eval_images must be >= 0")
         if self.caption_steps and cfg.stage != 2:
@@ -315,7 +320,8 @@ class VLMTask(Task):
 
         if self.records is not None:
             return {"turns": self.records[index]["turns"]}
-        return shapes_conversation(index, self.shapes, split="train", seed=self.cfg.seed, kind=kind, rng=rng)
+        return shapes_conversation(index, self.shapes, split="train", seed=self.cfg.seed, kind=kind, rng=rng,
+                                   yesno_share=self.options.yesno_share)  # fmt: skip
 
     def batches(self) -> ConversationBatches:
         opts = self.options
