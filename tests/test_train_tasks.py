@@ -220,3 +220,17 @@ def test_the_balance_probes_refuse_another_task(tmp_path, toy_task):
     with pytest.raises(ConfigError, match="this config trains task 'toy'; use a QLIP config"):
         run_balance_probes(load_config(toy_config(tmp_path / "c.yaml", tmp_path / "r")))
     assert not (tmp_path / "r").exists()
+
+
+def test_every_downstream_family_names_a_missing_tokenizer_directory_the_same_way(tmp_path):
+    """generator and vlm (and unified, after its init check) build on a QLIP model directory: a path without one is
+    one ConfigError naming the config key and what to do, before anything is written."""
+    from qlip.train.config import ConfigError
+    from qlip.train.tasks import TASKS
+
+    missing = str(tmp_path / "no-model")
+    for task in ("generator", "vlm"):
+        cfg = type("Cfg", (), {})()
+        cfg.task_options = TASKS[task].section_class(tokenizer=missing)
+        with pytest.raises(ConfigError, match=rf"{task}\.tokenizer=.*no-model: no QLIP model directory there \(train"):
+            TASKS[task].check_startup(cfg)

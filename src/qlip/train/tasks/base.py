@@ -41,6 +41,16 @@ if TYPE_CHECKING:
     from ..distributed import Runtime
 
 
+def check_tokenizer_dir(path: str, key: str) -> None:
+    """Raise ConfigError when ``path`` (the config's ``key``) is not a QLIP model directory: the tokenizer whose
+    encoder, tokens or decoder a downstream model family builds on."""
+    if not (Path(path) / "config.json").is_file():
+        from ..config import ConfigError
+
+        raise ConfigError(f"{key}={path}: no QLIP model directory there (train one with configs/shapes-tiny*.yaml, "
+                          "or name a released model directory)")
+
+
 class BatchSource(Protocol):
     """An endless iterator of batches that can say where it is, so that a resumed run sees the same batches."""
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
-from .base import StepLosses, Task
+from .base import StepLosses, Task, check_tokenizer_dir
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +162,7 @@ class GeneratorTask(Task):
     @classmethod
     def check_startup(cls, cfg: TrainConfig) -> None:
         opts = cfg.task_options
-        if not (Path(opts.tokenizer) / "config.json").is_file():
-            raise ConfigError(f"generator.tokenizer={opts.tokenizer}: no QLIP model directory there (train one "
-                              "with configs/shapes-tiny*.yaml, or name a released model directory)")  # fmt: skip
+        check_tokenizer_dir(opts.tokenizer, "generator.tokenizer")
         if not Path(opts.tokens).exists():
             raise ConfigError(f"generator.tokens={opts.tokens}: no such token folder; make it with `qlip tokenize "
                               f"--model {opts.tokenizer} --data SOURCE --out {opts.tokens}`")  # fmt: skip

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
-from .base import StepLosses, Task
+from .base import StepLosses, Task, check_tokenizer_dir
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +255,7 @@ class UnifiedTask(_SequenceTask):
         if init.image is not None:
             raise ConfigError(f"unified.init={opts.init} is already a unified model; start from a language model "
                               "(run_dir/last of a task: lm run)")  # fmt: skip
-        if not (Path(opts.tokenizer) / "config.json").is_file():
-            raise ConfigError(f"unified.tokenizer={opts.tokenizer}: no QLIP model directory there")
+        check_tokenizer_dir(opts.tokenizer, "unified.tokenizer")
         if not Path(opts.tokens).exists():
             raise ConfigError(f"unified.tokens={opts.tokens}: no such token folder; make it with `qlip tokenize "
                               f"--model {opts.tokenizer} --data SOURCE --out {opts.tokens}`")  # fmt: skip

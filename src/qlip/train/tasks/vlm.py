@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
-from .base import StepLosses, Task
+from .base import StepLosses, Task, check_tokenizer_dir
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +185,7 @@ class VLMTask(Task):
     @classmethod
     def check_startup(cls, cfg: TrainConfig) -> None:
         opts = cfg.task_options
-        if not (Path(opts.tokenizer) / "config.json").is_file():
-            raise ConfigError(f"vlm.tokenizer={opts.tokenizer}: no QLIP model directory there (train one with "
-                              "configs/shapes-tiny*.yaml, or name a released model directory)")  # fmt: skip
+        check_tokenizer_dir(opts.tokenizer, "vlm.tokenizer")
         if not opts.is_shapes and not Path(opts.data).is_file():
             raise ConfigError(f"vlm.data={opts.data}: neither a shapes spec nor a LLaVA JSON file")
         if cfg.init is not None and not (Path(cfg.init) / "config.json").is_file():
