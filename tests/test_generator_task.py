@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from qlip.cli import main
 from qlip.factory import create_model
 from qlip.train.config import ConfigError, load_config
+from qlip_testing import write_tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -24,21 +24,9 @@ def tokenized(tmp_path_factory, tiny_tokenizer):
 
 
 def _config(root, run, **generator) -> str:
-    cfg = {
-        "task": "generator",
-        "generator": {"tokenizer": str(root / "tok"), "tokens": str(root / "tokens"), "width": 32, "depth": 2,
-                      "heads": 2, "eval_prompts": 4, **generator},
-        "data": {"batch_size": 4},
-        "optim": {"steps": 3, "warmup_steps": 1, "lr": 1e-3},
-        "eval": {"at_end": True},
-        "logging": {"every": 1, "progress": False, "tensorboard": False},
-        "checkpoint": {"every": 0, "export": True},
-        "distributed": {"threads": 1},
-        "run_dir": str(run),
-    }
-    path = root / f"{run.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+    options = {"tokenizer": str(root / "tok"), "tokens": str(root / "tokens"), "width": 32, "depth": 2, "heads": 2,
+               "eval_prompts": 4, **generator}  # fmt: skip
+    return write_tiny_run_config(root, run, "generator", options)
 
 
 def test_train_then_generate_through_the_cli(tokenized, tmp_path, capsys):

@@ -12,6 +12,7 @@ from qlip.ar.sampling import Chooser
 from qlip.cli import main
 from qlip.unified import ImageVocab, UnifiedLM, extend_vocabulary, split_nll, text_config
 from qlip.unified.mixing import MixSchedule
+from qlip_testing import write_tiny_run_config
 
 SENTENCES = (
     "the quick brown fox jumps over the lazy dog.", "a function returns a value to its caller.",
@@ -111,19 +112,12 @@ def runs(tmp_path_factory, tiny_tokenizer):
     create_model("qlip-tiny").save_pretrained(root / "tok", tokenizer=tiny_tokenizer)
     assert main(["tokenize", "--model", str(root / "tok"), "--data", "shapes:easy", "--count", "16", "--out",
                  str(root / "tokens"), "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet"]) == 0
-    common = {"data": {"batch_size": 4}, "optim": {"steps": 3, "warmup_steps": 1, "lr": 1e-3},
-              "eval": {"at_end": True}, "logging": {"every": 1, "progress": False, "tensorboard": False},
-              "checkpoint": {"every": 0, "export": True}, "distributed": {"threads": 1}}  # fmt: skip
-    lm_cfg = {"task": "lm", "lm": {"corpus": str(root / "corpus.txt"), "held_out": 0.2, "vocab_size": 600,
-                                   "seq_len": 16, "context": 96, "width": 32, "depth": 2, "heads": 2,
-                                   "eval_windows": 4}, "run_dir": str(root / "lm"), **common}  # fmt: skip
-    (root / "lm.yaml").write_text(yaml.safe_dump(lm_cfg))
-    assert main(["train", str(root / "lm.yaml")]) == 0
-    um_cfg = {"task": "unified", "unified": {"init": str(root / "lm" / "last"), "tokenizer": str(root / "tok"),
-                                             "tokens": str(root / "tokens"), "start": [2, 1, 1], "end": [1, 1, 1],
-                                             "horizon": 2, "eval_windows": 4, "eval_images": 2},
-              "run_dir": str(root / "um"), **common}  # fmt: skip
-    (root / "um.yaml").write_text(yaml.safe_dump(um_cfg))
+    lm = {"corpus": str(root / "corpus.txt"), "held_out": 0.2, "vocab_size": 600, "seq_len": 16, "context": 96,
+          "width": 32, "depth": 2, "heads": 2, "eval_windows": 4}  # fmt: skip
+    assert main(["train", write_tiny_run_config(root, root / "lm", "lm", lm)]) == 0
+    um = {"init": str(root / "lm" / "last"), "tokenizer": str(root / "tok"), "tokens": str(root / "tokens"),
+          "start": [2, 1, 1], "end": [1, 1, 1], "horizon": 2, "eval_windows": 4, "eval_images": 2}  # fmt: skip
+    write_tiny_run_config(root, root / "um", "unified", um)
     assert main(["train", str(root / "um.yaml")]) == 0
     return root
 

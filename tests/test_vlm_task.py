@@ -9,31 +9,18 @@ import shutil
 
 import pytest
 import torch
-import yaml
 
 from qlip.cli import main
 from qlip.factory import create_model
+from qlip_testing import write_tiny_run_config
 
 DATA = "shapes:easy?sizes=medium,large&holdout_combinations=0.1&image_size=32"
 
 
 def _config(root, run, stage: int, **vlm) -> str:
-    cfg = {
-        "task": "vlm",
-        "stage": stage,
-        "vlm": {"tokenizer": str(root / "tok"), "data": DATA, "width": 32, "depth": 2, "heads": 2,
-                "image_pool": 16, "eval_images": 4, **vlm},
-        "data": {"batch_size": 4},
-        "optim": {"steps": 3, "warmup_steps": 1, "lr": 1e-3},
-        "eval": {"at_end": True},
-        "logging": {"every": 1, "progress": False, "tensorboard": False},
-        "checkpoint": {"every": 0, "export": True},
-        "distributed": {"threads": 1},
-        "run_dir": str(run),
-    }
-    path = root / f"{run.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+    return write_tiny_run_config(root, run, "vlm", {"tokenizer": str(root / "tok"), "data": DATA, "width": 32,
+                                                    "depth": 2, "heads": 2, "image_pool": 16, "eval_images": 4, **vlm},
+                                 stage=stage)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
