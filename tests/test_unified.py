@@ -189,6 +189,31 @@ def test_generate_cli_takes_a_unified_model_and_refuses_a_text_only_one(runs, tm
     assert "text-only" in err and "Traceback" not in err
 
 
+def test_chat_cli_describes_an_image_with_a_unified_model(runs, tmp_path, capsys, caplog):
+    from PIL import Image
+
+    from qlip.unified import load
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    um = runs / "um" / "last"
+    assert main(["chat", "--model", str(um), "--image", str(image), "Describe the image.", "--max-new-tokens", "6",
+                 "--temperature", "1", "--top-p", "0.95", "--seed", "4", "--device", "cpu"]) == 0  # fmt: skip
+    answer = capsys.readouterr().out.strip()
+    expected = load(um).caption(Image.open(image).convert("RGB"), max_new_tokens=6, temperature=1.0, top_p=0.95,
+                                seed=4)  # fmt: skip
+    assert answer == expected.strip()
+    with caplog.at_level("WARNING"):
+        assert main(["chat", "--model", str(um), "--image", str(image), "What color is it?", "--device", "cpu"]) == 0
+    assert "not read" in caplog.text
+    capsys.readouterr()
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    assert main(["chat", "--model", str(um), "--image", str(tmp_path / "broken.png"), "Describe the image."]) == 2
+    assert main(["chat", "--model", str(runs / "lm" / "last"), "--image", str(image), "Describe the image."]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 2 and "text-only" in err
+
+
 def test_config_errors_name_what_to_change(runs, tmp_path, capsys):
     from qlip.train.config import ConfigError, load_config
 
