@@ -37,17 +37,28 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def save_tiny_hf_text_encoder(path, kind: str = "bert"):
+def save_tiny_hf_text_encoder(path, kind: str = "bert", *, wordpiece: bool = False):
     """A random Hugging Face text encoder folder ("bert", "t5" or "clip") with a word-level tokenizer, built here
-    (needs transformers; nothing is downloaded). Returns the folder."""
+    (needs transformers; nothing is downloaded). Returns the folder.
+
+    ``wordpiece``: a BERT-style WordPiece tokenizer.json instead (lower-cased, whole caption words plus single
+    letters and their "##" continuations, so any lower-case word has tokens), like MiniLM's."""
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
     words = sorted({w for c in CAPTIONS for w in c.split()} | {"red", "blue", "green", "circle", "square"})
     specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    if wordpiece:
+        letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+        words = sorted(set(words) | set(letters)) + [f"##{c}" for c in letters]
     vocab = {w: i for i, w in enumerate(specials + words)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if wordpiece:
+        core = Tokenizer(models.WordPiece(vocab, unk_token="<unk>"))
+        core.normalizer = normalizers.BertNormalizer(lowercase=True)
+        core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    else:
+        core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     from tokenizers.processors import TemplateProcessing
 
     if kind == "t5":  # T5 ends a text with </s>

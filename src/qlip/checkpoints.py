@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+# The CLIP tokenizer's files, and the tokenizer.json of a pretrained Hugging Face text tower.
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Directories

@@ -2,7 +2,7 @@
 
 A QLIP model has four parts; any of them may be absent (``None``) to build a smaller model:
 ``vision`` (ViT encoder + CLS projection), ``quantizer`` (BSQ bottleneck with its two MLPs), ``decoder``
-(ViT pixel decoder) and ``text`` (CLIP text transformer).
+(ViT pixel decoder) and ``text`` (CLIP text transformer, or a pretrained Hugging Face encoder: :class:`HFTextConfig`).
 """
 
 from __future__ import annotations
@@ -87,6 +87,54 @@ class TextConfig:
     layer_norm_eps: float = 1e-5
 
 
+HF_TEXT_KIND = "hf"
+
+
+@dataclass
+class HFTextConfig:
+    """A pretrained Hugging Face encoder (BERT-like, e.g. all-MiniLM-L6-v2) with a learned projection as the text
+    tower; its states are mean-pooled over the real tokens. The encoder's own config is kept whole, so the model
+    directory rebuilds it without the folder it came from."""
+
+    kind: str = HF_TEXT_KIND  # tells this section from a CLIP text transformer's in config.json
+    source: str = ""  # where the pretrained weights came from ("minilm" or a folder); informative, never read back
+    hf_config: dict[str, Any] = field(default_factory=dict)  # the encoder's Hugging Face config (config.to_dict())
+    context_length: int = 77
+    pad_token_id: int = 0  # the tokenizer's padding id: padding is masked out of attention and pooling
+    pooling: str = "mean"  # mean over the real tokens (the sentence-embedding recipe of MiniLM)
+
+    @property
+    def model_type(self) -> str:
+        return str(self.hf_config.get("model_type", ""))
+
+    @property
+    def width(self) -> int:
+        return int(self.hf_config["hidden_size"])
+
+    @property
+    def layers(self) -> int:
+        return int(self.hf_config.get("num_hidden_layers", 0))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config["vocab_size"])
+
+    def validate(self, name: str) -> None:
+        if self.kind != HF_TEXT_KIND:
+            raise ValueError(f"{name}: text.kind={self.kind!r} is unknown; a pretrained text tower has kind "
+                             f"{HF_TEXT_KIND!r}")  # fmt: skip
+        missing = [k for k in ("model_type", "hidden_size", "vocab_size") if k not in self.hf_config]
+        if missing:
+            raise ValueError(f"{name}: text.hf_config lacks {missing}; it must be the encoder's whole Hugging Face "
+                             "config")  # fmt: skip
+        if self.pooling != "mean":
+            raise ValueError(f"{name}: text.pooling={self.pooling!r} is not supported (only 'mean')")
+        limit = self.hf_config.get("max_position_embeddings")
+        if self.context_length < 2 or (limit and self.context_length > limit):
+            raise ValueError(f"{name}: text.context_length={self.context_length} must lie in [2, {limit}] (the "
+                             "encoder's position limit)")  # fmt: skip
+
+
 @dataclass
 class QLIPConfig:
     """The whole model. ``embed_dim`` is the shared contrastive embedding size."""
@@ -97,7 +145,7 @@ class QLIPConfig:
     vision: VisionConfig | None = field(default_factory=VisionConfig)
     quantizer: QuantizerConfig | None = field(default_factory=QuantizerConfig)
     decoder: DecoderConfig | None = field(default_factory=DecoderConfig)
-    text: TextConfig | None = field(default_factory=TextConfig)
+    text: TextConfig | HFTextConfig | None = field(default_factory=TextConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -133,7 +181,9 @@ class QLIPConfig:
                 raise ValueError(
                     f"{self.name}: {part} head dim {cfg.width // cfg.heads} must be a multiple of 4 for 2-D RoPE"
                 )
-        if self.text is not None and self.text.width % self.text.heads:
+        if isinstance(self.text, HFTextConfig):
+            self.text.validate(self.name)
+        elif self.text is not None and self.text.width % self.text.heads:
             raise ValueError(f"{self.name}: text.width {self.text.width} is not divisible by heads {self.text.heads}")
         if self.decoder is not None and self.quantizer is not None and self.quant_post_width != self.decoder.width:
             raise ValueError(
@@ -172,7 +222,9 @@ class QLIPConfig:
         if unknown:
             raise ValueError(f"unknown QLIP config field(s) {sorted(unknown)}; known fields: {sorted(known)}")
         for key, value in d.items():
-            if key in sub and value is not None:
+            if key == "text" and isinstance(value, dict) and "kind" in value:
+                kwargs[key] = dataclass_from_dict(HFTextConfig, value, where=key)
+            elif key in sub and value is not None:
                 kwargs[key] = dataclass_from_dict(sub[key], value, where=key)
             else:
                 kwargs[key] = value
@@ -319,6 +371,9 @@ def config_to_released(cfg: QLIPConfig) -> dict[str, Any]:
     v, q, dec, t = cfg.vision, cfg.quantizer, cfg.decoder, cfg.text
     if v is None or q is None:
         raise ValueError("the released layout needs a vision encoder and a quantizer")
+    if isinstance(t, HFTextConfig):
+        raise ValueError("the released layout has no place for a pretrained Hugging Face text tower; save in the qlip "
+                         "format (save_pretrained)")
     out: dict[str, Any] = {
         "architectures": ["QLIPModel"],
         "model_type": "clip",

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import read_config, read_weights
-from .config import QLIPConfig
+from .config import HFTextConfig, QLIPConfig
 from .models.qlip import QLIP
 from .weights import IDENTITY, RELEASED_KEYS, LoadReport, load_into
 
@@ -138,7 +138,8 @@ def get_tokenizer(name_or_path: str, context_length: int | None = None, *, vocab
     """The text tokenizer of a model, padding to the model's text context.
 
     Args:
-        name_or_path: a model directory (its vocab.json + merges.txt are used), a registered name (with
+        name_or_path: a model directory (its vocab.json + merges.txt are used, or the tokenizer.json of a pretrained
+            Hugging Face text tower), a registered name (with
             ``vocabulary``), an ``hf-hub:`` id, or a tokenizer directory alone (vocab.json + merges.txt without a
             model config, e.g. from ``qlip tokenizer train``), which pads to its own length.
         context_length: length of the rows; default the model's text context.
@@ -164,6 +165,8 @@ def get_tokenizer(name_or_path: str, context_length: int | None = None, *, vocab
             cfg = read_config(directory)[0]
         except (FileNotFoundError, ValueError):
             cfg = None  # a tokenizer directory alone
+    if cfg is not None and isinstance(cfg.text, HFTextConfig):
+        return _pretrained_tower_tokenizer(directory, cfg.text, context_length, vocabulary)
     vocab_dir = Path(vocabulary) if vocabulary is not None else directory
     tok = CLIPTokenizer.from_pretrained(vocab_dir)
     if cfg is not None and cfg.text is not None:
@@ -174,6 +177,24 @@ def get_tokenizer(name_or_path: str, context_length: int | None = None, *, vocab
                 f"{cfg.text.vocab_size}: use the model's own vocabulary or train a smaller one (--vocab-size)"
             )
         tok.context_length = cfg.text.context_length
+    if context_length is not None:
+        tok.context_length = context_length
+    return tok
+
+
+def _pretrained_tower_tokenizer(directory: Path, text: HFTextConfig, context_length: int | None,
+                                vocabulary: str | Path | None):  # fmt: skip
+    """The tokenizer.json a model with a pretrained Hugging Face text tower carries (its own, never another)."""
+    from .hf.tokenizer_json import TOKENIZER_JSON, JSONTokenizer
+
+    if vocabulary is not None:
+        raise ValueError(f"{directory} has a pretrained {text.model_type} text tower, which only reads its own "
+                         f"tokenizer ({TOKENIZER_JSON} in the model directory); drop the other vocabulary")
+    tok = JSONTokenizer.from_file(directory / TOKENIZER_JSON, pad_token_id=text.pad_token_id,
+                                  context_length=text.context_length)  # fmt: skip
+    if tok.vocab_size > text.vocab_size:
+        raise ValueError(f"the tokenizer in {directory} has {tok.vocab_size} tokens but the text tower only "
+                         f"{text.vocab_size}: the tokenizer.json is not the one the model was trained with")
     if context_length is not None:
         tok.context_length = context_length
     return tok

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .config import QLIPConfig
+from .config import HFTextConfig, QLIPConfig
 from .fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,8 @@ def render_model_card(cfg: QLIPConfig, *, title: str | None = None, license: str
         lines.append(f"| decoder | ViT, width {d.width}, {d.layers} layers, {d.heads} heads |")
     if cfg.text is not None:
         t = cfg.text
-        lines.append(f"| text tower | width {t.width}, {t.layers} layers, context {t.context_length}, "
+        pretrained = f"pretrained {t.model_type} encoder, mean-pooled, " if isinstance(t, HFTextConfig) else ""
+        lines.append(f"| text tower | {pretrained}width {t.width}, {t.layers} layers, context {t.context_length}, "
                      f"vocabulary {t.vocab_size} |")  # fmt: skip
     lines.append("")
     if metrics:

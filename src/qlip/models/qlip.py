@@ -3,6 +3,7 @@
     image --ViT--> CLS -> post_norm -> proj -> image embedding (contrastive)
                    patches -> quant_in MLP -> BSQ (d bits / token) -> quant_out MLP -> ViT decoder -> pixels
     text --CLIP text transformer--> EOT token -> proj -> text embedding (contrastive)
+         (or a pretrained Hugging Face encoder --mean over tokens--> proj: :mod:`qlip.models.hf_text`)
 
 Any part can be left out through the config (``vision``, ``quantizer``, ``decoder``, ``text`` set to ``None``):
 a tokenizer without a text tower, an encoder for understanding, or a decoder that only turns indices into pixels.
@@ -22,10 +23,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..config import QLIPConfig
+from ..config import HFTextConfig, QLIPConfig
 from ..nn.attention import set_attention_impl
 from ..quantizers.bsq import BSQOutput, BSQuantizer, bits_to_indices, indices_to_bits, indices_to_group_indices
 from .decoder import VisionDecoder
+from .hf_text import HFTextTower
 from .text import TextEncoder
 from .vision import VisionEncoder
 
@@ -44,6 +46,15 @@ class BottleneckMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
+
+
+def build_text_tower(cfg: QLIPConfig) -> TextEncoder | HFTextTower | None:
+    """The CLIP text transformer, a pretrained Hugging Face encoder with a projection, or None, as ``cfg.text`` says."""
+    if cfg.text is None:
+        return None
+    if isinstance(cfg.text, HFTextConfig):
+        return HFTextTower(cfg.text, cfg.embed_dim)
+    return TextEncoder(cfg.text, cfg.embed_dim)
 
 
 class QLIP(nn.Module):
@@ -72,7 +83,7 @@ class QLIP(nn.Module):
         else:
             self.quant_in = self.quantizer = self.quant_out = None
         self.decoder = VisionDecoder(cfg.decoder) if cfg.decoder is not None else None
-        self.text = TextEncoder(cfg.text, cfg.embed_dim) if cfg.text is not None else None
+        self.text = build_text_tower(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
         # Ablation switch (paper Table 3c), not part of the config: reconstruct from the continuous latents.
         self.bypass_quantizer = False
@@ -108,7 +119,9 @@ class QLIP(nn.Module):
     def set_grad_checkpointing(self, enabled: bool = True) -> QLIP:
         """Recompute each transformer block in the backward pass (less activation memory, ~30% more compute)."""
         for m in (self.visual, self.decoder, self.text):
-            if m is not None:
+            if isinstance(m, HFTextTower):
+                m.set_grad_checkpointing(enabled)
+            elif m is not None:
                 m.transformer.grad_checkpointing = enabled
         return self
 

@@ -18,6 +18,7 @@ from torch import nn
 from ..factory import create_model
 from ..losses.adversarial import build_discriminator
 from ..losses.balance import BalanceConfig, LossBalancer
+from ..models.hf_text import HFTextTower
 from ..models.qlip import QLIP
 from ..weights import load_clip_towers, read_weight_file
 from .config import OWN_WEIGHT_KEYS, STAGE_DEFAULT_WEIGHT, ConfigError, TrainConfig
@@ -34,6 +35,10 @@ def build_model(cfg: TrainConfig) -> QLIP:
     if cfg.init:
         log.info("initializing from %s (its config defines the architecture; model.name is ignored)", cfg.init)
     model = create_model(source, parts=parts)
+    if cfg.model.text_tower and cfg.stage == 1:
+        _use_pretrained_text_tower(model, cfg)
+    if isinstance(model.text, HFTextTower):
+        model.text.set_trainable(cfg.model.text_tower_trainable)
     if cfg.model.pretrained_clip:
         towers = [p for p in cfg.model.pretrained_clip_parts if getattr(model, p, None) is not None]
         report = load_clip_towers(model, read_weight_file(cfg.model.pretrained_clip), parts=towers)
@@ -48,6 +53,42 @@ def build_model(cfg: TrainConfig) -> QLIP:
     model.set_attention_impl(cfg.model.attention)
     model.set_quantizer_bypass(cfg.model.bypass_quantizer)
     return model
+
+
+def _use_pretrained_text_tower(model: QLIP, cfg: TrainConfig) -> None:
+    """Replace the architecture's text tower with ``model.text_tower`` (stage 1 from scratch only)."""
+    from ..hf.errors import HFModelError
+    from ..hf.text_tower import pretrained_text_tower, text_tower_source, use_text_tower
+
+    if cfg.init:
+        raise ConfigError(f"model.text_tower={cfg.model.text_tower} starts a new text tower, but init={cfg.init} "
+                          "brings its own: drop one of the two (the init model's tower keeps training)")
+    if cfg.model.pretrained_clip and "text" in cfg.model.pretrained_clip_parts:
+        raise ConfigError(f"model.text_tower={cfg.model.text_tower} and model.pretrained_clip both give the text "
+                          "tower; set model.pretrained_clip_parts=[visual]")
+    context = model.cfg.text.context_length if model.cfg.text is not None else 77
+    try:
+        tower, _ = pretrained_text_tower(text_tower_source(cfg.model.text_tower), model.cfg.embed_dim,
+                                         context_length=context)  # fmt: skip
+    except HFModelError as e:
+        raise ConfigError(f"model.text_tower={cfg.model.text_tower}: {e}") from None
+    use_text_tower(model, tower)
+
+
+def text_tower_tokenizer(cfg: TrainConfig, model: QLIP):
+    """The tokenizer of a pretrained Hugging Face text tower: its source's (a fresh start) or ``init``'s."""
+    from ..factory import get_tokenizer
+    from ..hf.text_tower import pretrained_text_tokenizer
+
+    if cfg.data.tokenizer is not None:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer}: the pretrained text tower reads only its own "
+                          "tokenizer; set data.tokenizer=null")
+    try:
+        if cfg.init:
+            return get_tokenizer(cfg.init)
+        return pretrained_text_tokenizer(model.cfg.text)
+    except ValueError as e:  # HFModelError among them
+        raise ConfigError(f"the text tower's tokenizer: {e}") from None
 
 
 def freeze_for_stage2(model: QLIP) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -39,6 +40,11 @@ class ModelSection:
         attention: "sdpa" (fused) or "reference".
         bypass_quantizer: ablation (paper Table 3c): stage 1 reconstructs from the continuous l2-normalized latents,
             and the quantizer is learned afterwards in stage 2.
+        text_tower: a pretrained text tower instead of the architecture's CLIP text transformer: "hf:minilm"
+            (all-MiniLM-L6-v2, offline) or "hf:FOLDER" (a local BERT-like Hugging Face model), mean-pooled and
+            projected to the embedding size; None = the architecture's own. Only for a fresh start (no ``init``).
+        text_tower_trainable: what of a pretrained text tower trains: "projection" (the encoder stays frozen),
+            "all", or "last-N" (its top N blocks and the projection).
     """
 
     name: str = "qlip-tiny"
@@ -48,6 +54,8 @@ class ModelSection:
     compile: bool = False
     attention: str = "sdpa"
     bypass_quantizer: bool = False
+    text_tower: str | None = None
+    text_tower_trainable: str = "projection"
 
 
 @dataclass
@@ -380,6 +388,13 @@ class TrainConfig:
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
         self._check_loss_weights()
+        if self.model.text_tower is not None and not self.model.text_tower.startswith("hf:"):
+            raise ConfigError(f"model.text_tower={self.model.text_tower!r}: give hf:minilm (all-MiniLM-L6-v2, "
+                              "offline), hf:FOLDER (a local BERT-like Hugging Face model) or null (the "
+                              "architecture's own)")
+        if not re.fullmatch(r"projection|all|last-[1-9]\d*", self.model.text_tower_trainable):
+            raise ConfigError(f"model.text_tower_trainable={self.model.text_tower_trainable!r} is not one of "
+                              "'projection' (frozen encoder), 'all' or 'last-N' (the encoder's top N blocks)")
         positive = {
             "data.batch_size": self.data.batch_size,
             "optim.steps": self.optim.steps,

@@ -22,13 +22,15 @@ from ...data.loader import describe_source
 from ...losses.adversarial import adaptive_weight, discriminator_loss, generator_loss, r1_penalty
 from ...losses.contrastive import ClipLoss, clamp_logit_scale_
 from ...losses.reconstruction import pixel_loss
+from ...models.hf_text import HFTextTower
 from ..build import (
     build_balancer,
     build_gan,
     build_lpips,
     build_model,
     full_model_for_export,
-    set_train_mode,  # fmt: skip
+    set_train_mode,
+    text_tower_tokenizer,  # fmt: skip
 )
 from ..config import ConfigError, TrainConfig, config_from_dict, load_yaml
 from ..data import BatchStream, build_tokenizer, held_out_batches, held_out_description
@@ -91,10 +93,13 @@ class QLIPTask(Task):
         mcfg = self.model.cfg
         self.image_size = self.model.image_size
         self.tokenizer = None
-        if self.model.text is not None:
+        if isinstance(self.model.text, HFTextTower):
+            self.tokenizer = text_tower_tokenizer(cfg, self.model)
+        elif self.model.text is not None:
             self.tokenizer = build_tokenizer(cfg.data, init_dir=cfg.init, context_length=mcfg.text.context_length,
                                              vocab_size=mcfg.text.vocab_size, seed=cfg.seed)  # fmt: skip
-        elif cfg.init and (cfg.data.tokenizer or (Path(cfg.init) / "vocab.json").is_file()):
+        elif cfg.init and (cfg.data.tokenizer or any((Path(cfg.init) / name).is_file()
+                                                     for name in ("vocab.json", "tokenizer.json"))):
             from ...factory import get_tokenizer  # carried into the export, at the exported text tower's context
 
             self.tokenizer = get_tokenizer(cfg.init, vocabulary=cfg.data.tokenizer)
@@ -123,7 +128,8 @@ class QLIPTask(Task):
 
     def shard_units(self, model: nn.Module) -> list[nn.Module]:
         towers = (model.visual, model.decoder, model.text)
-        return [block for tower in towers if tower is not None for block in tower.transformer.blocks]
+        return [block for tower in towers if tower is not None
+                for block in (tower.blocks if isinstance(tower, HFTextTower) else tower.transformer.blocks)]
 
     def train_mode(self, model: nn.Module) -> None:
         set_train_mode(model, self.cfg.stage)
