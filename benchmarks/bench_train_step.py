@@ -2,6 +2,8 @@
 
     python benchmarks/bench_train_step.py --threads 2                        # CPU: batch 4, no batch search
     python benchmarks/bench_train_step.py --device cuda --batch 256 --find-max-batch
+    python benchmarks/bench_train_step.py --model qlip-shapes-s --stages 1 --checkpointing off --batch 64 \
+        --text-tower hf:minilm --text-trainable projection                  # a pretrained text tower (stage 1)
 
 Built from the model and the losses only (not the trainer loop), so it measures the step itself:
 
@@ -56,7 +58,8 @@ def model_flops_per_sample(cfg: Any, stage: int) -> int:
 class Step:
     """One training step of a stage, holding the model, losses and optimizers."""
 
-    def __init__(self, model: str, stage: int, device: torch.device, precision: str, checkpointing: bool) -> None:
+    def __init__(self, model: str, stage: int, device: torch.device, precision: str, checkpointing: bool,
+                 text_tower: str | None = None, text_trainable: str = "projection") -> None:  # fmt: skip
         import qlip
         from qlip.losses.adversarial import build_discriminator
         from qlip.losses.contrastive import ClipLoss
@@ -65,7 +68,15 @@ class Step:
         self.stage, self.device = stage, device
         parts = ("vision", "quantizer", "decoder", "text") if stage == 1 else ("vision", "quantizer", "decoder")
         torch.manual_seed(0)
-        self.model = qlip.create_model(model, parts=parts, device=device).train()
+        self.model = qlip.create_model(model, parts=parts, device=device)
+        if text_tower and stage == 1:
+            from qlip.hf.text_tower import pretrained_text_tower, text_tower_source, use_text_tower
+
+            tower, _ = pretrained_text_tower(text_tower_source(text_tower), self.model.cfg.embed_dim,
+                                             context_length=self.model.cfg.text.context_length,
+                                             trainable=text_trainable)  # fmt: skip
+            use_text_tower(self.model, tower)
+        self.model.train()
         self.model.set_grad_checkpointing(checkpointing)
         self.cfg = self.model.cfg
         if stage == 2:
@@ -136,7 +147,7 @@ def run_config(stage: int, checkpointing: bool, args: argparse.Namespace) -> dic
     """Inside the subprocess: warm-up step, timed steps, peak memory; optionally the largest batch."""
     device = torch.device(args.device)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    step = Step(args.model, stage, device, args.precision, checkpointing)
+    step = Step(args.model, stage, device, args.precision, checkpointing, args.text_tower, args.text_trainable)
     result: dict[str, Any] = {"stage": stage, "checkpointing": checkpointing, "batch": args.batch}
     try:
         batch = step.batch(args.batch)
@@ -198,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--find-max-batch", action="store_true", help="GPU: search the largest batch per configuration")
     p.add_argument("--max-batch-cap", type=int, default=8192)
+    p.add_argument("--text-tower", default=None, help="stage 1 with a pretrained text tower, e.g. hf:minilm")
+    p.add_argument("--text-trainable", default="projection", help="projection | all | last-N (with --text-tower)")
     p.add_argument("--out", default=None)
     p.add_argument("--_single", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -216,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         for ckpt in (c.strip() for c in args.checkpointing.split(",")):
             cmd = [sys.executable, __file__, "--_single", f"{stage}:{ckpt}", "--batch", str(args.batch), "--steps",
                    str(args.steps), "--precision", args.precision, "--device", args.device,
-                   "--max-batch-cap", str(args.max_batch_cap), "--model", args.model]  # fmt: skip
+                   "--max-batch-cap", str(args.max_batch_cap), "--model", args.model,
+                   "--text-trainable", args.text_trainable]  # fmt: skip
+            if args.text_tower:
+                cmd += ["--text-tower", args.text_tower]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             if args.find_max_batch:
@@ -231,15 +247,18 @@ def main(argv: list[str] | None = None) -> int:
                    "max_batch": r.get("max_batch")}  # fmt: skip
             if "step_s" in r:
                 t = median(r["step_s"])
+                flops = None if args.text_tower and stage == 1 else model_flops_per_sample(cfg, stage) * args.batch
                 row.update(step_s=t, samples_s=args.batch / t, peak_MiB=r["peak_MiB"], loss=r["loss"],
-                           mfu=model_flops_per_sample(cfg, stage) * args.batch / t / peak)  # fmt: skip
+                           mfu=flops / t / peak if flops else None)  # fmt: skip
             rows.append(row)
     print(f"# {env['date']}  torch {env['torch']}  {env['cpu']}  threads {env['threads']}  device {args.device}"
           f"  load {env['load_average']}  {args.model} {args.precision}"
+          f"{f'  text tower {args.text_tower} ({args.text_trainable})' if args.text_tower else ''}"
           f"  matmul peak {peak / 1e12:.3f} TFLOP/s")  # fmt: skip
     print_table(rows, ["stage", "checkpointing", "batch", "step_s", "samples_s", "peak_MiB", "mfu", "max_batch",
                        "error"])  # fmt: skip
-    write_results("train_step", {"environment": env, "matmul_peak_flops": peak, "rows": rows}, args.out)
+    text = {"model": args.model, "text_tower": args.text_tower, "text_trainable": args.text_trainable}
+    write_results("train_step", {"environment": env, "matmul_peak_flops": peak, **text, "rows": rows}, args.out)
     return 0
 
 
