@@ -422,6 +422,14 @@ class VLMTask(Task):
                                    self.rt.rank, self.rt.world_size, default_kind=default,
                                    caption_batches=opts.caption_steps * self.cfg.optim.accum_steps)  # fmt: skip
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """The language model's blocks: the package's ARTransformer's, or a Hugging Face LM's decoder layers."""
+        lm = model.lm
+        if hasattr(lm, "blocks"):
+            return list(lm.blocks)
+        layers = getattr(getattr(getattr(lm, "lm", None), "base_model", None), "layers", None)
+        return list(layers) if layers is not None else []
+
     def find_unused_parameters(self) -> bool:
         return bool(self.options.caption_steps) and not self.options.stage1_trains_lm
 
