@@ -77,6 +77,12 @@ def test_projector_stage_trains_the_projector_only_and_saves_the_source(trained)
         assert torch.equal(mine, theirs), name
 
 
+def test_the_checkpoint_holds_the_projector_not_the_frozen_lm_or_tower(trained):
+    (path,) = sorted((trained / "s1" / "checkpoints").glob("step_*.pt"))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["model"] and all(k.startswith("projector.") for k in state["model"])
+
+
 def test_chat_answers_and_a_missing_source_is_one_line(trained, tmp_path, capsys):
     from PIL import Image
 
