@@ -242,6 +242,8 @@ def test_the_llava15_recipes_have_llava15s_hyper_parameters():
     assert (s1.task_options.lm_training(1), s2.task_options.lm_training(2)) == ("frozen", "full")
     assert s2.init == s1.run_dir + "/last"
     assert s1.optim.steps == math.ceil(558128 / 256) and s2.optim.steps == math.ceil(665298 / 128)  # one epoch
-    lora = load_config(root / "vlm-llava15-stage2.yaml", ["vlm.lm_train=lora", "vlm.lora.rank=128",
-                                                          "vlm.lora.alpha=256", "optim.lr=2e-4"])  # fmt: skip
+    lora_args = ["vlm.lm_train=lora", "vlm.lora.rank=128", "vlm.lora.alpha=256", "optim.lr=2e-4",
+                 "vlm.projector_lr=2e-5", "distributed.strategy=ddp"]  # the LoRA variant its header gives
+    lora = load_config(root / "vlm-llava15-stage2.yaml", lora_args)
     assert lora.task_options.lora.to_lm_config()["rank"] == 128 and lora.task_options.lm_training(2) == "lora"
+    assert lora.task_options.projector_lr == 2e-5

@@ -163,12 +163,14 @@ def test_resume_of_a_lora_run_is_exact(runs, tmp_path):
 
     init = f"init={runs / 's1' / 'last'}"
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert main(["train", _config(runs, whole, 2, eval_images=0), init, "eval.at_end=false"]) == 0
-    cfg = _config(runs, parts, 2, eval_images=0)
+    assert main(["train", _config(runs, whole, 2, eval_images=0, projector_lr=1e-4), init, "eval.at_end=false"]) == 0
+    cfg = _config(runs, parts, 2, eval_images=0, projector_lr=1e-4)
     assert main(["train", cfg, init, "eval.at_end=false", "stop_at=2", "checkpoint.every=1"]) == 0
     assert main(["train", cfg, init, "eval.at_end=false"]) == 0
     a, b = [r["loss/answer"] for r in read_metrics(whole)], [r["loss/answer"] for r in read_metrics(parts)]
     assert a == b and len(a) == 3
+    first = read_metrics(whole)[0]  # the projector at its own rate (LLaVA-1.5's LoRA recipe), the adapters at lr
+    assert first["lr/projector"] == pytest.approx(first["lr/other"] / 10) and first["lr/projector"] > 0
     for name in ("adapters.safetensors", "model.safetensors"):
         mine, theirs = _tensors(whole / "last" / name), _tensors(parts / "last" / name)
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)

@@ -22,6 +22,7 @@ Config (``vlm:`` section, see :class:`VLMOptions`)::
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,8 @@ class VLMOptions:
             The "qlip-ar" LM has no pretrained weights to adapt: it trains fully (in stage 1 with
             ``stage1_trains_lm``), and this key is refused for it.
         lora: the adapters of ``lm_train: lora`` (:class:`LoRAOptions`).
+        projector_lr: the projector's peak learning rate (None: ``optim.lr``, as every other parameter); LLaVA-1.5's
+            LoRA recipe trains the adapters at 2e-4 and the projector at 2e-5.
         width, depth, heads: the "qlip-ar" language model.
         data: the stage's conversations: a ``shapes[:preset][?field=value...]`` spec (captions in stage 1,
             question-answer instructions in stage 2; held-out triples via ``holdout_combinations``) or a LLaVA JSON
@@ -111,6 +114,7 @@ class VLMOptions:
     lm_source: str = ""
     lm_train: str = ""
     lora: LoRAOptions = field(default_factory=LoRAOptions)
+    projector_lr: float | None = None
     width: int = 256
     depth: int = 4
     heads: int = 4
@@ -146,6 +150,8 @@ class VLMOptions:
         if self.lm == "hf" and self.stage1_trains_lm:
             raise ConfigError("vlm.stage1_trains_lm is for the qlip-ar LM; an hf language model trains as "
                               "vlm.lm_train says: set vlm.lm_train=full or lora")  # fmt: skip
+        if self.projector_lr is not None and not (math.isfinite(self.projector_lr) and self.projector_lr > 0):
+            raise ConfigError(f"vlm.projector_lr must be a finite number > 0, got {self.projector_lr}; e.g. 2e-5")
         if self.lora.rank < 1 or self.lora.alpha <= 0 or not 0.0 <= self.lora.dropout < 1.0 or not self.lora.targets:
             raise ConfigError(f"vlm.lora needs rank >= 1, alpha > 0, dropout in [0, 1) and at least one target, got "
                               f"{self.lora.to_lm_config()}")  # fmt: skip
@@ -429,6 +435,23 @@ class VLMTask(Task):
             return list(lm.blocks)
         layers = getattr(getattr(getattr(lm, "lm", None), "base_model", None), "layers", None)
         return list(layers) if layers is not None else []
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """The loop's groups, with the projector's parameters in groups of their own at ``vlm.projector_lr``."""
+        groups = super().param_groups(model)
+        if self.options.projector_lr is None:
+            return groups
+        projector = {id(p) for p in model.projector.parameters()}
+        out = []
+        for group in groups:
+            rest = [p for p in group["params"] if id(p) not in projector]
+            mine = [p for p in group["params"] if id(p) in projector]
+            if rest:
+                out.append({**group, "params": rest})
+            if mine:
+                name = group["name"].replace("other", "projector", 1)
+                out.append({**group, "params": mine, "lr": self.options.projector_lr, "name": name})
+        return out
 
     def find_unused_parameters(self) -> bool:
         return bool(self.options.caption_steps) and not self.options.stage1_trains_lm
