@@ -248,7 +248,7 @@ def test_smollm2_lora_stage2_trains_two_steps_and_chats(tmp_path, capsys):
     cfg = write_tiny_run_config(tmp_path, tmp_path / "run", "vlm", {
         "tokenizer": str(tmp_path / "tok"), "data": DATA, "lm": "hf", "lm_source": "smollm2", "image_pool": 8,
         "eval_images": 0, "merge": 2}, stage=2)  # fmt: skip
-    assert main(["train", cfg, "optim.steps=2", "data.batch_size=2", "eval.at_end=false"]) == 0
+    assert main(["train", cfg, "optim.steps=2", "optim.lr=2e-4", "data.batch_size=2", "eval.at_end=false"]) == 0
     last = tmp_path / "run" / "last"
     assert json.loads((last / "config.json").read_text())["lm"]["weights"] == "lora"
     assert (last / "adapters.safetensors").stat().st_size < 30e6  # rank 16 over 30 blocks; the LM is 540 MB
