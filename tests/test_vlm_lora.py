@@ -260,3 +260,33 @@ def test_smollm2_lora_stage2_trains_two_steps_and_chats(tmp_path, capsys):
     assert main(["chat", "--model", str(last), "--image", str(tmp_path / "img.png"), "What color is the shape?",
                  "--device", "cpu", "--max-new-tokens", "8"]) == 0  # fmt: skip
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.slow
+def test_fsdp_lora_stage2_on_two_ranks_resumes_exactly(runs, tmp_path):
+    """FSDP2 shards the LM's decoder layers, whose base weights are frozen beside trainable adapters; a checkpoint
+    leaves the base weights out and the resumed ranks read them from the source again."""
+    from qlip.train.config import load_config
+    from qlip.train.logger import read_metrics
+    from train_helpers import join_ranks, start_ranks
+
+    init = f"init={runs / 's1' / 'last'}"
+    for name, extra in (("whole", []), ("parts", ["stop_at=2", "checkpoint.every=1"]), ("parts", [])):
+        cfg = _config(runs, tmp_path / name, 2, eval_images=0)
+        args = [init, "distributed.strategy=fsdp", "distributed.backend=gloo", "eval.at_end=false", *extra]
+        resolved = tmp_path / f"{name}.resolved.yaml"
+        load_config(cfg, args).save(resolved)
+        join_ranks(start_ranks(resolved, tmp_path / f"{name}-ranks"), tmp_path / f"{name}-ranks")
+    a = [r["loss/answer"] for r in read_metrics(tmp_path / "whole")]
+    b = [r["loss/answer"] for r in read_metrics(tmp_path / "parts")]
+    assert a == b and len(a) == 3
+    model = _checkpoint_at(tmp_path / "parts", 3)["model"]
+    assert model and all(k.startswith("projector.") or k.endswith((".lora_a", ".lora_b")) for k in model)
+    mine = _tensors(tmp_path / "whole" / "last" / "adapters.safetensors")
+    theirs = _tensors(tmp_path / "parts" / "last" / "adapters.safetensors")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert load(tmp_path / "parts" / "last").cfg.lm.weights == "lora"  # the export of sharded ranks loads
+
+
+def _checkpoint_at(run, step):
+    return torch.load(run / "checkpoints" / f"step_{step:08d}.pt", map_location="cpu", weights_only=True)

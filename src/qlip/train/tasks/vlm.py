@@ -259,15 +259,11 @@ class VLMTask(Task):
 
     # --- building ---------------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        from ...factory import create_model
         from ...understanding import UnderstandingError
-        from ...understanding.model import TowerConfig, VisionTower
 
         opts = self.options
-        parts = ("vision", "quantizer") if opts.feature == "codes" else ("vision",)
         try:
-            qlip_model = create_model(opts.tokenizer, parts=parts, device=self.rt.device)
-            self.tower = VisionTower(qlip_model, TowerConfig(opts.feature, opts.layer, opts.include_cls))
+            self.tower = self._build_tower(self.rt.device)
             self._read_data()
             model = self._build_vlm()
         except UnderstandingError as e:
@@ -276,6 +272,15 @@ class VLMTask(Task):
         self._configure_lm_training(model)
         self._features = self._pool_features() if opts.is_shapes else {}
         return model
+
+    def _build_tower(self, device: torch.device | str) -> nn.Module:
+        from ...factory import create_model
+        from ...understanding.model import TowerConfig, VisionTower
+
+        opts = self.options
+        parts = ("vision", "quantizer") if opts.feature == "codes" else ("vision",)
+        qlip_model = create_model(opts.tokenizer, parts=parts, device=device)
+        return VisionTower(qlip_model, TowerConfig(opts.feature, opts.layer, opts.include_cls))
 
     def _read_data(self) -> None:
         from ...data.loader import shapes_config_from_spec
@@ -502,12 +507,15 @@ class VLMTask(Task):
         from ...understanding.model import VisionLanguageModel
         from ...understanding.pipeline import SOURCE_LM_KINDS, build_language_model
 
-        self.tower.to("cpu")
-        if self.vlm_cfg.lm.kind in SOURCE_LM_KINDS:
+        if self.cfg.distributed.strategy == "fsdp" and self.rt.distributed:
+            # the live tower and LM hold this rank's shards: whole ones (with the adapters' layers) for the state
+            tower, (lm, _) = self._build_tower("cpu"), build_language_model(self.vlm_cfg.lm)
+        elif self.vlm_cfg.lm.kind in SOURCE_LM_KINDS:
+            tower = self.tower.to("cpu")
             lm = self.model_ref.lm.to("cpu")  # the trained structure (adapters); not read from its source again
         else:
-            lm, _ = build_language_model(self.vlm_cfg.lm)
-        model = VisionLanguageModel(self.vlm_cfg, self.tower, lm, self.tokenizer)
+            tower, (lm, _) = self.tower.to("cpu"), build_language_model(self.vlm_cfg.lm)
+        model = VisionLanguageModel(self.vlm_cfg, tower, lm, self.tokenizer)
         model.load_state_dict({k: v for k, v in state.items()})
         return model
 
