@@ -152,6 +152,27 @@ def test_load_and_chat_equal_the_model_in_memory(runs, tmp_path, capsys, weights
     assert capsys.readouterr().out.strip() == expected.strip()
 
 
+def test_a_full_directory_stores_a_tied_output_head_once_and_keeps_it_tied(runs, tmp_path):
+    """SmolLM2 ties its output head to the input embeddings: one tensor under two names."""
+    from qlip.hf import load_causal_lm
+    from qlip.understanding import LMConfig, TowerConfig, VisionLanguageModel, VisionTower, VLMConfig, save_vlm
+
+    shutil.copytree(runs / "llama", tmp_path / "tied")
+    cfg = json.loads((tmp_path / "tied" / "config.json").read_text())
+    (tmp_path / "tied" / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    lm, tok = load_causal_lm(tmp_path / "tied")
+    with torch.no_grad():
+        lm.lm.get_input_embeddings().weight.add_(1.0)
+    tower = VisionTower(create_model(str(runs / "tok"), parts=("vision",)), TowerConfig())
+    vlm_cfg = VLMConfig(tower=tower.cfg, lm=LMConfig("hf", source=str(tmp_path / "tied"), weights="full"))
+    save_vlm(tmp_path / "vlm", VisionLanguageModel(vlm_cfg, tower, lm, tok))
+    stored = _tensors(tmp_path / "vlm" / "language_model.safetensors")
+    assert "lm.lm_head.weight" not in stored and "lm.model.embed_tokens.weight" in stored
+    back = load(tmp_path / "vlm").lm.lm
+    assert back.lm_head.weight is back.get_input_embeddings().weight
+    torch.testing.assert_close(back.lm_head.weight, lm.lm.get_input_embeddings().weight)
+
+
 def test_eval_vqa_reads_a_lora_directory(runs, tmp_path):
     assert main(["eval", "vqa", "--model", str(runs / "lora" / "last"), "--data", DATA, "--limit", "2",
                  "--out", str(tmp_path / "report")]) == 0  # fmt: skip
