@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,3 +218,32 @@ def test_each_loss_weight_has_one_place_and_no_term_is_dropped_silently():
     assert balance_config(cfg).weights == {"recon": 2, "quant": 1, "commit": 0, "lpips": 0.1, "gan": 0.3}
     stage1 = balance_config(load_config(None, [])).weights
     assert stage1 == {"align": 1.0, "recon": 1000.0, "quant": 1.0, "commit": 1.0, "lpips": 0.0, "gan": 0.0}
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.to_dict()["run_dir"]
+
+
+def test_the_llava15_recipes_have_llava15s_hyper_parameters():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    s1, s2 = load_config(root / "vlm-llava15-stage1.yaml"), load_config(root / "vlm-llava15-stage2.yaml")
+    for cfg in (s1, s2):
+        opts = cfg.task_options
+        assert (opts.lm, opts.layer, opts.projector, opts.feature) == ("hf", -2, "mlp2x_gelu", "layer")
+        assert not opts.is_shapes and opts.image_root and cfg.distributed.precision == "bf16"
+        assert cfg.optim.weight_decay == 0.0 and cfg.optim.warmup_steps == round(0.03 * cfg.optim.steps)
+    assert (s1.stage, s1.optim.lr, s1.data.batch_size * 8) == (1, 1e-3, 256)  # 8 GPUs
+    assert (s2.stage, s2.optim.lr, s2.data.batch_size * 8) == (2, 2e-5, 128)
+    assert (s1.task_options.lm_training(1), s2.task_options.lm_training(2)) == ("frozen", "full")
+    assert s2.init == s1.run_dir + "/last"
+    assert s1.optim.steps == math.ceil(558128 / 256) and s2.optim.steps == math.ceil(665298 / 128)  # one epoch
+    lora_args = ["vlm.lm_train=lora", "vlm.lora.rank=128", "vlm.lora.alpha=256", "optim.lr=2e-4",
+                 "vlm.projector_lr=2e-5", "distributed.strategy=ddp"]  # the LoRA variant its header gives
+    lora = load_config(root / "vlm-llava15-stage2.yaml", lora_args)
+    assert lora.task_options.lora.to_lm_config()["rank"] == 128 and lora.task_options.lm_training(2) == "lora"
+    assert lora.task_options.projector_lr == 2e-5

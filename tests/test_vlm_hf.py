@@ -1,6 +1,7 @@
-"""The vision-language model with a pretrained Hugging Face causal LM (``vlm.lm: hf``): the LM stays frozen, the
-projector trains through `qlip train`, the export keeps the LM's source instead of its weights, and loading the VLM
-reads the LM from that source again (a missing source is one error line)."""
+"""The vision-language model with a pretrained Hugging Face causal LM (``vlm.lm: hf``) in stage 1: the LM stays
+frozen, the projector trains through `qlip train`, the export keeps the LM's source instead of its weights, and
+loading the VLM reads the LM from that source again (a missing source is one error line). Stage 2 (LoRA or the whole
+LM): tests/test_vlm_lora.py."""
 
 from __future__ import annotations
 
@@ -76,6 +77,12 @@ def test_projector_stage_trains_the_projector_only_and_saves_the_source(trained)
         assert torch.equal(mine, theirs), name
 
 
+def test_the_checkpoint_holds_the_projector_not_the_frozen_lm_or_tower(trained):
+    (path,) = sorted((trained / "s1" / "checkpoints").glob("step_*.pt"))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["model"] and all(k.startswith("projector.") for k in state["model"])
+
+
 def test_chat_answers_and_a_missing_source_is_one_line(trained, tmp_path, capsys):
     from PIL import Image
 
@@ -99,12 +106,13 @@ def test_chat_answers_and_a_missing_source_is_one_line(trained, tmp_path, capsys
 def test_hf_config_errors_are_one_line(trained, tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", _config(trained, tmp_path / "a", tmp_path / "nowhere")]) == 2
-    assert main(["train", _config(trained, tmp_path / "b", trained / "llama"), "stage=2"]) == 2
+    assert main(["train", _config(trained, tmp_path / "b", trained / "llama"), "vlm.lm_train=sideways"]) == 2
     assert main(["train", _config(trained, tmp_path / "c", trained / "llama", stage1_trains_lm=True)]) == 2
     assert main(["train", _config(trained, tmp_path / "d", trained / "llama", stage1_data="pixels")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 4
-    assert "nowhere" in err and err.count("trains the projector only") == 2 and "vlm.stage1_data='pixels'" in err
+    assert "nowhere" in err and "vlm.lm_train='sideways'" in err and "vlm.stage1_data='pixels'" in err
+    assert "vlm.stage1_trains_lm is for the qlip-ar LM" in err and "vlm.lm_train=full or lora" in err
 
 
 @pytest.mark.slow

@@ -147,6 +147,7 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16)
         self.ema = ModelEMA(self.model, cfg.checkpoint.ema_decay) if cfg.checkpoint.ema_decay > 0 else None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.rebuilt = self.task.rebuilt_state_keys(self.model)  # not in checkpoints: build_model restores them
         self.step = 0
         self.skipped_total = 0
         self.nonfinite_in_row = 0
@@ -154,12 +155,14 @@ class _Trainer:
         self.checkpoints = RunCheckpoints(self.run_dir, cfg.checkpoint.keep_last, start_step=self.step)
 
     # --- checkpoints -------------------------------------------------------------------------------------------
-    def _model_state(self) -> dict[str, Any]:
+    def _model_state(self, skip: set[str] = frozenset()) -> dict[str, Any]:
+        """The full model state on the CPU, less the keys in ``skip`` (a collective under FSDP)."""
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return {k: v for k, v in full.items() if k not in skip}
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items() if k not in skip}
 
     def _optim_state(self) -> dict[str, Any]:
         if self.sharded:
@@ -175,7 +178,7 @@ class _Trainer:
         streams = all_gather_objects(self.stream.state_dict(), self.rt)
         state = {
             "step": self.step,
-            "model": self._model_state(),
+            "model": self._model_state(skip=self.rebuilt),
             "optimizer": self._optim_state(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -214,11 +217,15 @@ class _Trainer:
             )
 
             opts = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, state["model"], options=opts)
+            saved = {k: v for k, v in state["model"].items() if k not in self.rebuilt}
+            set_model_state_dict(self.model, saved, options=StateDictOptions(full_state_dict=True,
+                                                                             strict=not self.rebuilt))  # fmt: skip
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
-        else:
-            _check_same_model(path, self.model.state_dict(), state["model"])
-            self.model.load_state_dict(state["model"])
+        else:  # an older checkpoint may still hold rebuilt keys: they are ignored
+            ours = {k: v for k, v in self.model.state_dict().items() if k not in self.rebuilt}
+            saved = {k: v for k, v in state["model"].items() if k not in self.rebuilt}
+            _check_same_model(path, ours, saved)
+            self.model.load_state_dict(saved, strict=not self.rebuilt)
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

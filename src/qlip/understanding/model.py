@@ -57,14 +57,38 @@ class TowerConfig:
             raise UnderstandingError("the quantized codes have no CLS token: set include_cls to false")
 
 
+LM_WEIGHTS = ("source", "full", "lora")  # where an "hf" language model's weights come from
+
+
 @dataclass
 class LMConfig:
     """Which language model fills the slot: ``kind`` "qlip-ar" (``ar``: an ARConfig dict, weights saved with the
-    VLM) or "hf" (``source``: where the pretrained model is read from, e.g. a GGUF file)."""
+    VLM) or "hf" (``source``: where the pretrained model is read from, e.g. a GGUF file).
+
+    ``weights`` says what an "hf" VLM directory adds to its source: "source" nothing (the LM was frozen), "full"
+    every LM weight (instruction tuning of the whole LM: loaded over the source's), "lora" low-rank adapters
+    (``lora``: their rank, alpha, dropout and targets, see :func:`qlip.nn.lora.add_lora`) applied to the source."""
 
     kind: str = "qlip-ar"
     ar: dict[str, Any] | None = None
     source: str = ""
+    weights: str = "source"
+    lora: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights not in LM_WEIGHTS:
+            raise UnderstandingError(f"language model weights {self.weights!r} is not one of {list(LM_WEIGHTS)}")
+        if self.weights != "source" and self.kind != "hf":
+            raise UnderstandingError(f"language model weights {self.weights!r} are for an 'hf' LM, not {self.kind!r}")
+        if (self.weights == "lora") != (self.lora is not None):
+            raise UnderstandingError("an LM with weights 'lora' needs its lora options (rank, alpha, targets), and "
+                                     "only such an LM has them")  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.weights == "source":  # a frozen LM's entry reads as before weights existed
+            del d["weights"], d["lora"]
+        return d
 
 
 @dataclass
@@ -102,7 +126,7 @@ class VLMConfig:
         return self.tower.width * self.merge**2
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "lm": self.lm.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VLMConfig:

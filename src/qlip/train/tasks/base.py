@@ -9,7 +9,7 @@ its held-out evaluation and its export format. The loop calls, in this order:
     check_startup(cfg)                       (class method, before anything is written)
     build_model()                            under seed_everything(cfg.seed): the same weights on every rank
     batches()                                under a per-rank seed
-    find_unused_parameters(), shard_units(model), param_groups(model)
+    find_unused_parameters(), shard_units(model), param_groups(model), rebuilt_state_keys(model)
     [resume: load_state_dict(checkpoint)]
     train_mode(model)
     repeat: losses(model, batch, step) per micro-batch -> backward -> clip -> optimizer step
@@ -166,6 +166,12 @@ class Task:
         return {}
 
     # --- state --------------------------------------------------------------------------------------------------
+    def rebuilt_state_keys(self, model: nn.Module) -> set[str]:
+        """Keys of the unwrapped model's ``state_dict`` that :meth:`build_model` restores identically from files
+        (a frozen pretrained LM, a frozen vision tower): checkpoints leave them out, so that they hold only what
+        training changes, and a resumed run keeps the values it built. Default: none."""
+        return set()
+
     def state_dict(self) -> dict[str, Any]:
         """Extra state for the checkpoint (a balancer, a discriminator and its optimizer); its keys sit beside the
         loop's in the checkpoint, so they must not be one of ``qlip.train.loop.LOOP_STATE_KEYS``."""

@@ -5,6 +5,8 @@
 * ``stage: 2`` trains projector + language model on question-answer instructions, from ``init`` (the VLM
   directory a stage-1 run exported) or from scratch. ``vlm.caption_steps: N`` runs stage 1 first within the same run:
   the first N optimizer steps are captioning conversations, the rest instructions (one command for both stages).
+  A pretrained ``hf`` language model trains as ``vlm.lm_train`` says: "lora" (low-rank adapters, the default in
+  stage 2), "full" (every weight) or "frozen" (the default in stage 1: the projector alone trains).
 
 The vision tower (a QLIP encoder) stays frozen: its features of the training images are computed once and kept in
 memory. The export, ``run_dir/last``, is a self-contained VLM directory (:func:`qlip.understanding.save_vlm`).
@@ -20,7 +22,8 @@ Config (``vlm:`` section, see :class:`VLMOptions`)::
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,31 @@ from ..config import ConfigError, TrainConfig
 from .base import StepLosses, Task, check_tokenizer_dir
 
 log = logging.getLogger(__name__)
+
+LM_TRAINING = ("full", "lora", "frozen")
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAOptions:
+    """The ``vlm.lora:`` section: low-rank adapters of an ``hf`` language model (``vlm.lm_train: lora``).
+
+    Attributes:
+        rank: the adapters' rank r. LLaVA-1.5 uses 128 for 7B / 13B LMs (4096-5120 wide); 16 suits a small LM
+            such as SmolLM2-135M (576 wide, key / value projections 192 wide), where 128 would be nearly full rank.
+        alpha: the update is scaled by alpha / rank; 2 x rank, LLaVA-1.5's ratio (256 / 128).
+        dropout: dropout on the adapters' input (LLaVA-1.5: 0.05).
+        targets: the Linear layers that get adapters, by their last name parts: every attention and MLP projection
+            of a Llama-family LM (Llama, Vicuna, SmolLM2, Qwen2 name them alike).
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+
+    def to_lm_config(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
 
 
 @dataclass
@@ -49,8 +77,16 @@ class VLMOptions:
             image positions for the language model (1 = one per patch, LLaVA's).
         lm: the language model kind: "qlip-ar" (the package's ARTransformer, trained from scratch with a word
             tokenizer built from the training texts) or "hf" (a pretrained causal LM read from ``lm_source``, with
-            its own tokenizer and chat template; frozen: stage 1 only, the export keeps the source, not the weights).
-        lm_source: where an "hf" language model is read from: "smollm2", a .gguf file or a local Hugging Face folder.
+            its own tokenizer and chat template; the export keeps the source and what training changed of it).
+        lm_source: where an "hf" language model is read from: "smollm2", a .gguf file or a local Hugging Face folder
+            (with ``init``, the init directory's source is used and this may stay empty).
+        lm_train: how an "hf" language model trains: "frozen" (the projector alone; the default in stage 1), "lora"
+            (low-rank adapters, see ``lora``; the default in stage 2) or "full" (every weight). Empty: the default.
+            The "qlip-ar" LM has no pretrained weights to adapt: it trains fully (in stage 1 with
+            ``stage1_trains_lm``), and this key is refused for it.
+        lora: the adapters of ``lm_train: lora`` (:class:`LoRAOptions`).
+        projector_lr: the projector's peak learning rate (None: ``optim.lr``, as every other parameter); LLaVA-1.5's
+            LoRA recipe trains the adapters at 2e-4 and the projector at 2e-5.
         width, depth, heads: the "qlip-ar" language model.
         data: the stage's conversations: a ``shapes[:preset][?field=value...]`` spec (captions in stage 1,
             question-answer instructions in stage 2; held-out triples via ``holdout_combinations``) or a LLaVA JSON
@@ -76,6 +112,9 @@ class VLMOptions:
     feature_norm: bool = False
     lm: str = "qlip-ar"
     lm_source: str = ""
+    lm_train: str = ""
+    lora: LoRAOptions = field(default_factory=LoRAOptions)
+    projector_lr: float | None = None
     width: int = 256
     depth: int = 4
     heads: int = 4
@@ -100,12 +139,22 @@ class VLMOptions:
             raise ConfigError(f"vlm.projector={self.projector!r} is not one of {list(PROJECTORS)}")
         if self.lm not in ("qlip-ar", "hf"):
             raise ConfigError(f"vlm.lm={self.lm!r} is not one of ['qlip-ar', 'hf']")
-        if self.lm == "hf" and not self.lm_source:
+        if self.lm == "hf" and not self.lm_source and cfg.init is None:
             raise ConfigError("vlm.lm=hf needs vlm.lm_source: the pretrained language model to read")
-        if self.lm == "hf" and (cfg.stage != 1 or self.stage1_trains_lm):
-            raise ConfigError("vlm.lm=hf keeps the pretrained language model frozen and trains the projector only: "
-                              "use stage=1 with vlm.stage1_trains_lm=false (instruction tuning of an hf LM, stage 2, "
-                              "is not supported)")  # fmt: skip
+        if self.lm_train and self.lm_train not in LM_TRAINING:
+            raise ConfigError(f"vlm.lm_train={self.lm_train!r} is not one of {list(LM_TRAINING)}")
+        if self.lm_train and self.lm != "hf":
+            raise ConfigError(f"vlm.lm_train={self.lm_train} is for a pretrained language model (vlm.lm=hf); the "
+                              "qlip-ar LM trains from scratch, fully (in stage 1 with vlm.stage1_trains_lm=true): "
+                              "remove vlm.lm_train")  # fmt: skip
+        if self.lm == "hf" and self.stage1_trains_lm:
+            raise ConfigError("vlm.stage1_trains_lm is for the qlip-ar LM; an hf language model trains as "
+                              "vlm.lm_train says: set vlm.lm_train=full or lora")  # fmt: skip
+        if self.projector_lr is not None and not (math.isfinite(self.projector_lr) and self.projector_lr > 0):
+            raise ConfigError(f"vlm.projector_lr must be a finite number > 0, got {self.projector_lr}; e.g. 2e-5")
+        if self.lora.rank < 1 or self.lora.alpha <= 0 or not 0.0 <= self.lora.dropout < 1.0 or not self.lora.targets:
+            raise ConfigError(f"vlm.lora needs rank >= 1, alpha > 0, dropout in [0, 1) and at least one target, got "
+                              f"{self.lora.to_lm_config()}")  # fmt: skip
         for key in ("width", "depth", "heads", "image_pool", "merge"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"vlm.{key} must be >= 1, got {getattr(self, key)}")
@@ -125,6 +174,13 @@ class VLMOptions:
         if self.caption_steps >= cfg.optim.steps:
             raise ConfigError(f"vlm.caption_steps={self.caption_steps} leaves no stage-2 step of optim.steps="
                               f"{cfg.optim.steps}")  # fmt: skip
+
+    def lm_training(self, stage: int) -> str:
+        """How the language model trains in ``stage``: one of LM_TRAINING ("qlip-ar": "full", or "frozen" in a
+        stage 1 without stage1_trains_lm)."""
+        if self.lm != "hf":
+            return "full" if stage == 2 or self.stage1_trains_lm else "frozen"
+        return self.lm_train or ("frozen" if stage == 1 else "lora")
 
     @property
     def is_shapes(self) -> bool:
@@ -203,24 +259,28 @@ class VLMTask(Task):
 
     # --- building ---------------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        from ...factory import create_model
         from ...understanding import UnderstandingError
-        from ...understanding.model import TowerConfig, VisionTower
 
         opts = self.options
-        parts = ("vision", "quantizer") if opts.feature == "codes" else ("vision",)
         try:
-            qlip_model = create_model(opts.tokenizer, parts=parts, device=self.rt.device)
-            self.tower = VisionTower(qlip_model, TowerConfig(opts.feature, opts.layer, opts.include_cls))
+            self.tower = self._build_tower(self.rt.device)
             self._read_data()
             model = self._build_vlm()
         except UnderstandingError as e:
             raise ConfigError(f"vlm: {e}") from None
         self.model_ref = model
-        if self.cfg.stage == 1 and not opts.stage1_trains_lm:
-            model.lm.requires_grad_(False)
+        self._configure_lm_training(model)
         self._features = self._pool_features() if opts.is_shapes else {}
         return model
+
+    def _build_tower(self, device: torch.device | str) -> nn.Module:
+        from ...factory import create_model
+        from ...understanding.model import TowerConfig, VisionTower
+
+        opts = self.options
+        parts = ("vision", "quantizer") if opts.feature == "codes" else ("vision",)
+        qlip_model = create_model(opts.tokenizer, parts=parts, device=device)
+        return VisionTower(qlip_model, TowerConfig(opts.feature, opts.layer, opts.include_cls))
 
     def _read_data(self) -> None:
         from ...data.loader import shapes_config_from_spec
@@ -243,8 +303,11 @@ class VLMTask(Task):
             log.info("vlm: %d conversations from %s (%d bad skipped)", len(data.records), opts.data, len(data.bad))
 
     def _build_vlm(self) -> nn.Module:
+        import dataclasses
+
         from ...ar import ARConfig, ARTransformer
         from ...hf.causal_lm import SMOLLM2
+        from ...nn.lora import merge_lora
         from ...understanding import load
         from ...understanding.model import LMConfig, VisionLanguageModel, VLMConfig, render_conversation
         from ...understanding.pipeline import build_language_model
@@ -258,6 +321,17 @@ class VLMTask(Task):
                 raise ConfigError(f"init={self.cfg.init} was trained with tower {start.cfg.tower}, projector "
                                   f"{start.cfg.projector}, merge {start.cfg.merge} and feature_norm "
                                   f"{start.cfg.feature_norm}, not the vlm section's; make them equal")  # fmt: skip
+            if start.cfg.lm.kind != opts.lm:
+                raise ConfigError(f"init={self.cfg.init} holds a {start.cfg.lm.kind!r} language model and vlm.lm is "
+                                  f"{opts.lm!r}; make them equal")  # fmt: skip
+            if start.cfg.lm.weights != "source":  # a tuned hf LM: its adapters or weights would need a base of theirs
+                if opts.lm_training(self.cfg.stage) != "full":
+                    raise ConfigError(f"init={self.cfg.init} already holds a tuned language model (lm weights "
+                                      f"{start.cfg.lm.weights!r}); start from a stage-1 VLM directory, or set "
+                                      "vlm.lm_train=full to tune all of it further")  # fmt: skip
+                merge_lora(start.lm)
+                start.cfg = dataclasses.replace(start.cfg, lm=dataclasses.replace(start.cfg.lm, weights="source",
+                                                                                   lora=None))  # fmt: skip
             self.vlm_cfg, self.tokenizer = start.cfg, start.tokenizer
             model = VisionLanguageModel(start.cfg, self.tower, start.lm, start.tokenizer)
             model.projector.load_state_dict(start.projector.state_dict())
@@ -284,6 +358,37 @@ class VLMTask(Task):
                 raise ConfigError(f"{len(too_long)} conversation(s) are longer than the language model's context "
                                   f"({model.lm.max_seq_len}), e.g. {too_long[0]}; shorten them")  # fmt: skip
         return model
+
+    def _configure_lm_training(self, model: nn.Module) -> None:
+        """Freeze the language model, wrap it in LoRA adapters or leave it all trainable (``vlm.lm_train``), and
+        record in the VLM config what the export keeps of an hf LM."""
+        import dataclasses
+
+        from ...understanding.pipeline import apply_lora
+
+        mode = self.options.lm_training(self.cfg.stage)
+        lm_cfg = self.vlm_cfg.lm
+        if lm_cfg.kind == "hf" and mode == "lora":
+            lora = self.options.lora.to_lm_config()
+            apply_lora(model.lm, lora, where=f"lm.source {lm_cfg.source!r} (vlm.lora.targets)")
+            lm_cfg = dataclasses.replace(lm_cfg, weights="lora", lora=lora)
+        else:
+            model.lm.requires_grad_(mode == "full")
+            if lm_cfg.kind == "hf":
+                lm_cfg = dataclasses.replace(lm_cfg, weights="full" if mode == "full" else "source", lora=None)
+        self.vlm_cfg = dataclasses.replace(self.vlm_cfg, lm=lm_cfg)
+        model.cfg = dataclasses.replace(model.cfg, lm=lm_cfg)
+        self._lm_trainable = [p for p in model.lm.parameters() if p.requires_grad]
+        if self.rt.is_main:
+            count = sum(p.numel() for p in self._lm_trainable)
+            log.info("vlm: language model %s (%d trainable parameters)", mode, count)
+
+    def rebuilt_state_keys(self, model: nn.Module) -> set[str]:
+        """The frozen tower, and an hf LM's weights unless they train in full: build_model reads them from the
+        tokenizer directory and the LM's source (LoRA adapters and the projector are checkpointed)."""
+        frozen_lm = self.vlm_cfg.lm.kind == "hf" and self.vlm_cfg.lm.weights != "full"
+        return {k for k in model.state_dict() if k.startswith("tower.") or
+                (frozen_lm and k.startswith("lm.") and not k.endswith((".lora_a", ".lora_b")))}  # fmt: skip
 
     @torch.no_grad()
     def _pool_features(self) -> torch.Tensor:
@@ -328,6 +433,31 @@ class VLMTask(Task):
                                    self.rt.rank, self.rt.world_size, default_kind=default,
                                    caption_batches=opts.caption_steps * self.cfg.optim.accum_steps)  # fmt: skip
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """The language model's blocks: the package's ARTransformer's, or a Hugging Face LM's decoder layers."""
+        lm = model.lm
+        if hasattr(lm, "blocks"):
+            return list(lm.blocks)
+        layers = getattr(getattr(getattr(lm, "lm", None), "base_model", None), "layers", None)
+        return list(layers) if layers is not None else []
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """The loop's groups, with the projector's parameters in groups of their own at ``vlm.projector_lr``."""
+        groups = super().param_groups(model)
+        if self.options.projector_lr is None:
+            return groups
+        projector = {id(p) for p in model.projector.parameters()}
+        out = []
+        for group in groups:
+            rest = [p for p in group["params"] if id(p) not in projector]
+            mine = [p for p in group["params"] if id(p) in projector]
+            if rest:
+                out.append({**group, "params": rest})
+            if mine:
+                name = group["name"].replace("other", "projector", 1)
+                out.append({**group, "params": mine, "lr": self.options.projector_lr, "name": name})
+        return out
+
     def find_unused_parameters(self) -> bool:
         return bool(self.options.caption_steps) and not self.options.stage1_trains_lm
 
@@ -340,7 +470,8 @@ class VLMTask(Task):
 
         vlm = self.model_ref
         if self.options.caption_steps and not self.options.stage1_trains_lm:
-            vlm.lm.requires_grad_(batch["stage"] == 2)  # stage 1 within the run: the LM gets no update
+            for p in self._lm_trainable:  # stage 1 within the run: the LM (or its adapters) gets no update
+                p.requires_grad_(batch["stage"] == 2)
         index = batch["index"]
         feats = self._features[index] if self.records is None else self._record_features(index)
         rendered = [render_conversation(self.tokenizer, turns) for turns in batch["turns"]]
@@ -374,14 +505,17 @@ class VLMTask(Task):
 
     def export_model(self, state: dict[str, torch.Tensor]) -> nn.Module:
         from ...understanding.model import VisionLanguageModel
-        from ...understanding.pipeline import FROZEN_LM_KINDS, build_language_model
+        from ...understanding.pipeline import SOURCE_LM_KINDS, build_language_model
 
-        self.tower.to("cpu")
-        if self.vlm_cfg.lm.kind in FROZEN_LM_KINDS:
-            lm = self.model_ref.lm.to("cpu")  # frozen, so still the source's weights: not read from it a second time
+        if self.cfg.distributed.strategy == "fsdp" and self.rt.distributed:
+            # the live tower and LM hold this rank's shards: whole ones (with the adapters' layers) for the state
+            tower, (lm, _) = self._build_tower("cpu"), build_language_model(self.vlm_cfg.lm)
+        elif self.vlm_cfg.lm.kind in SOURCE_LM_KINDS:
+            tower = self.tower.to("cpu")
+            lm = self.model_ref.lm.to("cpu")  # the trained structure (adapters); not read from its source again
         else:
-            lm, _ = build_language_model(self.vlm_cfg.lm)
-        model = VisionLanguageModel(self.vlm_cfg, self.tower, lm, self.tokenizer)
+            tower, (lm, _) = self.tower.to("cpu"), build_language_model(self.vlm_cfg.lm)
+        model = VisionLanguageModel(self.vlm_cfg, tower, lm, self.tokenizer)
         model.load_state_dict({k: v for k, v in state.items()})
         return model
 
