@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from qlip.data.openclipart import (
     ClipArtMetadata,
     assign_split,
     build_caption,
+    cap_per_caption,
     is_file_name_like,
     read_svg_metadata,
 )
@@ -102,42 +104,48 @@ def test_metadata_and_captions(package):
     assert build_caption(read_svg_metadata(package / "svg" / "animals" / "cat.svg"))[0] == "cat, animal."
     assert build_caption(read_svg_metadata(package / "svg" / "shapes" / "blank.svg"))[0] == ""
     assert build_caption(ClipArtMetadata("Gold star", keywords=["star"]), frozenset({"gold star"}))[0] == "star."
+    assert build_caption(ClipArtMetadata("Scrub_Brush", keywords=["tool"]))[0] == "scrub brush. tool."
+    assert build_caption(ClipArtMetadata("jigsaw_red_10", keywords=["jigsaw"]))[0] == "jigsaw."
     for name in ("jigsaw_red_10", "smiley111", "button-green", "arrow.svg", "fc23"):
         assert is_file_name_like(name), name
     for name in ("Red Apple", "Ice Cream Cone (1 scoop)", "stick man"):
         assert not is_file_name_like(name), name
 
 
-def test_split_holds_out_only_captions_never_seen_in_training():
-    rows = [{"image": f"images/x{i}.png", "caption": f"caption {i % 7}"} for i in range(200)]
-    rows += [{"image": f"images/u{i}.png", "caption": f"unique {i}"} for i in range(200)]
+def test_split_holds_out_whole_captions_and_the_cap_keeps_a_few_per_caption():
+    rows = [{"image": f"images/x{i}.png", "caption": f"caption {i % 50}"} for i in range(400)]
     assign_split(rows, 0.3)
     train = {r["caption"] for r in rows if r["split"] == "train"}
-    held = [r for r in rows if r["split"] == "heldout"]
-    assert held and not train & {r["caption"] for r in held}
-    assert 30 <= len(held) <= 90  # about 30% of the 200 unique captions; the shared ones all train
+    held = {r["caption"] for r in rows if r["split"] == "heldout"}
+    assert held and not train & held and len(train | held) == 50
+    assert 5 <= len(held) <= 25  # about 30% of the 50 captions
+    kept, dropped = cap_per_caption(rows, 3)
+    assert len(kept) == 150 and len(dropped) == 250 and max(Counter(r["caption"] for r in kept).values()) == 3
+    assert [r for r in rows if r in kept] == kept  # the order is kept
+    assert cap_per_caption(rows, 0) == (rows, [])
 
 
 def test_openclipart_command(package, tmp_path, capsys):
     def argv(out: Path) -> list[str]:
         return ["data", "openclipart", "--src", str(package), "--out", str(out), "--size", "32", "--min-side", "16",
-                "--heldout-fraction", "0.3", "--quiet"]  # fmt: skip
+                "--heldout-fraction", "0.3", "--max-per-caption", "5", "--quiet"]  # fmt: skip
 
     out = tmp_path / "clipart"
     assert main(argv(out)) == 1  # the corrupt PNG is bad data: named, counted, skipped
     captured = capsys.readouterr()
     assert "skipped animals/broken.png: corrupt" in captured.err
-    assert "skipped shapes/tiny.png: too_small" in captured.err
-    assert "skipped 4 of 21 (1 corrupt, 1 no_caption, 1 no_svg, 1 too_small)" in captured.out
+    assert "skipped 11 of 21 (1 corrupt, 7 duplicate_caption, 1 no_caption, 1 no_svg, 1 too_small)" in captured.out
 
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["found"] == 21 and manifest["images"] == 17 and manifest["complete"]
-    assert manifest["skipped"] == {"corrupt": 1, "no_caption": 1, "no_svg": 1, "too_small": 1}
-    assert manifest["categories"] == {"animals": 2, "food": 3, "shapes": 12}  # the symlinked copy counted once
+    assert manifest["found"] == 21 and manifest["images"] == 10 and manifest["complete"]
+    assert manifest["skipped"] == {"corrupt": 1, "duplicate_caption": 7, "no_caption": 1, "no_svg": 1, "too_small": 1}
+    assert {"png": "shapes/tiny.png", "reason": "too_small", "detail": "8x8 is under --min-side 16"} in (
+        manifest["skipped_files"])  # fmt: skip
+    assert manifest["categories"] == {"animals": 2, "food": 3, "shapes": 5}  # the symlinked copy counted once
     for name in ("train.csv", "heldout.csv"):
         assert manifest["files"][name]["sha256"] == sha256_file(out / name)
     train, held = _rows(out / "train.csv"), _rows(out / "heldout.csv")
-    assert len(train) + len(held) == 17 and held and train
+    assert len(train) + len(held) == 10 and held and train
     assert list(train[0]) == ["image", "caption", "category", "title", "keywords", "license", "source"]
     assert not {r["caption"] for r in train} & {r["caption"] for r in held}
     assert {r["caption"] for r in train + held if r["title"] == "Gold star"} == {"gold star. shape."}

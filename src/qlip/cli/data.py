@@ -200,7 +200,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 def cmd_openclipart(args: argparse.Namespace) -> int:
     """Turn the installed Open Clip Art Library into caption lists of pre-resized images (see docs/data.md)."""
-    from ..data.openclipart import OpenClipArtError, prepare_openclipart
+    from ..data.openclipart import UNREADABLE, OpenClipArtError, prepare_openclipart
     from ..progress import progress_bar
 
     out = check_output_dir(args.out, [Path(args.src)])
@@ -211,18 +211,20 @@ def cmd_openclipart(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         manifest = prepare_openclipart(args.src, out, size=args.size, min_side=args.min_side,
-                                       heldout_fraction=args.heldout_fraction, progress=bar)  # fmt: skip
+                                       heldout_fraction=args.heldout_fraction,
+                                       max_per_caption=args.max_per_caption, progress=bar)  # fmt: skip
     except (OpenClipArtError, ValueError) as e:  # not installed, an output folder it did not write, a bad option
         raise CLIError(str(e)) from e
-    for item in manifest["skipped_files"]:
-        print(f"skipped {item['png']}: {item['reason']}: {item['detail']}", file=sys.stderr)
+    for item in manifest["skipped_files"]:  # what could not be read; the choices (size, metadata) are counted
+        if item["reason"] in UNREADABLE or item["reason"] == "decompression_bomb":
+            print(f"skipped {item['png']}: {item['reason']}: {item['detail']}", file=sys.stderr)
     skipped = sum(manifest["skipped"].values())
     reasons = ", ".join(f"{n} {r}" for r, n in manifest["skipped"].items())
     splits = manifest["splits"]
     print(f"wrote {manifest['images']} images in {len(manifest['categories'])} categories to {out} "
           f"({splits['train']} in train.csv, {splits['heldout']} in heldout.csv; "
           f"{time.perf_counter() - start:.0f} s); skipped {skipped} of {manifest['found']}"
-          f"{f' ({reasons})' if reasons else ''}; manifest: {out / 'manifest.json'}")  # fmt: skip
+          f"{f' ({reasons})' if reasons else ''}; every skipped file is named in {out / 'manifest.json'}")  # fmt: skip
     return EXIT_BAD_DATA if manifest["unreadable"] else 0
 
 
@@ -274,7 +276,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     clipart.add_argument("--min-side", type=non_negative_int, default=32,
                          help="skip drawings whose PNG is smaller than this on a side")
     clipart.add_argument("--heldout-fraction", type=fraction, default=0.1,
-                         help="share of image paths (by hash) held out in heldout.csv")
+                         help="share of captions (by hash) whose drawings go to heldout.csv")
+    clipart.add_argument("--max-per-caption", type=non_negative_int, default=10,
+                         help="keep at most this many drawings with one caption (0: all)")
     clipart.add_argument("--quiet", action="store_true", help="no progress bar")
     clipart.set_defaults(func=cmd_openclipart)
     return data

@@ -16,9 +16,11 @@ Images are flattened onto white and padded to a ``size`` x ``size`` square with 
 whole drawing, so a centre crop would cut off what the caption names. The stored copies are square, so
 ``data.resize`` crop and pad give the same picture downstream.
 
-The held-out split is fixed: a drawing is a held-out candidate when the sha256 of its image path falls in the
-first ``heldout_fraction`` of the hash range, and a caption is held out only when every drawing with that caption
-is a candidate, so every held-out caption is new to training.
+Many drawings come in series whose metadata are the same (1,375 star polygons all "stars, shapes, geometry."):
+at most ``max_per_caption`` drawings keep one caption, so the batches of contrastive training are not full of
+identical captions. The held-out split is fixed: the drawings of a caption are held out together when the sha256 of
+the caption falls in the first ``heldout_fraction`` of the hash range, so every held-out caption is new to
+training.
 """
 
 from __future__ import annotations
@@ -142,6 +144,8 @@ def _names_a_collection(title: str) -> bool:
 def clean_title(title: str, series_titles: frozenset[str] = frozenset()) -> str:
     """The title as a description of the drawing, or "" when it is a file name, a collection or a series name."""
     title = _BYLINE.sub("", _text(title)).strip(" .")
+    if re.fullmatch(r"[A-Za-z]+(?:[_-][A-Za-z]+)+", title) or "_" in title and not re.search(r"\d", title):
+        title = re.sub(r"[_-]", " ", title)  # "Scrub_Brush", "pill-button-yellow": words a program joined
     if not title or title.lower() in series_titles or is_file_name_like(title) or _names_a_collection(title):
         return ""
     return title
@@ -243,11 +247,25 @@ def _hash_fraction(text: str) -> float:
 
 
 def assign_split(rows: list[dict[str, str]], heldout_fraction: float) -> None:
-    """Set each row's ``split`` to "train" or "heldout": a caption is held out only when every row with it has an
-    image path whose hash falls in the held-out share, so no held-out caption is seen in training."""
-    in_training = {r["caption"] for r in rows if _hash_fraction(r["image"]) >= heldout_fraction}
+    """Set each row's ``split`` to "train" or "heldout" by the sha256 of its caption: the drawings that share a
+    caption are held out together, so no held-out caption is seen in training."""
     for r in rows:
-        r["split"] = "train" if r["caption"] in in_training else "heldout"
+        r["split"] = "heldout" if _hash_fraction(r["caption"]) < heldout_fraction else "train"
+
+
+def cap_per_caption(rows: list[dict[str, str]], limit: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(kept, dropped): at most ``limit`` rows per caption (0: no limit), the ones whose image path hashes lowest,
+    so a series of near-identical drawings does not fill the batches with one caption."""
+    if limit < 1:
+        return rows, []
+    ranked = sorted(rows, key=lambda r: (r["caption"], _hash_fraction(r["image"]), r["image"]))
+    seen: Counter[str] = Counter()
+    keep: set[str] = set()
+    for r in ranked:
+        seen[r["caption"]] += 1
+        if seen[r["caption"]] <= limit:
+            keep.add(r["image"])
+    return [r for r in rows if r["image"] in keep], [r for r in rows if r["image"] not in keep]
 
 
 def _csv_text(rows: list[dict[str, str]]) -> str:
@@ -296,8 +314,8 @@ class Skipped:
 
 
 def prepare_openclipart(src: str | os.PathLike, out: str | os.PathLike, *, size: int = 128, min_side: int = 32,
-                        heldout_fraction: float = 0.1, max_pixels: int | None = None,
-                        progress: Callable[[Iterator[ClipArtEntry], int], Iterator[ClipArtEntry]] | None = None,
+                        heldout_fraction: float = 0.1, max_per_caption: int = 10, max_pixels: int | None = None,
+                        progress: Callable[[Iterator[Any], int], Iterator[Any]] | None = None,
                         ) -> dict[str, Any]:  # fmt: skip
     """Write the clip-art caption lists, images and manifest into ``out`` (see the module docstring).
 
@@ -306,7 +324,9 @@ def prepare_openclipart(src: str | os.PathLike, out: str | os.PathLike, *, size:
         out: the output folder: new, empty, or written by this function before.
         size: side of the stored square images.
         min_side: drawings whose PNG is smaller than this on a side are skipped ("too_small").
-        heldout_fraction: the share of image paths (by hash) that are held-out candidates.
+        heldout_fraction: the share of captions (by hash) whose drawings are held out.
+        max_per_caption: at most this many drawings per caption (0: all); the others are skipped
+            ("duplicate_caption").
         max_pixels: PNGs with more pixels are skipped ("decompression_bomb"); None: PIL's limit.
         progress: wraps the iteration over drawings (a progress bar), given the iterator and the total.
 
@@ -317,17 +337,18 @@ def prepare_openclipart(src: str | os.PathLike, out: str | os.PathLike, *, size:
     Raises:
         OpenClipArtError: the package is not installed at ``src``, or ``out`` holds files this did not write.
     """
-    if size < 1 or min_side < 0 or not 0 <= heldout_fraction < 1:
-        raise ValueError(f"need size >= 1, min_side >= 0 and heldout_fraction in [0, 1), got {size}, {min_side}, "
-                         f"{heldout_fraction}")  # fmt: skip
+    if size < 1 or min_side < 0 or max_per_caption < 0 or not 0 <= heldout_fraction < 1:
+        raise ValueError(f"need size >= 1, min_side >= 0, max_per_caption >= 0 and heldout_fraction in [0, 1), got "
+                         f"{size}, {min_side}, {max_per_caption}, {heldout_fraction}")  # fmt: skip
     src = check_source(src)
     out = check_output(out)
     entries = find_clipart(src)
     if not entries:
         raise OpenClipArtError(f"{src / 'png'} holds no PNG files; reinstall with `{INSTALL_HINT}`")
     white = parse_background("white")
-    settings = {"size": size, "min_side": min_side, "heldout_fraction": heldout_fraction, "max_pixels": max_pixels,
-                "background": "white", "resize": "pad"}  # fmt: skip
+    settings = {"size": size, "min_side": min_side, "heldout_fraction": heldout_fraction,
+                "max_per_caption": max_per_caption, "max_pixels": max_pixels, "background": "white",
+                "resize": "pad"}  # fmt: skip
     # Claimed first, so that an interrupted run can be finished (or redone) in the same folder.
     write_json_atomic(out / MANIFEST_NAME, {"kind": MANIFEST_KIND, "complete": False, "settings": settings})
     metadata: dict[str, ClipArtMetadata | Skipped] = {}
@@ -342,21 +363,29 @@ def prepare_openclipart(src: str | os.PathLike, out: str | os.PathLike, *, size:
     titles = Counter(clean_title(m.title).lower() for m in metadata.values() if isinstance(m, ClipArtMetadata))
     series = frozenset(t for t, n in titles.items() if t and n > SERIES_TITLE_LIMIT)
 
-    rows: list[dict[str, str]] = []
     skipped: list[Skipped] = []
-    source_sizes: list[tuple[int, int]] = []
-    iterator: Iterator[ClipArtEntry] = iter(entries)
-    if progress is not None:
-        iterator = progress(iterator, len(entries))
-    for e in iterator:
+    candidates: list[dict[str, Any]] = []
+    for e in entries:  # captions first (cheap), so that only the drawings kept are decoded
         meta = metadata[e.png]
         if isinstance(meta, Skipped):
             skipped.append(meta)
             continue
-        caption, _, _ = build_caption(meta, series)
+        caption = build_caption(meta, series)[0]
         if not caption:
             skipped.append(Skipped(e.png, "no_caption", "the metadata has no usable title, description or keyword"))
             continue
+        candidates.append({"image": f"images/{e.png}", "caption": caption, "entry": e, "meta": meta})
+    candidates, dropped = cap_per_caption(candidates, max_per_caption)
+    skipped += [Skipped(c["entry"].png, "duplicate_caption", f"more than {max_per_caption} drawings are captioned "
+                        f"{c['caption']!r}") for c in dropped]  # fmt: skip
+
+    rows: list[dict[str, str]] = []
+    source_sizes: list[tuple[int, int]] = []
+    iterator: Iterator[dict[str, Any]] = iter(candidates)
+    if progress is not None:
+        iterator = progress(iterator, len(candidates))
+    for c in iterator:
+        e, meta = c["entry"], c["meta"]
         try:
             image = load_image(src / "png" / e.png, max_pixels=max_pixels, background=white)
         except ImageLoadError as err:
@@ -368,11 +397,11 @@ def prepare_openclipart(src: str | os.PathLike, out: str | os.PathLike, *, size:
             continue
         source_sizes.append(image.size)
         square = fit_and_pad(image, size, white)
-        rel = f"images/{e.png}"
-        atomic_write(out / rel, lambda tmp, img=square: img.save(tmp, format="PNG"))
-        rows.append({"image": rel, "caption": caption, "category": e.category, "title": meta.title,
+        atomic_write(out / c["image"], lambda tmp, img=square: img.save(tmp, format="PNG"))
+        rows.append({"image": c["image"], "caption": c["caption"], "category": e.category, "title": meta.title,
                      "keywords": ", ".join(k for k in meta.keywords if k), "source": f"png/{e.png}",
                      "license": meta.license or PACKAGE_LICENSE})  # fmt: skip
+    skipped.sort(key=lambda item: item.png)
     assign_split(rows, heldout_fraction)
     sha = {}
     for split, name in SPLIT_FILES.items():
