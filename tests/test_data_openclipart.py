@@ -106,7 +106,7 @@ def test_metadata_and_captions(package):
     assert build_caption(ClipArtMetadata("Gold star", keywords=["star"]), frozenset({"gold star"}))[0] == "star."
     assert build_caption(ClipArtMetadata("Scrub_Brush", keywords=["tool"]))[0] == "scrub brush. tool."
     assert build_caption(ClipArtMetadata("jigsaw_red_10", keywords=["jigsaw"]))[0] == "jigsaw."
-    for name in ("jigsaw_red_10", "smiley111", "button-green", "arrow.svg", "fc23"):
+    for name in ("jigsaw_red_10", "smiley111", "button-green", "arrow.svg", "fc23", "blueman#305"):
         assert is_file_name_like(name), name
     for name in ("Red Apple", "Ice Cream Cone (1 scoop)", "stick man"):
         assert not is_file_name_like(name), name
@@ -180,3 +180,11 @@ def test_missing_package_says_how_to_install(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "apt install openclipart-png openclipart-svg" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_the_clipart_recipe_parses_with_augmentation_that_keeps_captions_true():
+    from qlip.train.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "openclipart-s.yaml")
+    assert cfg.data.hflip == "caption" and cfg.data.crop_scale == [0.6, 1.0] and cfg.data.augment
+    assert cfg.data.train.endswith("train.csv") and cfg.data.val.endswith("heldout.csv")

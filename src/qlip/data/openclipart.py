@@ -73,7 +73,7 @@ _RDF_RESOURCE = f"{{{_NS['rdf']}}}resource"
 _RDF_ABOUT = f"{{{_NS['rdf']}}}about"
 _BYLINE = re.compile(r"^clip\s*art\s+by\s+[^-]+?\s+-\s+", re.IGNORECASE)  # "Clipart by Nicu Buculei - bee"
 _MIXED_TOKEN = re.compile(r"[a-z]\d|\d[a-z]", re.IGNORECASE)  # "smiley111", "fc23", "r16"
-_NOT_PROSE = re.compile(r"@|https?:|www\.|hash\(|0x[0-9a-f]", re.IGNORECASE)
+_NOT_PROSE = re.compile(r"@|https?:|www\.|hash\(|0x[0-9a-f]|#\d", re.IGNORECASE)  # addresses, Perl refs, "#305"
 
 
 class OpenClipArtError(ValueError):
