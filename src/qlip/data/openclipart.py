@@ -154,8 +154,9 @@ def clean_title(title: str, series_titles: frozenset[str] = frozenset()) -> str:
 def clean_description(description: str, title: str) -> str:
     """A short description that is prose and not the title again; "" otherwise."""
     text = _text(description).rstrip(" .;:,!")
-    if not text or len(text) > MAX_DESCRIPTION_CHARS or _NOT_PROSE.search(text) or " " not in text and (
-            is_file_name_like(text)):  # fmt: skip
+    if not text or len(text) > MAX_DESCRIPTION_CHARS or _NOT_PROSE.search(text):
+        return ""
+    if " " not in text and is_file_name_like(text):  # one word: "x_01.svg" is no description, "battery" is
         return ""
     return "" if text.lower() == title.lower() else text
 
