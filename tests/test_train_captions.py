@@ -87,3 +87,33 @@ def test_val_fraction_mistakes(tmp_path, captioned):
     cfg = load_config(None, ["data.train=shapes:easy", "data.val_fraction=0.1"])
     with pytest.raises(ConfigError, match="set data.val to held-out data instead"):
         BatchStream(cfg.data, image_size=32, tokenizer=None, seed=0, rank=0, world_size=1)
+
+
+def test_training_augmentation_takes_crop_scale_and_flips_only_captions_without_a_side(tmp_path):
+    (tmp_path / "img").mkdir()
+    arr = np.zeros((40, 40, 3), dtype=np.uint8)
+    arr[:, 20:] = 255  # dark left half, bright right half: a flip shows
+    rows = ["image,caption"]
+    for i in range(16):
+        Image.fromarray(arr).save(tmp_path / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{'a bright square on the right' if i % 2 else 'a bright square'} {i}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    cfg = load_config(None, [f"data.train={tmp_path / 'pairs.csv'}", "data.augment=true", "data.hflip=caption",
+                             "data.crop_scale=[1.0,1.0]", "data.batch_size=8"])  # fmt: skip
+    stream = BatchStream(cfg.data, image_size=32, tokenizer=None, seed=0, rank=0, world_size=1)
+    assert stream.collate.transform.scale == (1.0, 1.0)
+    flipped: dict[bool, int] = {True: 0, False: 0}
+    for _ in range(12):  # six epochs of the 16 rows
+        batch = next(stream)
+        for image, caption in zip(batch["image"], batch["caption"]):
+            flipped["on the right" in caption] += bool(image[0, :, 0].mean() > image[0, :, -1].mean())
+    assert flipped[True] == 0 and 15 <= flipped[False] <= 33  # 48 fair coin tosses on the others: 24 +- 9
+
+    wide = load_config(None, [f"data.train={tmp_path / 'pairs.csv'}", "data.augment=true", "data.crop_scale=[0.6,1]"])
+    assert BatchStream(wide.data, image_size=32, tokenizer=None, seed=0, rank=0,
+                       world_size=1).collate.transform.scale == (0.6, 1.0)  # fmt: skip
+    assert load_config(None, []).data.crop_scale == [0.9, 1.0]  # the transform's own default stays the default
+    with pytest.raises(ConfigError, match="crop_scale"):
+        load_config(None, ["data.crop_scale=[0.8,0.5]"])
+    with pytest.raises(ConfigError, match="hflip"):
+        load_config(None, ["data.hflip=sometimes"])

@@ -214,3 +214,35 @@ def test_transform_rejects_bad_arguments():
         image_transform(32, train=True, scale=(0.5, 2.0))
     with pytest.raises(ValueError, match=r"\(\.\.\., 3, H, W\)"):
         denormalize(torch.zeros(4, 8, 8))
+
+
+def _sides_flipped(t, img: Image.Image, caption: str | None, n: int) -> int:
+    """How many of ``n`` transforms of a dark-left / bright-right image came out mirrored."""
+    outputs = [t(img, caption=caption) for _ in range(n)]
+    return sum(bool(x[0, :, 0].mean() > x[0, :, -1].mean()) for x in outputs)
+
+
+def test_caption_aware_flip_never_mirrors_a_caption_that_names_a_side():
+    arr = np.zeros((40, 40, 3), dtype=np.uint8)
+    arr[:, 20:] = 255
+    img = Image.fromarray(arr)
+    t = image_transform(32, train=True, hflip="caption", scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert t.uses_caption and not image_transform(32, train=True).uses_caption
+    torch.manual_seed(0)
+    for caption in ("a dog facing left.", "Right arrow", "a sign on the top-right", "LEFT", "turn clockwise.", None):
+        assert _sides_flipped(t, img, caption, 40) == 0, caption
+    # Whole words only: "bright" and "lefty" say nothing about sides, so these are flipped about half the time.
+    torch.manual_seed(0)
+    flipped = sum(_sides_flipped(t, img, caption, 100) for caption in ("a bright star.", "a cat named lefty."))
+    assert 70 <= flipped <= 130  # 200 fair coin tosses: 100 +- 30 is beyond 4 standard deviations
+    with pytest.raises(ValueError, match="caption"):
+        image_transform(32, train=True, hflip="sometimes")
+
+
+def test_crop_scale_bounds_the_area_of_the_random_crop():
+    torch.manual_seed(0)
+    for scale in ((0.6, 1.0), (0.2, 0.3)):
+        t = image_transform(32, train=True, scale=scale, ratio=(1.0, 1.0))
+        areas = [w * h / (100 * 100) for _, _, w, h in (t._random_box(100, 100) for _ in range(200))]
+        assert scale[0] - 0.02 <= min(areas) and max(areas) <= scale[1] + 0.02
+        assert max(areas) - min(areas) > 0.5 * (scale[1] - scale[0])  # the range is used, not one value

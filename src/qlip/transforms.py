@@ -8,6 +8,9 @@ random resized crop and an optional horizontal flip. The inverse (:func:`denorma
 Every loader in :mod:`qlip.data` goes through :func:`load_image`, so that any image mode becomes RGB the same way
 and every unreadable file fails with one exception type (:class:`ImageLoadError`) that names the file.
 
+The training flip can keep captions true: ``hflip="caption"`` flips only images whose caption names no side
+(:func:`caption_names_a_side`), so "a dog facing left" is never mirrored into a dog facing right.
+
 Two choices for real photographs live here and nowhere else (``data.resize`` / ``data.background`` in a training
 config, ``--resize`` / ``--background`` on the command line):
 
@@ -24,6 +27,7 @@ import io
 import logging
 import math
 import os
+import re
 import struct
 import warnings
 from collections.abc import Callable, Sequence
@@ -40,6 +44,12 @@ ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes]
 Background = str | tuple[int, int, int]
 
 RESIZE_MODES = ("crop", "pad")
+
+# Whole words that a horizontal flip makes false: the two sides, and the turning sense (a mirrored clockwise arrow
+# turns counterclockwise). Matched case-insensitively, so "Left", "left-hand" and "top-right" count.
+MIRRORED_WORDS = ("left", "right", "leftmost", "rightmost", "leftward", "leftwards", "rightward", "rightwards",
+                  "clockwise", "counterclockwise", "anticlockwise")
+_MIRRORED_RE = re.compile(r"\b(?:" + "|".join(MIRRORED_WORDS) + r")\b", re.IGNORECASE)
 NAMED_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 
 logger = logging.getLogger(__name__)
@@ -210,6 +220,12 @@ def to_rgb(img: Image.Image, background: Background = "white") -> Image.Image:
     return img.convert("RGB")
 
 
+def caption_names_a_side(caption: str | None) -> bool:
+    """Whether a horizontal flip would make ``caption`` false: it holds one of :data:`MIRRORED_WORDS` as a whole
+    word (any case). ``None`` (no caption) counts as naming a side: what cannot be checked is not flipped."""
+    return caption is None or _MIRRORED_RE.search(caption) is not None
+
+
 def _resize_shorter(img: Image.Image, size: int) -> Image.Image:
     width, height = img.size
     short = min(width, height)
@@ -220,7 +236,7 @@ def _resize_shorter(img: Image.Image, size: int) -> Image.Image:
     return img.resize((new_w, new_h), Image.Resampling.BICUBIC)
 
 
-def _fit_and_pad(img: Image.Image, size: int, color: tuple[int, int, int]) -> Image.Image:
+def fit_and_pad(img: Image.Image, size: int, color: tuple[int, int, int]) -> Image.Image:
     """The whole image scaled so its longer side is ``size``, centred on a ``size`` x ``size`` square of ``color``."""
     width, height = img.size
     scale = size / max(width, height)
@@ -261,6 +277,8 @@ class ImageTransform:
     """PIL image -> normalized (3, S, S) float32 tensor; a class, not a closure, so DataLoader workers can pickle it.
 
     Randomness (train mode) comes from torch's global generator, which DataLoader seeds differently per worker.
+    With ``hflip="caption"`` the transform takes the sample's caption too (``transform(img, caption=...)``;
+    :attr:`uses_caption` says so) and flips only when the caption names no side.
     """
 
     def __init__(
@@ -270,12 +288,15 @@ class ImageTransform:
         train: bool = False,
         mean: Sequence[float] = OPENAI_CLIP_MEAN,
         std: Sequence[float] = OPENAI_CLIP_STD,
-        hflip: bool = True,
+        hflip: bool | str = True,
         scale: tuple[float, float] = (0.9, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         resize: str = "crop",
         background: Background = "white",
     ) -> None:
+        if not (isinstance(hflip, bool) or hflip == "caption"):
+            raise ValueError(f"hflip must be true, false or 'caption' (flip only images whose caption names no "
+                             f"side), got {hflip!r}")  # fmt: skip
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES} (crop fills the square, pad keeps the whole "
                              f"image), got {resize!r}")  # fmt: skip
@@ -319,7 +340,12 @@ class ImageTransform:
             w, h = width, height
         return (width - w) // 2, (height - h) // 2, w, h
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    @property
+    def uses_caption(self) -> bool:
+        """Whether the result depends on the caption (a caption-aware flip in train mode)."""
+        return self.train and self.hflip == "caption"
+
+    def __call__(self, img: Image.Image, caption: str | None = None) -> torch.Tensor:
         img = to_rgb(img, self.background)
         size = self.image_size
         if self.train:
@@ -327,10 +353,11 @@ class ImageTransform:
                 img = _pad_to_square(img, self.background)
             left, top, w, h = self._random_box(*img.size)
             img = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
-            if self.hflip and bool(torch.rand(1) < 0.5):
+            if self.hflip and bool(torch.rand(1) < 0.5) and not (self.hflip == "caption" and
+                                                                  caption_names_a_side(caption)):  # fmt: skip
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         elif self.resize == "pad":
-            img = _fit_and_pad(img, size, self.background)
+            img = fit_and_pad(img, size, self.background)
         else:
             img = _center_crop(_resize_shorter(img, size), size)
         return _to_normalized_tensor(img, self.mean, self.std)
@@ -347,7 +374,7 @@ def image_transform(
     train: bool = False,
     mean: Sequence[float] = OPENAI_CLIP_MEAN,
     std: Sequence[float] = OPENAI_CLIP_STD,
-    hflip: bool = True,
+    hflip: bool | str = True,
     scale: tuple[float, float] = (0.9, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     resize: str = "crop",
@@ -364,7 +391,8 @@ def image_transform(
         train: use the random augmentation instead of the deterministic eval path.
         mean: per-channel normalization mean (defaults to OpenAI CLIP's).
         std: per-channel normalization std (defaults to OpenAI CLIP's).
-        hflip: random horizontal flip in train mode.
+        hflip: random horizontal flip in train mode: True, False, or "caption" (flip only images whose caption
+            names no side, see :func:`caption_names_a_side`; call the transform with ``caption=``).
         scale: range of the crop's area as a fraction of the image area (train mode).
         ratio: range of the crop's width / height (train mode).
         resize: "crop" (fill the square, cut the longer side) or "pad" (keep the whole image, fill the rest of the

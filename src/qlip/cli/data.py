@@ -1,4 +1,5 @@
-"""``qlip data ...``: write tar shards from any source, check a source for bad files, preview any source."""
+"""``qlip data ...``: write tar shards from any source, check a source for bad files, preview any source, and
+prepare the Open Clip Art Library as a captioned image set."""
 
 from __future__ import annotations
 
@@ -197,9 +198,40 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_openclipart(args: argparse.Namespace) -> int:
+    """Turn the installed Open Clip Art Library into caption lists of pre-resized images (see docs/data.md)."""
+    from ..data.openclipart import UNREADABLE, OpenClipArtError, prepare_openclipart
+    from ..progress import progress_bar
+
+    out = check_output_dir(args.out, [Path(args.src)])
+
+    def bar(entries, total):
+        return progress_bar(entries, desc="openclipart", total=total, unit="image", enabled=not args.quiet)
+
+    start = time.perf_counter()
+    try:
+        manifest = prepare_openclipart(args.src, out, size=args.size, min_side=args.min_side,
+                                       heldout_fraction=args.heldout_fraction,
+                                       max_per_caption=args.max_per_caption, progress=bar)  # fmt: skip
+    except (OpenClipArtError, ValueError) as e:  # not installed, an output folder it did not write, a bad option
+        raise CLIError(str(e)) from e
+    for item in manifest["skipped_files"]:  # what could not be read; the choices (size, metadata) are counted
+        if item["reason"] in UNREADABLE or item["reason"] == "decompression_bomb":
+            print(f"skipped {item['png']}: {item['reason']}: {item['detail']}", file=sys.stderr)
+    skipped = sum(manifest["skipped"].values())
+    reasons = ", ".join(f"{n} {r}" for r, n in manifest["skipped"].items())
+    splits = manifest["splits"]
+    print(f"wrote {manifest['images']} images in {len(manifest['categories'])} categories to {out} "
+          f"({splits['train']} in train.csv, {splits['heldout']} in heldout.csv; "
+          f"{time.perf_counter() - start:.0f} s); skipped {skipped} of {manifest['found']}"
+          f"{f' ({reasons})' if reasons else ''}; every skipped file is named in {out / 'manifest.json'}")  # fmt: skip
+    return EXIT_BAD_DATA if manifest["unreadable"] else 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``data`` with ``write-shards``, ``check`` and ``preview`` to a CLI; each sets ``args.func``."""
-    data = subparsers.add_parser("data", help="datasets: write tar shards, check a source, preview a source")
+    data = subparsers.add_parser("data", help="datasets: write tar shards, check a source, preview a source, "
+                                 "prepare the clip-art set")
     sub = data.add_subparsers(dest="data_command", required=True)
 
     write = sub.add_parser("write-shards", help="convert a source (or shapes --count N) into tar shards")
@@ -234,4 +266,19 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     preview.add_argument("--seed", type=int, default=0)
     preview.add_argument("--out", default="shapes_preview.png", help="output PNG")
     preview.set_defaults(func=cmd_preview)
+
+    clipart = sub.add_parser("openclipart", help="caption lists of the installed Open Clip Art Library (offline, "
+                             "public domain)")  # fmt: skip
+    clipart.add_argument("--out", required=True, help="output folder: new, empty, or written by this command")
+    clipart.add_argument("--src", default="/usr/share/openclipart",
+                         help="the packages' folder (apt install openclipart-png openclipart-svg)")
+    clipart.add_argument("--size", type=positive_int, default=128, help="side of the stored square images")
+    clipart.add_argument("--min-side", type=non_negative_int, default=32,
+                         help="skip drawings whose PNG is smaller than this on a side")
+    clipart.add_argument("--heldout-fraction", type=fraction, default=0.1,
+                         help="share of captions (by hash) whose drawings go to heldout.csv")
+    clipart.add_argument("--max-per-caption", type=non_negative_int, default=10,
+                         help="keep at most this many drawings with one caption (0: all)")
+    clipart.add_argument("--quiet", action="store_true", help="no progress bar")
+    clipart.set_defaults(func=cmd_openclipart)
     return data

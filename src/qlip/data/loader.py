@@ -196,7 +196,9 @@ class SampleCollator:
         if self.counter is not None:
             for s in samples:
                 self.counter.record(s)
-        if good:
+        if good and getattr(self.transform, "uses_caption", False):  # a flip that keeps captions true
+            images = torch.stack([self.transform(s["image"], caption=s.get("caption")) for s in good])
+        elif good:
             images = torch.stack([self.transform(s["image"]) for s in good])  # (B, 3, S, S)
         else:
             size = getattr(self.transform, "image_size", 0)

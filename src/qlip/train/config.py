@@ -97,7 +97,10 @@ class DataSection:
         tokenizer: a directory with vocab.json + merges.txt; None = the init checkpoint's, or (shapes only) a small
             BPE trained at start-up on shapes captions (``shapes_training.bpe_*``).
         augment: random resized crop (and hflip if ``hflip``) on training images.
-        hflip: random horizontal flip when augmenting (off for shapes: left/right is a label).
+        crop_scale: [min, max] area of the random resized crop, as fractions of the image (0 < min <= max <= 1).
+        hflip: random horizontal flip when augmenting: true, false (shapes: left/right is a label), or "caption":
+            flip only images whose caption names no side (left, right, clockwise, ...; see
+            ``qlip.transforms.caption_names_a_side``), so every caption stays true.
         max_bad_fraction: stop when more than this fraction of samples cannot be read.
         shuffle_buffer: shards: block size of the within-slot shuffle.
         resize: how an image becomes the model's square: "crop" (fill it, cut the longer side; the released recipe)
@@ -114,7 +117,8 @@ class DataSection:
     shapes_training: ShapesTrainingSection = field(default_factory=ShapesTrainingSection)
     tokenizer: str | None = None
     augment: bool = False
-    hflip: bool = False
+    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    hflip: bool | str = False
     max_bad_fraction: float = 0.05
     shuffle_buffer: int = 0
     resize: str = "crop"
@@ -448,6 +452,13 @@ class TrainConfig:
             parse_background(self.data.background)
         except ValueError as e:
             raise ConfigError(f"data.background: {e}") from None
+        scale = self.data.crop_scale
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ConfigError(f"data.crop_scale={scale} must be [min, max] with 0 < min <= max <= 1 (fractions of the "
+                              "image area), e.g. data.crop_scale=[0.6,1.0]")  # fmt: skip
+        if not (isinstance(self.data.hflip, bool) or self.data.hflip == "caption"):
+            raise ConfigError(f"data.hflip={self.data.hflip!r} is not true, false or caption (flip only images whose "
+                              "caption names no side)")  # fmt: skip
         if not 0.0 <= self.data.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must lie in [0, 1) (the share of data.train held out), got "
                               f"{self.data.val_fraction}")  # fmt: skip

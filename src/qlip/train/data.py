@@ -124,7 +124,7 @@ class BatchStream:
         self.data, self.rank, self.world = data, rank, world_size
         self.kind = describe_source(data.train)
         transform = image_transform(image_size, train=data.augment, hflip=data.hflip, resize=data.resize,
-                                    background=data.background)  # fmt: skip
+                                    scale=tuple(data.crop_scale), background=data.background)  # fmt: skip
         self.counter = BadSampleCounter(max_bad_fraction=data.max_bad_fraction, name=data.train)
         self.collate = SampleCollator(transform, tokenizer)
         groups = data.shapes_training
