@@ -275,6 +275,35 @@ def test_yesno_share_sets_the_share_of_yes_no_questions_and_zero_keeps_the_unifo
                        for i in range(50)]  # fmt: skip
 
 
+def test_reworded_training_questions_keep_their_answers_and_never_become_held_out_phrasings():
+    from qlip.data.loader import shapes_config_from_spec
+    from qlip.understanding.data import QUESTIONS, REWORD_LEADS, YESNO_QUESTIONS, reword
+
+    cfg = shapes_config_from_spec("shapes:easy?sizes=large")
+    shape = {"shape": "circle", "color": "red", "position": "top left", "size": "large"}
+    plain = [shapes_question(shape, cfg, np.random.default_rng(i)) for i in range(300)]
+    reworded = [shapes_question(shape, cfg, np.random.default_rng(i), reword_share=1.0) for i in range(300)]
+    assert [(q["type"], q["answer"]) for q in plain] == [(q["type"], q["answer"]) for q in reworded]
+    changed = sum(a["question"] != b["question"] for a, b in zip(plain, reworded))
+    assert changed > 200  # most draws add a lead-in or a place phrase
+    held_out = {o[-1] for o in QUESTIONS.values()} | {o[-1] for o in YESNO_QUESTIONS.values()}
+    rng = np.random.default_rng(0)
+    for template in [o for options in (*QUESTIONS.values(), *YESNO_QUESTIONS.values()) for o in options[:-1]]:
+        for _ in range(40):
+            out = reword(template, rng)
+            lead = next(x for x in sorted(REWORD_LEADS, key=len, reverse=True) if out.startswith(x))
+            assert out[len(lead):] not in held_out, out
+    # a near neighbour of a held-out phrasing is kept as it was ("Which shape do you see" + " in the image" is
+    # allowed; the held-out "What shape do you see in the image?" is never produced)
+    assert reword("What shape do you see?", np.random.default_rng(1)) != "What shape do you see in the image?"
+    evaluation = shapes_question(shape, cfg, rng, qtype="shape", phrasings="held_out", reword_share=1.0)
+    assert evaluation["question"] == QUESTIONS["shape"][-1]  # evaluation questions are never reworded
+    vocab = WordTokenizer.from_corpus(shapes_corpus(cfg, captions=50))
+    assert all(vocab.encode(q["question"]).count(vocab.unk_id) == 0 for q in reworded)
+    assert [q["question"] for q in plain] == [shapes_question(shape, cfg, np.random.default_rng(i), reword_share=0.0)
+                                              ["question"] for i in range(300)]  # fmt: skip
+
+
 def test_llava_json_bad_records_are_named_counted_and_skipped(tmp_path):
     from PIL import Image
 

@@ -176,3 +176,12 @@ def test_yesno_share_out_of_range_is_a_config_error(tmp_path):
         with pytest.raises(ConfigError, match="vlm.yesno_share must lie in"):
             config_from_dict({"task": "vlm", "stage": 2, "vlm": {"tokenizer": "x", "yesno_share": bad},
                               "run_dir": str(tmp_path / "r")})  # fmt: skip
+
+
+def test_reword_out_of_range_is_a_config_error(tmp_path):
+    from qlip.train.config import ConfigError, config_from_dict
+
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="vlm.reword must lie in"):
+            config_from_dict({"task": "vlm", "stage": 2, "vlm": {"tokenizer": "x", "reword": bad},
+                              "run_dir": str(tmp_path / "r")})  # fmt: skip

@@ -68,6 +68,12 @@ YESNO_QUESTIONS: dict[str, tuple[str, ...]] = {
     "size": ("Is the shape {value}?", "Is there a {value} shape?", "Is the object {value}?",
              "Does the image contain a {value} shape?", "Do you see a {value} shape?"),
 }  # fmt: skip
+# Rewording of training questions (``reword`` > 0): a lead-in and a place phrase added around a training phrasing,
+# so that words like "in the image" or "do you see" occur in every question type and the language model learns
+# that the question word and the attribute noun decide the answer, not the rest of the wording. A reworded question
+# never equals a held-out phrasing (checked).
+REWORD_LEADS = ("", "Look at the image. ", "Look at the picture. ", "Please answer. ")
+REWORD_PLACES = ("", " in the image", " in the picture", " here", " in this picture")
 CAPTION_PROMPTS = ("Describe the image.", "Give a short caption of the image.", "What does the image show?",
                    "Describe the image briefly.")  # fmt: skip
 
@@ -82,14 +88,31 @@ def _pick(options: tuple[str, ...], phrasings: str, rng: np.random.Generator) ->
     return pool[int(rng.integers(len(pool)))]
 
 
+_HELD_OUT_TEMPLATES = {o[-1] for o in QUESTIONS.values()} | {o[-1] for o in YESNO_QUESTIONS.values()}
+
+
+def reword(question: str, rng: np.random.Generator) -> str:
+    """``question`` with a lead-in and/or a place phrase from :data:`REWORD_LEADS` / :data:`REWORD_PLACES` (the
+    place phrase goes before the final "?" or "." and only into a question that names no place yet); never a
+    held-out phrasing."""
+    lead = REWORD_LEADS[int(rng.integers(len(REWORD_LEADS)))]
+    place = REWORD_PLACES[int(rng.integers(len(REWORD_PLACES)))]
+    if any(w in question for w in ("image", "picture", "here")) or question[-1] not in "?.":
+        place = ""
+    out = f"{lead}{question[:-1]}{place}{question[-1]}" if question else question
+    return question if out[len(lead):] in _HELD_OUT_TEMPLATES else out
+
+
 def _value_text(attribute: str, value: str) -> str:
     return POSITION_PHRASE[value] if attribute == "position" else value
 
 
 def shapes_question(shape: dict[str, Any], cfg: ShapesConfig, rng: np.random.Generator, *, qtype: str | None = None,
-                    phrasings: str = "train", yesno_share: float = 0.0) -> dict[str, Any]:  # fmt: skip
+                    phrasings: str = "train", yesno_share: float = 0.0,
+                    reword_share: float = 0.0) -> dict[str, Any]:  # fmt: skip
     """A question about ``shape`` (one entry of a shapes sample's attributes): of type ``qtype``, or drawn, every
-    type equally often unless ``yesno_share`` > 0 sets the share of yes/no questions.
+    type equally often unless ``yesno_share`` > 0 sets the share of yes/no questions. With ``phrasings="train"``,
+    ``reword_share`` of the questions are reworded (:func:`reword`).
 
     Returns {"question", "answer", "type", "absent"}: ``absent`` is True for a yes/no question about an attribute
     value the image does not have (its answer is "no"), False for one it has, None for the other types.
@@ -103,7 +126,8 @@ def shapes_question(shape: dict[str, Any], cfg: ShapesConfig, rng: np.random.Gen
         qtype = types[int(rng.integers(len(types)))]
     if qtype in QUESTIONS:
         answer = _value_text(qtype, shape[qtype])
-        return {"question": _pick(QUESTIONS[qtype], phrasings, rng), "answer": answer, "type": qtype, "absent": None}
+        question = _maybe_reword(_pick(QUESTIONS[qtype], phrasings, rng), phrasings, reword_share, rng)
+        return {"question": question, "answer": answer, "type": qtype, "absent": None}
     if qtype != "yesno":
         raise ValueError(f"unknown question type {qtype!r}; choose one of {QUESTION_TYPES}")
     attributes = tuple(a for a in YESNO_QUESTIONS if a != "size" or len(cfg.sizes) > 1)
@@ -114,8 +138,15 @@ def shapes_question(shape: dict[str, Any], cfg: ShapesConfig, rng: np.random.Gen
     if absent:
         others = [v for v in values if v != value]
         value = others[int(rng.integers(len(others)))]
-    question = _pick(YESNO_QUESTIONS[attribute], phrasings, rng).format(value=_value_text(attribute, value))
+    question = _maybe_reword(_pick(YESNO_QUESTIONS[attribute], phrasings, rng), phrasings, reword_share, rng)
+    question = question.format(value=_value_text(attribute, value))
     return {"question": question, "answer": "no" if absent else "yes", "type": "yesno", "absent": absent}
+
+
+def _maybe_reword(template: str, phrasings: str, share: float, rng: np.random.Generator) -> str:
+    if share > 0 and phrasings == "train" and rng.random() < share:
+        return reword(template, rng)
+    return template
 
 
 def caption_prompt(rng: np.random.Generator) -> str:
@@ -130,7 +161,7 @@ def with_image(question: str) -> str:
 def shapes_corpus(cfg: ShapesConfig, *, captions: int = 400, seed: int = 0) -> list[str]:
     """Every text the shapes conversations can hold (all phrasings, held-out ones too, all attribute values and
     the captions' templates), for building a word vocabulary."""
-    texts = [*CAPTION_PROMPTS, "yes", "no"]
+    texts = [*CAPTION_PROMPTS, *REWORD_LEADS, *REWORD_PLACES, "yes", "no"]
     for options in QUESTIONS.values():
         texts += options
     for attribute, options in YESNO_QUESTIONS.items():
@@ -145,9 +176,9 @@ def shapes_corpus(cfg: ShapesConfig, *, captions: int = 400, seed: int = 0) -> l
 
 def shapes_conversation(index: int, cfg: ShapesConfig, *, split: str, seed: int, kind: str, rng: np.random.Generator,
                         phrasings: str = "train", qtype: str | None = None,
-                        yesno_share: float = 0.0) -> dict[str, Any]:  # fmt: skip
+                        yesno_share: float = 0.0, reword_share: float = 0.0) -> dict[str, Any]:  # fmt: skip
     """One single-turn conversation about shapes sample ``index``: ``kind`` "caption" or "qa" (see
-    :func:`shapes_question` for ``qtype`` and ``yesno_share``).
+    :func:`shapes_question` for ``qtype``, ``yesno_share`` and ``reword_share``).
 
     Returns {"turns": [(user, answer)], "type", "absent"} (type "caption" for captions).
     """
@@ -155,7 +186,8 @@ def shapes_conversation(index: int, cfg: ShapesConfig, *, split: str, seed: int,
     if kind == "caption":
         caption = make_caption(shapes, cfg.caption_mode, rng)
         return {"turns": [(with_image(caption_prompt(rng)), caption)], "type": "caption", "absent": None}
-    qa = shapes_question(shapes[0], cfg, rng, qtype=qtype, phrasings=phrasings, yesno_share=yesno_share)
+    qa = shapes_question(shapes[0], cfg, rng, qtype=qtype, phrasings=phrasings, yesno_share=yesno_share,
+                         reword_share=reword_share)
     return {"turns": [(with_image(qa["question"]), qa["answer"])], "type": qa["type"], "absent": qa["absent"]}
 
 

@@ -101,6 +101,8 @@ class VLMOptions:
             phrasings); 0 = no check.
         yesno_share: the share of shapes questions that are yes/no questions (the other types share the rest
             equally); 0 = every question type equally often.
+        reword: the share of shapes training questions reworded with a lead-in and a place phrase
+            (:func:`qlip.understanding.data.reword`); 0 = the training phrasings as they are.
     """
 
     tokenizer: str = ""
@@ -126,6 +128,7 @@ class VLMOptions:
     stage1_data: str = "caption"
     eval_images: int = 100
     yesno_share: float = 0.0
+    reword: float = 0.0
 
     def validate(self, cfg: TrainConfig) -> None:
         from ...understanding.model import FEATURES, PROJECTORS
@@ -164,6 +167,8 @@ class VLMOptions:
             raise ConfigError(f"vlm.stage1_data={self.stage1_data!r} is not one of ['caption', 'qa']")
         if not 0.0 <= self.yesno_share < 1.0:
             raise ConfigError(f"vlm.yesno_share must lie in [0, 1), got {self.yesno_share}")
+        if not 0.0 <= self.reword <= 1.0:
+            raise ConfigError(f"vlm.reword must lie in [0, 1], got {self.reword}")
         if self.caption_steps < 0 or self.eval_images < 0:
             raise ConfigError("vlm.caption_steps and vlm.eval_images must be >= 0")
         if self.caption_steps and cfg.stage != 2:
@@ -424,7 +429,7 @@ class VLMTask(Task):
         if self.records is not None:
             return {"turns": self.records[index]["turns"]}
         return shapes_conversation(index, self.shapes, split="train", seed=self.cfg.seed, kind=kind, rng=rng,
-                                   yesno_share=self.options.yesno_share)  # fmt: skip
+                                   yesno_share=self.options.yesno_share, reword_share=self.options.reword)  # fmt: skip
 
     def batches(self) -> ConversationBatches:
         opts = self.options
