@@ -39,9 +39,9 @@ def _settings(args: argparse.Namespace) -> Any:
     t2i: dict[str, Any] = {}
     if args.experiment.startswith("t2i-"):
         ev.setdefault("num_eval", T2I_EVAL_CAPTIONS)
-        t2i = {"fixed_steps": args.steps or 0, "generation": {"judge": args.judge, "data": args.eval_data,
-                                                             "split": args.split, "cfg_scale": args.cfg,
-                                                             "batch_size": 32}}  # fmt: skip
+        t2i = {"fixed_steps": args.steps or 0, "eval_options": {"judge": args.judge, "data": args.eval_data,
+                                                               "split": args.split, "cfg_scale": args.cfg,
+                                                               "batch_size": 32}}  # fmt: skip
     return Settings(config=args.config, out=args.out, seeds=_seeds(args.seeds), budget=args.budget, smoke=args.smoke,
                     isolate=not args.in_process, eval=ev, threads=args.threads, **t2i)  # fmt: skip
 
