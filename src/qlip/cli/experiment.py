@@ -115,9 +115,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``experiment`` with its sub-commands to the ``qlip`` command line."""
     p = subparsers.add_parser("experiment", help="reproduce the paper's findings at laptop scale (tables + plots)",
                               description="Balance sweep (Table 3a), balancing modes, recipes (Table 3c) on shapes, "
-                                          "and the text-to-image comparisons; each writes OUT/table.json, "
-                                          "OUT/table.md (and plots). Rerun to continue: finished variants are "
-                                          "skipped.")  # fmt: skip
+                                          "the text-to-image and unified-model comparisons; each writes "
+                                          "OUT/table.json, OUT/table.md (and plots). Rerun to continue: finished "
+                                          "variants are skipped.")  # fmt: skip
     sub = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
     helps = {
         "balance-sweep": "a_a : a_r from 1:0 to 0:1: zero-shot, linear probe, PSNR/SSIM, code usage",
@@ -216,8 +216,9 @@ def _add_sampling_run_args(e: argparse.ArgumentParser, name: str, what: str) -> 
                         "compositions)")  # fmt: skip
     e.add_argument("--split", default="test", choices=("val", "test"), help="split of those images (test)")
     e.add_argument("--cfg", type=finite_float, default=3.0, help="guidance scale of text->image (default 3)")
+    smoke_eval = "; 16 with --smoke" if name.startswith("um3-") else ""
     e.add_argument("--eval-images", type=positive_int, default=None,
-                   help=f"{what} (default {T2I_EVAL_CAPTIONS}; 16 with --smoke)")
+                   help=f"{what} (default {T2I_EVAL_CAPTIONS}{smoke_eval})")
     e.add_argument("--smoke", action="store_true", help="3 steps per run (a check that it runs)")
     e.add_argument("--in-process", action="store_true",
                    help="run the jobs in this process (faster start; peak memory is then not per variant)")
@@ -235,7 +236,7 @@ def _register_unified(sub: argparse._SubParsersAction) -> None:
         e = sub.add_parser(name, help=text, description=text + ". Writes OUT/table.json and OUT/table.md; rerun to "
                                                               "continue (finished runs are skipped).")  # fmt: skip
         flag = "--config" if name == "um3-schedule" else "--unified-config"
-        e.add_argument(flag, dest="config", required=True,
+        e.add_argument(flag, dest="config", required=True, metavar="CONFIG",
                        help="a `task: unified` YAML config (e.g. configs/um3-shapes.yaml)")
         if name == "um3-specialists":
             e.add_argument("--t2i-config", required=True,
