@@ -209,6 +209,27 @@ def test_isolated_job_measures_its_own_peak_memory(config_file, tmp_path):
     assert (tmp_path / "runs" / "v" / "seed0" / "worker.log").is_file()
 
 
+def test_a_variant_names_its_evaluator_and_overrides_the_shared_options(config_file, tmp_path, monkeypatch):
+    from qlip.experiments import worker
+    from qlip.experiments.runner import job_spec
+
+    seen = []
+    monkeypatch.setitem(worker.EVALUATORS, "probe-me",
+                        lambda d, cfg, ev, opts, seed: seen.append((d, cfg, opts, seed)) or {"x": 1.0})  # fmt: skip
+    settings = Settings(config=str(config_file), out=tmp_path, eval_options={"judge": "J", "data": "D"})
+    variant = Variant("v", [], [0], evaluator="probe-me", eval_options={"judge": None})
+    spec = job_spec(settings, variant, 0)
+    assert spec["evaluator"] == "probe-me" and spec["eval_options"] == {"judge": None, "data": "D"}
+    trained = [({"name": "a", "evaluate": True}, "CFG", tmp_path / "a"), ({"name": "b", "evaluate": False}, "X",
+               tmp_path / "b")]  # fmt: skip
+    metrics = worker._evaluate_models(trained, spec["eval"], 5, spec["evaluator"], spec["eval_options"])
+    assert metrics == {"a/x": 1.0, "x": 1.0}  # the marked stage (prefixed) and the last one
+    assert [d for d, *_ in seen] == [tmp_path / "a" / "last", tmp_path / "b" / "last"]
+    assert all(cfg == "CFG" and opts == {"judge": None, "data": "D"} and s == 5 for _, cfg, opts, s in seen)
+    with pytest.raises(ValueError, match="unknown evaluator 'nope'"):
+        worker._evaluate_models(trained, spec["eval"], 0, "nope")
+
+
 @pytest.mark.slow  # another Python + torch start-up (~5 s) for an error path
 def test_failed_isolated_job_reports_its_log(config_file, tmp_path):
     settings = Settings(config=str(config_file), out=tmp_path, seeds=[0], smoke=True, isolate=True)

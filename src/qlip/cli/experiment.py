@@ -1,5 +1,5 @@
-"""``qlip experiment balance-sweep | balance-modes | recipes | t2i-codecs | t2i-tokenizers | vlm-layers | report``:
-the paper's findings at laptop scale.
+"""``qlip experiment balance-sweep | balance-modes | recipes | t2i-codecs | t2i-tokenizers | um3-schedule |
+um3-specialists | vlm-layers | report``: the paper's findings at laptop scale.
 
 Each experiment command runs its variants (resuming: finished (variant, seed) jobs are skipped), then writes
 ``OUT/table.json``, ``OUT/table.md`` and PNG plots. ``report`` gathers the experiments' outputs into
@@ -18,7 +18,7 @@ from .common import CLIError, finite_float, non_negative_int, positive_int
 log = logging.getLogger(__name__)
 
 DEFAULT_SEEDS = {"balance-sweep": "0,1,2", "balance-modes": "0", "recipes": "0", "t2i-codecs": "0",
-                 "t2i-tokenizers": "0"}
+                 "t2i-tokenizers": "0", "um3-schedule": "0", "um3-specialists": "0"}
 T2I_EVAL_CAPTIONS = 200  # held-out captions per generator (as qlip eval generation)
 
 
@@ -39,9 +39,9 @@ def _settings(args: argparse.Namespace) -> Any:
     t2i: dict[str, Any] = {}
     if args.experiment.startswith("t2i-"):
         ev.setdefault("num_eval", T2I_EVAL_CAPTIONS)
-        t2i = {"fixed_steps": args.steps or 0, "generation": {"judge": args.judge, "data": args.eval_data,
-                                                             "split": args.split, "cfg_scale": args.cfg,
-                                                             "batch_size": 32}}  # fmt: skip
+        t2i = {"fixed_steps": args.steps or 0, "eval_options": {"judge": args.judge, "data": args.eval_data,
+                                                               "split": args.split, "cfg_scale": args.cfg,
+                                                               "batch_size": 32}}  # fmt: skip
     return Settings(config=args.config, out=args.out, seeds=_seeds(args.seeds), budget=args.budget, smoke=args.smoke,
                     isolate=not args.in_process, eval=ev, threads=args.threads, **t2i)  # fmt: skip
 
@@ -115,9 +115,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``experiment`` with its sub-commands to the ``qlip`` command line."""
     p = subparsers.add_parser("experiment", help="reproduce the paper's findings at laptop scale (tables + plots)",
                               description="Balance sweep (Table 3a), balancing modes, recipes (Table 3c) on shapes, "
-                                          "and the text-to-image comparisons; each writes OUT/table.json, "
-                                          "OUT/table.md (and plots). Rerun to continue: finished variants are "
-                                          "skipped.")  # fmt: skip
+                                          "the text-to-image and unified-model comparisons; each writes "
+                                          "OUT/table.json, OUT/table.md (and plots). Rerun to continue: finished "
+                                          "variants are skipped.")  # fmt: skip
     sub = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
     helps = {
         "balance-sweep": "a_a : a_r from 1:0 to 0:1: zero-shot, linear probe, PSNR/SSIM, code usage",
@@ -161,6 +161,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--eval-images", type=positive_int, default=None, help="held-out images (default 200)")
     v.set_defaults(func=_run_vlm_layers)
     _register_t2i(sub)
+    _register_unified(sub)
     r = sub.add_parser("report", help="write docs/results.md from the experiments' outputs",
                        description="Gathers RESULTS/{balance,modes,recipes}/table.json into a results page with "
                                    "the paper's numbers and copies the tables and plots to --assets.")  # fmt: skip
@@ -173,7 +174,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_t2i(sub: argparse._SubParsersAction) -> None:
-    from ..eval.generation import DEMO_HELD_OUT
     from ..experiments.t2i import DEMO_TRAIN_DATA
 
     helps = {
@@ -184,27 +184,9 @@ def _register_t2i(sub: argparse._SubParsersAction) -> None:
     for name, text in helps.items():
         e = sub.add_parser(name, help=text, description=text + ". Writes OUT/table.json and OUT/table.md.")
         e.add_argument("--config", required=True, help="a generator YAML config (e.g. configs/t2i-shapes.yaml)")
-        e.add_argument("--out", required=True, help="output directory (run dirs, table.json, table.md)")
-        e.add_argument("--steps", type=positive_int, default=None,
-                       help="optimizer steps of every run (default: --budget x the config's optim.steps)")
-        e.add_argument("--budget", type=float, default=1.0,
-                       help="fraction of the config's optim.steps per run when --steps is not given (default 1)")
-        e.add_argument("--seeds", default=DEFAULT_SEEDS[name], help=f"comma-separated seeds (default "
-                       f"{DEFAULT_SEEDS[name]})")  # fmt: skip
+        _add_sampling_run_args(e, name, "held-out captions per generator")
         e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="an override for every run (repeatable), e.g. generator.width=64")
-        e.add_argument("--judge", default="docs/results/judge", help="ShapesEval judge (default docs/results/judge)")
-        e.add_argument("--eval-data", default=DEMO_HELD_OUT,
-                       help="shapes spec whose captions are generated (default: the demo's held-out compositions)")
-        e.add_argument("--split", default="test", choices=("val", "test"), help="split of those captions (test)")
-        e.add_argument("--cfg", type=finite_float, default=3.0, help="guidance scale of the samples (default 3)")
-        e.add_argument("--eval-images", type=positive_int, default=None,
-                       help=f"held-out captions per generator (default {T2I_EVAL_CAPTIONS})")
-        e.add_argument("--smoke", action="store_true", help="3 steps per run (a check that it runs)")
-        e.add_argument("--in-process", action="store_true",
-                       help="run the jobs in this process (faster start; peak memory is then not per variant)")
-        e.add_argument("--threads", type=non_negative_int, default=0,
-                       help="torch threads per job (default: the config's)")
         e.set_defaults(func=_run, probe_images=None)
         if name == "t2i-tokenizers":
             e.add_argument("--tokenizers", nargs="+", required=True, metavar="NAME=MODEL_DIR[,TOKENS]",
@@ -214,3 +196,80 @@ def _register_t2i(sub: argparse._SubParsersAction) -> None:
                            help=f"what to tokenize (default {DEMO_TRAIN_DATA!r}, the demo's training shapes)")
             e.add_argument("--count", type=positive_int, default=30000, help="samples to tokenize (default 30000)")
             e.add_argument("--tokenize-batch-size", type=positive_int, default=64)
+
+
+def _add_sampling_run_args(e: argparse.ArgumentParser, name: str, what: str) -> None:
+    """The options of the experiments whose models sample (text-to-image, unified): output, budget, evaluation."""
+    from ..eval.generation import DEMO_HELD_OUT
+
+    e.add_argument("--out", required=True, help="output directory (run dirs, table.json, table.md)")
+    e.add_argument("--steps", type=positive_int, default=None,
+                   help="optimizer steps of every run (default: --budget x the config's optim.steps)")
+    e.add_argument("--budget", type=float, default=1.0,
+                   help="fraction of the config's optim.steps per run when --steps is not given (default 1)")
+    e.add_argument("--seeds", default=DEFAULT_SEEDS[name], help=f"comma-separated seeds (default "
+                   f"{DEFAULT_SEEDS[name]})")  # fmt: skip
+    e.add_argument("--judge", default="docs/results/judge", help="ShapesEval judge (default docs/results/judge)"
+                   + ("; none: no text->image evaluation" if name.startswith("um3-") else ""))  # fmt: skip
+    e.add_argument("--eval-data", default=DEMO_HELD_OUT,
+                   help="shapes spec of the held-out images and captions (default: the demo's held-out "
+                        "compositions)")  # fmt: skip
+    e.add_argument("--split", default="test", choices=("val", "test"), help="split of those images (test)")
+    e.add_argument("--cfg", type=finite_float, default=3.0, help="guidance scale of text->image (default 3)")
+    smoke_eval = "; 16 with --smoke" if name.startswith("um3-") else ""
+    e.add_argument("--eval-images", type=positive_int, default=None,
+                   help=f"{what} (default {T2I_EVAL_CAPTIONS}{smoke_eval})")
+    e.add_argument("--smoke", action="store_true", help="3 steps per run (a check that it runs)")
+    e.add_argument("--in-process", action="store_true",
+                   help="run the jobs in this process (faster start; peak memory is then not per variant)")
+    e.add_argument("--threads", type=non_negative_int, default=0, help="torch threads per job (default: the config's)")
+
+
+def _register_unified(sub: argparse._SubParsersAction) -> None:
+    helps = {
+        "um3-schedule": "unified model: the calm-down schedule on vs off at equal steps and batch (text perplexity, "
+                        "captions, ShapesEval)",
+        "um3-specialists": "unified model beside a text-only LM, a captioner and a text-to-image generator trained "
+                           "at the same steps and batch",
+    }  # fmt: skip
+    for name, text in helps.items():
+        e = sub.add_parser(name, help=text, description=text + ". Writes OUT/table.json and OUT/table.md; rerun to "
+                                                              "continue (finished runs are skipped).")  # fmt: skip
+        flag = "--config" if name == "um3-schedule" else "--unified-config"
+        e.add_argument(flag, dest="config", required=True, metavar="CONFIG",
+                       help="a `task: unified` YAML config (e.g. configs/um3-shapes.yaml)")
+        if name == "um3-specialists":
+            e.add_argument("--t2i-config", required=True,
+                           help="a `task: generator` YAML config (e.g. configs/t2i-shapes.yaml), trained over the "
+                                "unified config's tokens")  # fmt: skip
+        _add_sampling_run_args(e, name, "held-out images captioned and captions generated per model")
+        e.set_defaults(func=_run_unified)
+
+
+def _run_unified(args: argparse.Namespace) -> int:
+    from ..experiments.runner import SMOKE_EVAL, Settings
+    from ..train.config import ConfigError
+
+    judge = None if args.judge == "none" else args.judge
+    if judge is not None and not Path(judge).is_dir():
+        raise CLIError(f"--judge {judge}: no judge directory there; train one (qlip eval train-judge) or pass "
+                       "--judge none to leave text->image out")  # fmt: skip
+    num_eval = args.eval_images or (SMOKE_EVAL["num_eval"] if args.smoke else T2I_EVAL_CAPTIONS)
+    options = {"judge": judge, "data": args.eval_data, "split": args.split, "cfg_scale": args.cfg, "batch_size": 50}
+    try:
+        settings = Settings(config=args.config, out=args.out, seeds=_seeds(args.seeds), budget=args.budget,
+                            smoke=args.smoke, isolate=not args.in_process, eval={"num_eval": num_eval},
+                            threads=args.threads, fixed_steps=args.steps or 0, eval_options=options)  # fmt: skip
+        if args.experiment == "um3-schedule":
+            from ..experiments.unified import run_um3_schedule
+
+            run_um3_schedule(settings)
+        else:
+            from ..experiments.unified import run_um3_specialists
+
+            run_um3_specialists(settings, args.t2i_config)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
+        raise CLIError(str(e)) from e
+    print((settings.out / "table.md").read_text())
+    print(f"wrote {settings.out / 'table.json'} and {settings.out / 'table.md'}")
+    return 0

@@ -80,7 +80,10 @@ class Variant:
     stages: list[Stage]
     seeds: list[int]
     meta: dict[str, Any] = field(default_factory=dict)
-    evaluator: str = "qlip"  # "qlip": zero-shot, probe, reconstruction; "vqa": a VLM's shapes questions
+    # What scores the exports (a name of qlip.experiments.worker.EVALUATORS): "qlip" (zero-shot, probe,
+    # reconstruction), "vqa" (a VLM's shapes questions), "generator" (ShapesEval), "unified" (qlip eval unified).
+    evaluator: str = "qlip"
+    eval_options: dict[str, Any] = field(default_factory=dict)  # this variant's, over Settings.eval_options
 
 
 @dataclass
@@ -97,9 +100,9 @@ class Settings:
         eval: evaluation sizes (``num_eval``, ``num_probe_train``, ``batch_size``).
         threads: torch threads per job (0 = the config's).
         fixed_steps: train every run this many steps instead of ``budget`` x the config's (0 = use the budget).
-        generation: ShapesEval settings when the variants train text-to-image generators (judge, data, split,
-            cfg_scale, batch_size; see :func:`qlip.experiments.worker.evaluate_generator_run`); None evaluates QLIP
-            models with :func:`qlip.experiments.evaluate.evaluate_model`.
+        eval_options: settings of the evaluators that sample (judge, data, split, cfg_scale, batch_size; see
+            :func:`qlip.experiments.worker.evaluate_generator_run` and ``evaluate_unified_run``), for every variant
+            (a variant's ``eval_options`` override them).
     """
 
     config: str
@@ -112,7 +115,7 @@ class Settings:
     threads: int = 0
     source_config: str = ""
     fixed_steps: int = 0
-    generation: dict[str, Any] | None = None
+    eval_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -199,7 +202,7 @@ def job_spec(settings: Settings, variant: Variant, seed: int) -> dict[str, Any]:
         "eval_seed": EVAL_SEED,
         "meta": variant.meta,
         "evaluator": variant.evaluator,
-        "generation": settings.generation,
+        "eval_options": {**settings.eval_options, **variant.eval_options},
     }
 
 

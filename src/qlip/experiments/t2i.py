@@ -67,7 +67,7 @@ def _write_tables(settings: Settings, cfg: TrainConfig, variants: list[Variant],
     lead = [(lead_header, lambda r: r["meta"]["label"]), ("seeds", lambda r: len(r["seeds"]))]
     quality = markdown_table(rows, QUALITY_COLUMNS, lead)
     cost = markdown_table(rows, COST_COLUMNS, lead[:1])
-    g = settings.generation or {}
+    g = settings.eval_options
     note = (f"ShapesEval: {settings.eval['num_eval']} captions of {g.get('data')} (split {g.get('split')}), guidance "
             f"{g.get('cfg_scale')}, judge {g.get('judge')}; every run {info['steps']} steps x batch "
             f"{cfg.data.batch_size}.")  # fmt: skip
@@ -91,7 +91,7 @@ def run_t2i_codecs(settings: Settings, overrides: list[str] | None = None) -> di
     parts = cfg.task_options.parts
     variants = [Variant(codec, [_train_stage(settings, cfg, [f"generator.codec={codec}", *(overrides or [])])],
                         settings.seeds, {"label": CODEC_LABELS[codec], "codec": codec,
-                                         "parts": 1 if codec == "bits" else parts})
+                                         "parts": 1 if codec == "bits" else parts}, evaluator="generator")
                 for codec in CODEC_LABELS]  # fmt: skip
     info = {"steps": settings.steps(cfg.optim.steps), "overrides": list(overrides or [])}
     return _write_tables(settings, cfg, variants, "t2i-codecs", "codec", info)
@@ -147,7 +147,8 @@ def run_t2i_tokenizers(settings: Settings, tokenizers: dict[str, tuple[str, str 
             folders[name] = {"tokens": tokens, "given": True}
         extra = [f"generator.tokenizer={model_dir}", f"generator.tokens={tokens}", *(overrides or [])]
         variants.append(Variant(name, [_train_stage(settings, cfg, extra)], settings.seeds,
-                                {"label": f"{name} ({model_dir})", "tokenizer": model_dir, "tokens": tokens}))
+                                {"label": f"{name} ({model_dir})", "tokenizer": model_dir, "tokens": tokens},
+                                evaluator="generator"))
     info = {"steps": settings.steps(cfg.optim.steps), "overrides": list(overrides or []), "data": data,
             "count": count, "tokenized": folders}  # fmt: skip
     return _write_tables(settings, cfg, variants, "t2i-tokenizers", "tokenizer", info)

@@ -45,7 +45,17 @@ def _run_stats(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def _evaluate_vlm(model_dir: Path, cfg: Any, ev: dict[str, Any], seed: int) -> dict[str, Any]:
+def _evaluate_qlip(model_dir: Path, cfg: Any, ev: dict[str, Any], options: dict[str, Any],
+                   seed: int) -> dict[str, Any]:  # fmt: skip
+    """A QLIP model's zero-shot, linear probe and reconstruction on the held-out images of ``cfg``'s data."""
+    from .evaluate import evaluate_model
+
+    return evaluate_model(model_dir, cfg.data, tasks=list(cfg.eval.tasks), num_eval=ev["num_eval"],
+                          num_probe_train=ev["num_probe_train"], batch_size=ev["batch_size"], seed=seed)  # fmt: skip
+
+
+def _evaluate_vlm(model_dir: Path, cfg: Any, ev: dict[str, Any], options: dict[str, Any],
+                  seed: int) -> dict[str, Any]:  # fmt: skip
     """A VLM's shapes questions on held-out images (held-out triples when the data has some) and phrasings."""
     import dataclasses
 
@@ -67,7 +77,7 @@ def evaluate_generator_run(generator_dir: Path, options: dict[str, Any], *, num_
     trainable parameter count (``params``).
 
     ``options``: ``judge`` (a judge directory), ``data`` (the shapes spec whose captions are drawn), ``split``,
-    ``cfg_scale`` and ``batch_size``; ``num_eval`` captions, sampled with ``seed``."""
+    ``cfg_scale``, ``temperature``, ``top_p`` and ``batch_size``; ``num_eval`` captions, sampled with ``seed``."""
     from ..data.loader import shapes_config_from_spec
     from ..eval.generation import evaluate_generator
     from ..eval.judge import load_judge
@@ -77,9 +87,56 @@ def evaluate_generator_run(generator_dir: Path, options: dict[str, Any], *, num_
     result = evaluate_generator(gen, load_judge(options["judge"]), shapes_config_from_spec(options["data"]),
                                 split=options.get("split", "test"), limit=num_eval,
                                 batch_size=int(options.get("batch_size", 32)),
-                                cfg_scale=float(options.get("cfg_scale", 3.0)), seed=seed)  # fmt: skip
+                                cfg_scale=float(options.get("cfg_scale", 3.0)),
+                                temperature=float(options.get("temperature", 1.0)),
+                                top_p=float(options.get("top_p", 1.0)), seed=seed)  # fmt: skip
     params = sum(p.numel() for p in gen.model.trainable_parameters())
     return {**result.metrics, "params": params}
+
+
+def evaluate_unified_run(model_dir: Path, options: dict[str, Any], *, num_eval: int, seed: int) -> dict[str, Any]:
+    """What ``qlip eval unified`` measures (:func:`qlip.unified.evaluate.evaluate_unified`) of a language-model or
+    unified-model directory, on the CPU, plus its parameter count (``params``).
+
+    ``options``: ``data`` (the shapes spec of the images captioned and the captions drawn; None: text only),
+    ``judge`` (a judge directory; None or "none": no text->image), ``split``, ``cfg_scale``, ``temperature``,
+    ``top_p`` and ``batch_size``; ``num_eval`` images and captions, sampled with ``seed``."""
+    from ..data.loader import shapes_config_from_spec
+    from ..unified import load
+    from ..unified.evaluate import evaluate_unified
+
+    um = load(model_dir, device="cpu")
+    shapes = None
+    if options.get("data") and um.is_unified:
+        shapes = shapes_config_from_spec(options["data"], image_size=um.qlip.image_size)
+    judge = None
+    if shapes is not None and options.get("judge") not in (None, "none"):
+        from ..eval.judge import load_judge
+
+        judge = load_judge(options["judge"])
+    result = evaluate_unified(um, shapes=shapes, judge=judge, limit=num_eval, split=options.get("split", "test"),
+                              cfg_scale=float(options.get("cfg_scale", 3.0)),
+                              temperature=float(options.get("temperature", 1.0)),
+                              top_p=float(options.get("top_p", 0.95)), seed=seed,
+                              batch_size=int(options.get("batch_size", 50)))  # fmt: skip
+    for note in result["notes"]:
+        log.warning("%s: %s", model_dir, note)
+    return {**result["metrics"], "params": sum(p.numel() for p in um.lm.parameters())}
+
+
+def _evaluate_generator(model_dir: Path, cfg: Any, ev: dict[str, Any], options: dict[str, Any],
+                        seed: int) -> dict[str, Any]:  # fmt: skip
+    return evaluate_generator_run(model_dir, options, num_eval=int(ev["num_eval"]), seed=seed)
+
+
+def _evaluate_unified(model_dir: Path, cfg: Any, ev: dict[str, Any], options: dict[str, Any],
+                      seed: int) -> dict[str, Any]:  # fmt: skip
+    return evaluate_unified_run(model_dir, options, num_eval=int(ev["num_eval"]), seed=seed)
+
+
+# A variant's ``evaluator`` -> fn(export dir, first stage's config, eval sizes, eval options, seed) -> flat metrics.
+EVALUATORS = {"qlip": _evaluate_qlip, "vqa": _evaluate_vlm, "generator": _evaluate_generator,
+              "unified": _evaluate_unified}  # fmt: skip
 
 
 def execute_job(spec: dict[str, Any], *, isolated: bool = True) -> dict[str, Any]:
@@ -132,35 +189,25 @@ def execute_job(spec: dict[str, Any], *, isolated: bool = True) -> dict[str, Any
     result["time_s"] = total_train_s
     result["peak_rss_mb"] = peak_rss_mb() if isolated else None
     eval_seed = int(spec.get("eval_seed", 0))  # the same captions / images for every variant and seed
-    if spec.get("generation"):  # text-to-image generators: ShapesEval of the last stage's export
-        result["metrics"] = evaluate_generator_run(trained[-1][2] / "last", spec["generation"],
-                                                   num_eval=spec["eval"]["num_eval"], seed=eval_seed)  # fmt: skip
-    else:
-        result["metrics"] = _evaluate_models(trained, spec["eval"], eval_seed, spec.get("evaluator", "qlip"))
+    result["metrics"] = _evaluate_models(trained, spec["eval"], eval_seed, spec.get("evaluator", "qlip"),
+                                         spec.get("eval_options") or {})  # fmt: skip
     write_text_atomic(directory / "result.json", json.dumps(result, indent=2, default=str))
     return result
 
 
 def _evaluate_models(trained: list[tuple[dict[str, Any], Any, Path]], ev: dict[str, Any], seed: int,
-                     evaluator: str = "qlip") -> dict[str, Any]:  # fmt: skip
-    """The last stage's export, and every stage marked ``evaluate`` (keys prefixed with its name): QLIP models
-    (``evaluator`` "qlip") or vision-language models ("vqa")."""
-    from .evaluate import evaluate_model
-
+                     evaluator: str = "qlip", options: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The last stage's export, and every stage marked ``evaluate`` (keys prefixed with its name), scored by
+    ``EVALUATORS[evaluator]``; every stage on the data of the FIRST stage's config (the same held-out set)."""
+    if evaluator not in EVALUATORS:
+        raise ValueError(f"unknown evaluator {evaluator!r}; choose from {sorted(EVALUATORS)}")
+    score = EVALUATORS[evaluator]
     metrics: dict[str, Any] = {}
     for i, (stage, _cfg, run_dir) in enumerate(trained):
         final = i == len(trained) - 1
         if not (final or stage["evaluate"]):
             continue
-        if evaluator == "vqa":
-            values = _evaluate_vlm(run_dir / "last", trained[0][1], ev, seed)
-            metrics.update(values if final else {f"{stage['name']}/{k}": v for k, v in values.items()})
-            continue
-        # Every stage is evaluated on the images of the FIRST stage's data config (the same held-out set).
-        data = trained[0][1].data
-        values = evaluate_model(run_dir / "last", data, tasks=list(trained[0][1].eval.tasks), num_eval=ev["num_eval"],
-                                num_probe_train=ev["num_probe_train"], batch_size=ev["batch_size"],
-                                seed=seed)  # fmt: skip
+        values = score(run_dir / "last", trained[0][1], ev, options or {}, seed)
         if final:
             metrics.update(values)
         if stage["evaluate"]:
