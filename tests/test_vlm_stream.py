@@ -15,7 +15,7 @@ from qlip.cli import main
 from qlip.factory import create_model
 from qlip.train.logger import read_metrics
 from qlip.train.tasks.vlm import choose_features
-from qlip.train.vlm_data import BatchPlan
+from qlip.train.vlm_data import BatchPlan, PackedRecords
 from qlip_testing import write_tiny_run_config
 
 SHAPES = "shapes:easy?sizes=medium,large&image_size=32"
@@ -120,3 +120,33 @@ def test_each_rank_draws_its_own_share_of_every_epoch():
     again = BatchPlan(20, 3, seed=7, rank=1, world_size=2, default_kind="qa")
     assert torch.equal(again.indices(4), plans[1].indices(4)) and torch.equal(again.indices(1), plans[1].indices(1))
     assert not torch.equal(plans[1].indices(0), plans[1].indices(3))  # each epoch is another permutation
+
+
+def test_packed_records_read_back_as_they_were_read():
+    from pathlib import Path
+
+    records = [{"image": Path("/data/coco/1.jpg"), "turns": [("<image>\nWhat is it?", "Ein Café, 東京")], "key": "a"},
+               {"image": Path("rel/2.png"), "turns": [("<image>\nQ1", "A1"), ("Q2", "A2")], "key": "17"}]  # fmt: skip
+    packed = PackedRecords(records)
+    assert len(packed) == 2 and list(packed) == records and packed[-1] == records[1]
+    assert packed.nbytes < 300
+    with pytest.raises(IndexError):
+        packed[2]
+
+
+@pytest.mark.slow
+def test_two_fsdp_ranks_stream_their_shares_and_resume_exactly(root, tmp_path):
+    """The LLaVA-1.5 stage-2 layout on two CPU ranks: FSDP2 shards the LM, each rank's workers read that rank's
+    images and the tower (in the sharded model's root) encodes them in the step; a resumed run continues exactly."""
+    from qlip.train.config import load_config
+    from train_helpers import join_ranks, start_ranks
+
+    spec = str(root / "conversations.json")
+    for name, extra in (("whole", []), ("parts", ["stop_at=2", "checkpoint.every=1"]), ("parts", [])):
+        args = ["distributed.strategy=fsdp", "distributed.backend=gloo", "data.num_workers=1", "data.batch_size=2",
+                *NO_EXPORT, *extra]  # fmt: skip
+        resolved = tmp_path / f"{name}.resolved.yaml"
+        load_config(_config(root, tmp_path / name, spec, features="stream"), args).save(resolved)
+        join_ranks(start_ranks(resolved, tmp_path / f"{name}-ranks"), tmp_path / f"{name}-ranks")
+    a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "parts")
+    assert a == b and len(a) == 3

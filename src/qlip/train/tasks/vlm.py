@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
-from ..vlm_data import BatchPlan, ConversationBatches, ConversationItems
+from ..vlm_data import BatchPlan, ConversationBatches, ConversationItems, PackedRecords
 from .base import StepLosses, Task, check_tokenizer_dir
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ class VLMTask(Task):
 
     def _read_data(self) -> None:
         from ...data.loader import shapes_config_from_spec
-        from ...understanding.data import drop_unreadable_images, read_llava_json, shapes_corpus
+        from ...understanding.data import drop_unreadable_images, read_llava_json
 
         opts = self.options
         if opts.is_shapes:
@@ -278,20 +278,27 @@ class VLMTask(Task):
             except ValueError as e:
                 raise ConfigError(f"vlm.data: {e}") from None
             self.records = None
-            self.corpus = shapes_corpus(self.shapes, seed=self.cfg.seed)
             self.items = opts.image_pool
             self._choose_features(self.items)
         else:  # the images are decoded here only for a cache (a few thousand); streamed ones when a batch reads them
             data = read_llava_json(opts.data, opts.image_root or None, check_images=False)
             if self._choose_features(len(data.records)) == "cache":
                 data = drop_unreadable_images(data)
-            self.records, self.shapes = data.records, None
-            self.corpus = [t for r in data.records for turn in r["turns"] for t in turn]
-            self.items = len(data.records)
-            log.info("vlm: %d conversations from %s (%d bad skipped)", len(data.records), opts.data, len(data.bad))
+            self.records, self.shapes = PackedRecords(data.records), None
+            self.items = len(self.records)
+            log.info("vlm: %d conversations from %s (%d bad skipped; %.0f MB in memory)", self.items, opts.data,
+                     len(data.bad), self.records.nbytes / 1e6)  # fmt: skip
         if self.items < self.rt.world_size:
             raise ConfigError(f"vlm.data={opts.data} holds {self.items} usable conversation(s), fewer than the "
                               f"{self.rt.world_size} ranks; give more data or fewer ranks")  # fmt: skip
+
+    def _corpus(self) -> list[str]:
+        """Every text of the training conversations (the word vocabulary of a from-scratch LM)."""
+        from ...understanding.data import shapes_corpus
+
+        if self.records is None:
+            return shapes_corpus(self.shapes, seed=self.cfg.seed)
+        return [t for r in self.records for turn in r["turns"] for t in turn]
 
     def _choose_features(self, images: int) -> str:
         """Set (and log) ``feature_source``: whether the tower's features of ``images`` images are cached or
@@ -343,8 +350,9 @@ class VLMTask(Task):
             model.projector.load_state_dict(start.projector.state_dict())
             return model.to(self.rt.device)
         if opts.lm == "qlip-ar":
-            self.tokenizer = WordTokenizer.from_corpus(self.corpus)
-            longest = max(len(self.tokenizer.encode(self.tokenizer.chat_prompt(t))) for t in self.corpus[:20000])
+            corpus = self._corpus()
+            self.tokenizer = WordTokenizer.from_corpus(corpus)
+            longest = max(len(self.tokenizer.encode(self.tokenizer.chat_prompt(t))) for t in corpus[:20000])
             ar = ARConfig(vocab_size=self.tokenizer.vocab_size, width=opts.width, depth=opts.depth, heads=opts.heads,
                           max_seq_len=self.tower.cfg.tokens // opts.merge**2 + 2 * longest + 32)  # fmt: skip
             lm_cfg = LMConfig("qlip-ar", ar=ar.to_dict())
