@@ -255,7 +255,10 @@ class VLMTask(Task):
             raise ConfigError(f"vlm: {e}") from None
         self.model_ref = model
         self._configure_lm_training(model)
-        self._features = self._pool_features() if opts.is_shapes and self.feature_source == "cache" else {}
+        self.conversation_items = ConversationItems(self.items, records=self.records, shapes=self.shapes,
+                                                    seed=self.cfg.seed, image_size=self.tower.image_size,
+                                                    yesno_share=opts.yesno_share)  # fmt: skip
+        self._features = self._cache_features() if self.feature_source == "cache" else None
         return model
 
     def _build_tower(self, device: torch.device | str) -> nn.Module:
@@ -405,44 +408,30 @@ class VLMTask(Task):
                 (frozen_lm and k.startswith("lm.") and not k.endswith((".lora_a", ".lora_b")))}  # fmt: skip
 
     @torch.no_grad()
-    def _pool_features(self) -> torch.Tensor:
-        """The tower's features of the shapes training images 0 .. image_pool-1 (frozen tower: computed once)."""
-        from ...data.shapes import generate_shapes_sample
+    def _cache_features(self) -> torch.Tensor:
+        """The tower's features of every training image, (items, N, C) on the run's device: computed once, before
+        the model is wrapped (a sharded tower only runs inside the model's forward)."""
         from ...transforms import image_transform
 
         transform = image_transform(self.tower.image_size)
         feats = []
         for s in range(0, self.items, 256):
-            pixels = torch.stack([transform(generate_shapes_sample(i, self.shapes, split="train",
-                                                                   seed=self.cfg.seed)["image"])
+            pixels = torch.stack([transform(self.conversation_items.image(i))
                                   for i in range(s, min(s + 256, self.items))])  # fmt: skip
             feats.append(self.tower(pixels.to(self.rt.device)))
-        log.info("vlm: encoded %d shapes training images", self.items)
+        if self.rt.is_main:
+            log.info("vlm: encoded %d training images", self.items)
         return torch.cat(feats)
-
-    def _record_features(self, index: torch.Tensor) -> torch.Tensor:
-        from ...transforms import image_transform, load_image
-
-        missing = [int(i) for i in index if int(i) not in self._features]
-        if missing:
-            transform = image_transform(self.tower.image_size)
-            pixels = torch.stack([transform(load_image(self.records[i]["image"])) for i in missing])
-            with torch.no_grad():
-                for i, f in zip(missing, self.tower(pixels.to(self.rt.device))):
-                    self._features[i] = f
-        return torch.stack([self._features[int(i)] for i in index])
 
     def batches(self) -> ConversationBatches:
         from ...data import BadSampleCounter
 
         opts, cfg = self.options, self.cfg
         default = opts.stage1_data if cfg.stage == 1 else "qa"
-        items = ConversationItems(self.items, records=self.records, shapes=self.shapes, seed=cfg.seed,
-                                  image_size=self.tower.image_size, yesno_share=opts.yesno_share)  # fmt: skip
         plan = BatchPlan(self.items, cfg.data.batch_size, cfg.seed, self.rt.rank, self.rt.world_size,
                          default_kind=default, caption_batches=opts.caption_steps * cfg.optim.accum_steps)  # fmt: skip
         counter = BadSampleCounter(max_bad_fraction=cfg.data.max_bad_fraction, name=f"vlm.data={opts.data}")
-        self.stream = ConversationBatches(plan, items, images=self.feature_source == "stream",
+        self.stream = ConversationBatches(plan, self.conversation_items, images=self.feature_source == "stream",
                                           workers=cfg.data.num_workers, counter=counter)  # fmt: skip
         return self.stream
 
@@ -491,9 +480,7 @@ class VLMTask(Task):
         if "pixels" in batch:  # streamed: the frozen tower reads them in the model's forward, under the autocast
             out = model(conv, images=batch["pixels"].to(self.rt.device, non_blocking=True))
         else:
-            index = batch["index"]
-            feats = self._features[index] if self.records is None else self._record_features(index)
-            out = model(conv, feats.to(self.rt.device))
+            out = model(conv, self._features[batch["index"].to(self._features.device)])
         name = "caption" if batch["stage"] == 1 else "answer"
         return StepLosses(terms={name: out["loss"]}, total=out["loss"], samples=len(rendered), outputs=out)
 
