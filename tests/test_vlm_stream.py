@@ -103,6 +103,14 @@ def test_an_unreadable_image_mid_run_drops_its_conversation_named_and_counted(ro
     assert metrics[-1]["vlm/bad_images"] == 1 and len(metrics) == 3
 
 
+def test_a_cached_run_skips_an_unreadable_image_at_start(root, tmp_path, caplog):
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        assert main(["train", _config(root, run, str(root / "with-broken.json")), *NO_EXPORT]) == 0  # auto: cache
+    assert "tower features cached" in caplog.text and "unreadable image" in caplog.text
+    assert "broken.png" in caplog.text and "11 conversations" in caplog.text
+    assert "vlm/bad_images" not in read_metrics(run)[-1]
+
 def test_auto_caches_a_small_image_set_and_streams_a_large_one():
     assert choose_features("auto", 4000, 16, 32, 4096)[0] == "cache"  # the demo's pool size: 8 MB
     mode, why = choose_features("auto", 665_298, 256, 768, 4096)  # LLaVA-1.5's mix over a B-16 tower
