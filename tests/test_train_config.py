@@ -237,6 +237,7 @@ def test_the_llava15_recipes_have_llava15s_hyper_parameters():
         assert (opts.lm, opts.layer, opts.projector, opts.feature) == ("hf", -2, "mlp2x_gelu", "layer")
         assert not opts.is_shapes and opts.image_root and cfg.distributed.precision == "bf16"
         assert cfg.optim.weight_decay == 0.0 and cfg.optim.warmup_steps == round(0.03 * cfg.optim.steps)
+        assert opts.features == "stream" and cfg.data.num_workers >= 1  # no rank keeps 0.8 MB of features per image
     assert (s1.stage, s1.optim.lr, s1.data.batch_size * 8) == (1, 1e-3, 256)  # 8 GPUs
     assert (s2.stage, s2.optim.lr, s2.data.batch_size * 8) == (2, 2e-5, 128)
     assert (s1.task_options.lm_training(1), s2.task_options.lm_training(2)) == ("frozen", "full")

@@ -329,3 +329,15 @@ def test_llava_json_bad_records_are_named_counted_and_skipped(tmp_path):
     with pytest.raises(UnderstandingError, match="no usable record"):
         (tmp_path / "bad.json").write_text(json.dumps(records[1:]))
         read_llava_json(tmp_path / "bad.json")
+
+
+def test_training_items_pass_the_reword_share_to_their_questions():
+    from qlip.data.loader import shapes_config_from_spec
+    from qlip.train.vlm_data import ConversationItems
+
+    cfg = shapes_config_from_spec("shapes:easy?sizes=large")
+    plain, reworded = (ConversationItems(50, shapes=cfg, image_size=32, reword=r) for r in (0.0, 1.0))
+    a = [plain.conversation("qa", i, np.random.default_rng(i))[0] for i in range(50)]
+    b = [reworded.conversation("qa", i, np.random.default_rng(i))[0] for i in range(50)]
+    assert [t[1] for t in a] == [t[1] for t in b]  # same answers
+    assert sum(x[0] != y[0] for x, y in zip(a, b)) > 30  # most questions reworded

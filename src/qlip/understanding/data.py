@@ -226,11 +226,39 @@ def _check_record(i: int, rec: Any, root: Path) -> dict[str, Any]:
     return {"image": path, "turns": turns, "key": str(rec.get("id", i))}
 
 
-def read_llava_json(path: str | Path, image_root: str | Path | None = None, *, check_images: bool = True) -> LlavaData:
-    """Records of a LLaVA conversation file; image paths are relative to ``image_root`` (default: the file's
-    folder). ``check_images`` also decodes every image, so an unreadable one is skipped here, not in training."""
+def check_image(record: dict[str, Any]) -> None:
+    """Decode the image of a LLaVA record; raise ValueError naming it when it cannot be read."""
     from ..transforms import ImageLoadError, load_image
 
+    try:
+        load_image(record["image"])
+    except (ImageLoadError, OSError) as e:
+        raise ValueError(f"unreadable image {record['image']}: {e}") from None
+
+
+def drop_unreadable_images(data: LlavaData) -> LlavaData:
+    """``data`` without the records whose image cannot be decoded (named in ``bad``): the whole-set check that
+    :func:`read_llava_json` skips with ``check_images=False``. Raises UnderstandingError when none is left."""
+    out = LlavaData(bad=list(data.bad))
+    for record in data.records:
+        try:
+            check_image(record)
+        except ValueError as e:
+            out.bad.append(f"record {record['key']}: {e}")
+            continue
+        out.records.append(record)
+    if len(out.bad) > len(data.bad):
+        log.warning("skipped %d record(s) with an unreadable image; first: %s", len(out.bad) - len(data.bad),
+                    out.bad[len(data.bad)])  # fmt: skip
+    if not out.records:
+        raise UnderstandingError(f"no record has a readable image; first problem: {out.bad[-1]}")
+    return out
+
+
+def read_llava_json(path: str | Path, image_root: str | Path | None = None, *, check_images: bool = True) -> LlavaData:
+    """Records of a LLaVA conversation file; image paths are relative to ``image_root`` (default: the file's
+    folder). ``check_images`` also decodes every image, so an unreadable one is skipped here, not in training;
+    without it only the files' existence is checked (what a run that reads images per batch needs at start)."""
     path = Path(path)
     try:
         items = json.loads(path.read_text())
@@ -246,10 +274,7 @@ def read_llava_json(path: str | Path, image_root: str | Path | None = None, *, c
         try:
             record = _check_record(i, rec, root)
             if check_images:
-                try:
-                    load_image(record["image"])
-                except (ImageLoadError, OSError) as e:
-                    raise ValueError(f"unreadable image {record['image']}: {e}") from None
+                check_image(record)
         except ValueError as e:
             out.bad.append(f"record {i}: {e}")
             continue

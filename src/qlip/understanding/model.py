@@ -316,9 +316,16 @@ class VisionLanguageModel(nn.Module):
         img = self.project(features).to(x.dtype)  # (B, N, W)
         return x.masked_scatter(batch["image"][..., None], img)
 
-    def forward(self, batch: dict[str, Tensor], features: Tensor) -> dict[str, Tensor]:
-        """Teacher-forced loss on the answer tokens. ``batch`` from :func:`collate_conversations` (right padded),
-        ``features`` (B, N, C) of the tower. Returns {"loss", "answer_tokens", "accuracy"} (token accuracy)."""
+    def forward(self, batch: dict[str, Tensor], features: Tensor | None = None, *,
+                images: Tensor | None = None) -> dict[str, Tensor]:  # fmt: skip
+        """Teacher-forced loss on the answer tokens. ``batch`` from :func:`collate_conversations` (right padded);
+        ``features`` (B, N, C) of the tower, or ``images`` (B, 3, S, S) that the frozen tower reads here, without
+        a gradient (inside the forward, so that a sharded model gathers the tower's weights for it).
+        Returns {"loss", "answer_tokens", "accuracy"} (token accuracy)."""
+        if (features is None) == (images is None):
+            raise UnderstandingError("the VLM's forward takes exactly one of the tower's features and the images")
+        if features is None:
+            features = self.image_features(images)
         x = self.embed_inputs(batch, features)
         mask = batch["mask"]
         hidden = self.lm.forward_embeds(x, key_padding_mask=None if bool(mask.all()) else mask)

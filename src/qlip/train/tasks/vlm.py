@@ -8,8 +8,12 @@
   A pretrained ``hf`` language model trains as ``vlm.lm_train`` says: "lora" (low-rank adapters, the default in
   stage 2), "full" (every weight) or "frozen" (the default in stage 1: the projector alone trains).
 
-The vision tower (a QLIP encoder) stays frozen: its features of the training images are computed once and kept in
-memory. The export, ``run_dir/last``, is a self-contained VLM directory (:func:`qlip.understanding.save_vlm`).
+The vision tower (a QLIP encoder) stays frozen. ``vlm.features`` says where its features of the training images come
+from: "cache" computes them once and keeps them in memory (a small image set, such as the shapes pool), "stream"
+has DataLoader workers (``data.num_workers``) read each batch's images and the tower encode them inside the step,
+without a gradient (a LLaVA-size set), and "auto" (the default) caches when the estimated cache fits in
+``vlm.cache_budget_mb``. The export, ``run_dir/last``, is a self-contained VLM directory
+(:func:`qlip.understanding.save_vlm`).
 
 Config (``vlm:`` section, see :class:`VLMOptions`)::
 
@@ -27,16 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
+from ..vlm_data import BatchPlan, ConversationBatches, ConversationItems, PackedRecords
 from .base import StepLosses, Task, check_tokenizer_dir
 
 log = logging.getLogger(__name__)
 
 LM_TRAINING = ("full", "lora", "frozen")
+FEATURE_SOURCES = ("auto", "cache", "stream")
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -92,7 +97,12 @@ class VLMOptions:
             question-answer instructions in stage 2; held-out triples via ``holdout_combinations``) or a LLaVA JSON
             conversation file.
         image_root: the folder a LLaVA file's image paths are relative to (default: the file's folder).
-        image_pool: how many shapes training images (rendered and encoded once; each step asks a fresh question).
+        image_pool: how many shapes training images (each step asks a fresh question about some of them).
+        features: where the tower's features of the training images come from: "cache" (encoded once, kept in
+            memory on every rank), "stream" (each batch's images read by ``data.num_workers`` DataLoader workers,
+            this rank's share only, and encoded inside the step) or "auto": "cache" when the estimated cache
+            (images x positions x width x 4 bytes) fits in ``cache_budget_mb``, else "stream".
+        cache_budget_mb: the largest feature cache "auto" keeps, in MB (10^6 bytes) per rank.
         caption_steps: with stage 2 on shapes, the first this many optimizer steps are stage 1 (captions).
         stage1_trains_lm: stage 1 trains the language model too (a from-scratch LM must learn language).
         stage1_data: the shapes conversations of stage 1: "caption" (LLaVA's feature alignment) or "qa" (the
@@ -123,6 +133,8 @@ class VLMOptions:
     data: str = "shapes:easy?sizes=large&holdout_combinations=0.1"
     image_root: str = ""
     image_pool: int = 4000
+    features: str = "auto"
+    cache_budget_mb: float = 4096.0
     caption_steps: int = 0
     stage1_trains_lm: bool = False
     stage1_data: str = "caption"
@@ -163,6 +175,10 @@ class VLMOptions:
                 raise ConfigError(f"vlm.{key} must be >= 1, got {getattr(self, key)}")
         if self.width % self.heads or (self.width // self.heads) % 2:
             raise ConfigError(f"vlm.width={self.width} must split into vlm.heads={self.heads} heads of an even size")
+        if self.features not in FEATURE_SOURCES:
+            raise ConfigError(f"vlm.features={self.features!r} is not one of {list(FEATURE_SOURCES)}")
+        if not self.cache_budget_mb >= 0:
+            raise ConfigError(f"vlm.cache_budget_mb must be >= 0, got {self.cache_budget_mb}")
         if self.stage1_data not in ("caption", "qa"):
             raise ConfigError(f"vlm.stage1_data={self.stage1_data!r} is not one of ['caption', 'qa']")
         if not 0.0 <= self.yesno_share < 1.0:
@@ -192,48 +208,17 @@ class VLMOptions:
         return self.data.split(":", 1)[0].split("?", 1)[0] == "shapes"
 
 
-class ConversationBatches:
-    """Endless batches of (image index, conversation), reshuffled every epoch; resumable.
-
-    ``make(kind, index, rng)`` gives the conversation ({"turns", ...}) of item ``index``; ``kind`` is "caption" for
-    the first ``caption_batches`` batches (stage 1) and ``default_kind`` after. Batch ``n`` depends on (seed, n)
-    only, so a resumed run sees the same batches.
-    """
-
-    def __init__(self, make: Any, items: int, batch_size: int, seed: int, rank: int, world_size: int, *,
-                 default_kind: str, caption_batches: int = 0) -> None:  # fmt: skip
-        self.make, self.items, self.batch_size = make, items, batch_size
-        self.seed, self.rank, self.world = seed, rank, world_size
-        self.default_kind, self.caption_batches = default_kind, caption_batches
-        self.epoch = self.position = self.calls = 0
-        self._order = self._epoch_order()
-
-    def _epoch_order(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.items, generator=g)[self.rank :: self.world]
-
-    def __iter__(self) -> ConversationBatches:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        size = min(self.batch_size, len(self._order))
-        if self.position + size > len(self._order):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._epoch_order()
-        idx = self._order[self.position : self.position + size]
-        self.position += size
-        kind = "caption" if self.calls < self.caption_batches else self.default_kind
-        rng = np.random.default_rng([self.seed, self.rank, self.calls])
-        self.calls += 1
-        convs = [self.make(kind, int(i), rng) for i in idx]
-        return {"index": idx, "turns": [c["turns"] for c in convs], "stage": 1 if kind == "caption" else 2}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "calls": self.calls}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position, self.calls = int(state["epoch"]), int(state["position"]), int(state["calls"])
-        self._order = self._epoch_order()
+def choose_features(choice: str, images: int, positions: int, width: int, budget_mb: float) -> tuple[str, str]:
+    """("cache" or "stream", why) for ``vlm.features=choice`` over ``images`` training images whose features are
+    (positions, width) float32 each: "auto" caches when that cache fits in ``budget_mb``."""
+    size_mb = images * positions * width * 4 / 1e6
+    size = f"{size_mb:,.0f} MB" if size_mb >= 1 else f"{size_mb * 1000:.0f} kB"
+    estimate = f"{images:,} images x {positions} x {width} float32 features = {size} per rank"
+    if choice != "auto":
+        return choice, f"vlm.features={choice}; a cache would hold {estimate}"
+    if size_mb <= budget_mb:
+        return "cache", f"vlm.features=auto: {estimate}, within vlm.cache_budget_mb={budget_mb:g}"
+    return "stream", f"vlm.features=auto: {estimate}, over vlm.cache_budget_mb={budget_mb:g}"
 
 
 class VLMTask(Task):
@@ -275,7 +260,10 @@ class VLMTask(Task):
             raise ConfigError(f"vlm: {e}") from None
         self.model_ref = model
         self._configure_lm_training(model)
-        self._features = self._pool_features() if opts.is_shapes else {}
+        self.conversation_items = ConversationItems(self.items, records=self.records, shapes=self.shapes,
+                                                    seed=self.cfg.seed, image_size=self.tower.image_size,
+                                                    yesno_share=opts.yesno_share, reword=opts.reword)  # fmt: skip
+        self._features = self._cache_features() if self.feature_source == "cache" else None
         return model
 
     def _build_tower(self, device: torch.device | str) -> nn.Module:
@@ -289,7 +277,7 @@ class VLMTask(Task):
 
     def _read_data(self) -> None:
         from ...data.loader import shapes_config_from_spec
-        from ...understanding.data import read_llava_json, shapes_corpus
+        from ...understanding.data import drop_unreadable_images, read_llava_json
 
         opts = self.options
         if opts.is_shapes:
@@ -298,14 +286,42 @@ class VLMTask(Task):
             except ValueError as e:
                 raise ConfigError(f"vlm.data: {e}") from None
             self.records = None
-            self.corpus = shapes_corpus(self.shapes, seed=self.cfg.seed)
             self.items = opts.image_pool
-        else:
-            data = read_llava_json(opts.data, opts.image_root or None)
-            self.records, self.shapes = data.records, None
-            self.corpus = [t for r in data.records for turn in r["turns"] for t in turn]
-            self.items = len(data.records)
-            log.info("vlm: %d conversations from %s (%d bad skipped)", len(data.records), opts.data, len(data.bad))
+            self._choose_features(self.items)
+        else:  # the images are decoded here only for a cache (a few thousand); streamed ones when a batch reads them
+            data = read_llava_json(opts.data, opts.image_root or None, check_images=False)
+            if self._choose_features(len(data.records)) == "cache":
+                data = drop_unreadable_images(data)
+            self.records, self.shapes = PackedRecords(data.records), None
+            self.items = len(self.records)
+            log.info("vlm: %d conversations from %s (%d bad skipped; %.0f MB in memory)", self.items, opts.data,
+                     len(data.bad), self.records.nbytes / 1e6)  # fmt: skip
+        if self.items < self.rt.world_size:
+            raise ConfigError(f"vlm.data={opts.data} holds {self.items} usable conversation(s), fewer than the "
+                              f"{self.rt.world_size} ranks; give more data or fewer ranks")  # fmt: skip
+
+    def _corpus(self) -> list[str]:
+        """Every text of the training conversations (the word vocabulary of a from-scratch LM)."""
+        from ...understanding.data import shapes_corpus
+
+        if self.records is None:
+            return shapes_corpus(self.shapes, seed=self.cfg.seed)
+        return [t for r in self.records for turn in r["turns"] for t in turn]
+
+    def _choose_features(self, images: int) -> str:
+        """Set (and log) ``feature_source``: whether the tower's features of ``images`` images are cached or
+        streamed."""
+        opts, tower = self.options, self.tower.cfg
+        self.feature_source, why = choose_features(opts.features, images, tower.tokens, tower.width,
+                                                   opts.cache_budget_mb)  # fmt: skip
+        if self.rt.is_main:
+            workers = self.cfg.data.num_workers
+            readers = f"{workers} DataLoader workers per rank" if workers else "the training process (no workers)"
+            how = "cached in memory"
+            if self.feature_source == "stream":
+                how = f"streamed (each batch's images read by {readers}, this rank's share only, encoded in the step)"
+            log.info("vlm: tower features %s: %s", how, why)
+        return self.feature_source
 
     def _build_vlm(self) -> nn.Module:
         import dataclasses
@@ -342,8 +358,9 @@ class VLMTask(Task):
             model.projector.load_state_dict(start.projector.state_dict())
             return model.to(self.rt.device)
         if opts.lm == "qlip-ar":
-            self.tokenizer = WordTokenizer.from_corpus(self.corpus)
-            longest = max(len(self.tokenizer.encode(self.tokenizer.chat_prompt(t))) for t in self.corpus[:20000])
+            corpus = self._corpus()
+            self.tokenizer = WordTokenizer.from_corpus(corpus)
+            longest = max(len(self.tokenizer.encode(self.tokenizer.chat_prompt(t))) for t in corpus[:20000])
             ar = ARConfig(vocab_size=self.tokenizer.vocab_size, width=opts.width, depth=opts.depth, heads=opts.heads,
                           max_seq_len=self.tower.cfg.tokens // opts.merge**2 + 2 * longest + 32)  # fmt: skip
             lm_cfg = LMConfig("qlip-ar", ar=ar.to_dict())
@@ -396,47 +413,32 @@ class VLMTask(Task):
                 (frozen_lm and k.startswith("lm.") and not k.endswith((".lora_a", ".lora_b")))}  # fmt: skip
 
     @torch.no_grad()
-    def _pool_features(self) -> torch.Tensor:
-        """The tower's features of the shapes training images 0 .. image_pool-1 (frozen tower: computed once)."""
-        from ...data.shapes import generate_shapes_sample
+    def _cache_features(self) -> torch.Tensor:
+        """The tower's features of every training image, (items, N, C) on the run's device: computed once, before
+        the model is wrapped (a sharded tower only runs inside the model's forward)."""
         from ...transforms import image_transform
 
         transform = image_transform(self.tower.image_size)
         feats = []
         for s in range(0, self.items, 256):
-            pixels = torch.stack([transform(generate_shapes_sample(i, self.shapes, split="train",
-                                                                   seed=self.cfg.seed)["image"])
+            pixels = torch.stack([transform(self.conversation_items.image(i))
                                   for i in range(s, min(s + 256, self.items))])  # fmt: skip
             feats.append(self.tower(pixels.to(self.rt.device)))
-        log.info("vlm: encoded %d shapes training images", self.items)
+        if self.rt.is_main:
+            log.info("vlm: encoded %d training images", self.items)
         return torch.cat(feats)
 
-    def _record_features(self, index: torch.Tensor) -> torch.Tensor:
-        from ...transforms import image_transform, load_image
-
-        missing = [int(i) for i in index if int(i) not in self._features]
-        if missing:
-            transform = image_transform(self.tower.image_size)
-            pixels = torch.stack([transform(load_image(self.records[i]["image"])) for i in missing])
-            with torch.no_grad():
-                for i, f in zip(missing, self.tower(pixels.to(self.rt.device))):
-                    self._features[i] = f
-        return torch.stack([self._features[int(i)] for i in index])
-
-    def _conversation(self, kind: str, index: int, rng: np.random.Generator) -> dict[str, Any]:
-        from ...understanding.data import shapes_conversation
-
-        if self.records is not None:
-            return {"turns": self.records[index]["turns"]}
-        return shapes_conversation(index, self.shapes, split="train", seed=self.cfg.seed, kind=kind, rng=rng,
-                                   yesno_share=self.options.yesno_share, reword_share=self.options.reword)  # fmt: skip
-
     def batches(self) -> ConversationBatches:
-        opts = self.options
-        default = self.options.stage1_data if self.cfg.stage == 1 else "qa"
-        return ConversationBatches(self._conversation, self.items, self.cfg.data.batch_size, self.cfg.seed,
-                                   self.rt.rank, self.rt.world_size, default_kind=default,
-                                   caption_batches=opts.caption_steps * self.cfg.optim.accum_steps)  # fmt: skip
+        from ...data import BadSampleCounter
+
+        opts, cfg = self.options, self.cfg
+        default = opts.stage1_data if cfg.stage == 1 else "qa"
+        plan = BatchPlan(self.items, cfg.data.batch_size, cfg.seed, self.rt.rank, self.rt.world_size,
+                         default_kind=default, caption_batches=opts.caption_steps * cfg.optim.accum_steps)  # fmt: skip
+        counter = BadSampleCounter(max_bad_fraction=cfg.data.max_bad_fraction, name=f"vlm.data={opts.data}")
+        self.stream = ConversationBatches(plan, self.conversation_items, images=self.feature_source == "stream",
+                                          workers=cfg.data.num_workers, counter=counter)  # fmt: skip
+        return self.stream
 
     def shard_units(self, model: nn.Module) -> list[nn.Module]:
         """The language model's blocks: the package's ARTransformer's, or a Hugging Face LM's decoder layers."""
@@ -477,18 +479,22 @@ class VLMTask(Task):
         if self.options.caption_steps and not self.options.stage1_trains_lm:
             for p in self._lm_trainable:  # stage 1 within the run: the LM (or its adapters) gets no update
                 p.requires_grad_(batch["stage"] == 2)
-        index = batch["index"]
-        feats = self._features[index] if self.records is None else self._record_features(index)
         rendered = [render_conversation(self.tokenizer, turns) for turns in batch["turns"]]
         conv = collate_conversations(rendered, vlm.image_tokens, self.tokenizer.pad_id)
         conv = {k: v.to(self.rt.device, non_blocking=True) for k, v in conv.items()}
-        out = model(conv, feats.to(self.rt.device))
+        if "pixels" in batch:  # streamed: the frozen tower reads them in the model's forward, under the autocast
+            out = model(conv, images=batch["pixels"].to(self.rt.device, non_blocking=True))
+        else:
+            out = model(conv, self._features[batch["index"].to(self._features.device)])
         name = "caption" if batch["stage"] == 1 else "answer"
         return StepLosses(terms={name: out["loss"]}, total=out["loss"], samples=len(rendered), outputs=out)
 
     def log_metrics(self, last: StepLosses) -> dict[str, float]:
         out = last.outputs or {}
-        return {"vlm/token_accuracy": float(out["accuracy"])} if "accuracy" in out else {}
+        metrics = {"vlm/token_accuracy": float(out["accuracy"])} if "accuracy" in out else {}
+        if self.feature_source == "stream" and self.records is not None:
+            metrics["vlm/bad_images"] = float(self.stream.bad)  # conversations dropped so far on this rank
+        return metrics
 
     # --- evaluation and export ------------------------------------------------------------------------------------
     def _eval_shapes(self):
