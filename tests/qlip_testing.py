@@ -135,3 +135,20 @@ def write_tiny_run_config(root, run, task: str, options: dict, **top) -> str:
     path = root / f"{run.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
+
+
+def make_tiny_lm_with_image_tokens(root, tokenizer, sentences) -> None:
+    """What the unified model's tests start from, under ``root``: a 3-step text LM (``lm/last``) on a corpus of
+    every pair of ``sentences``, a random tiny QLIP model (``tok``) and a 16-image `qlip tokenize` folder
+    (``tokens``) made with it."""
+    from qlip.cli import main
+    from qlip.factory import create_model
+
+    (root / "corpus.txt").write_text("\n\n".join(f"{a} {b}" for a in sentences for b in sentences) + "\n")
+    torch.manual_seed(0)
+    create_model("qlip-tiny").save_pretrained(root / "tok", tokenizer=tokenizer)
+    assert main(["tokenize", "--model", str(root / "tok"), "--data", "shapes:easy", "--count", "16", "--out",
+                 str(root / "tokens"), "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet"]) == 0
+    lm = {"corpus": str(root / "corpus.txt"), "held_out": 0.2, "vocab_size": 600, "seq_len": 16, "context": 96,
+          "width": 32, "depth": 2, "heads": 2, "eval_windows": 4}  # fmt: skip
+    assert main(["train", write_tiny_run_config(root, root / "lm", "lm", lm)]) == 0

@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 
 from qlip.cli import main
-from qlip_testing import write_tiny_run_config
+from qlip_testing import make_tiny_lm_with_image_tokens, write_tiny_run_config
 
 SPEC = "shapes:easy?holdout_combinations=0.1&eval_combinations=held_out&image_size=32"
 WORDS = ("the module reads a file and writes the result.", "every object has a type and a value.",
@@ -24,17 +23,9 @@ def setup(tmp_path_factory, tiny_tokenizer):
     """A 3-step language model, a QLIP tokenizer with its token folder, an untrained judge, and the two configs."""
     from qlip.data.shapes import ShapesConfig
     from qlip.eval.judge import JudgeConfig, ShapesJudge, save_judge
-    from qlip.factory import create_model
 
     root = tmp_path_factory.mktemp("um3-exp")
-    (root / "corpus.txt").write_text("\n\n".join(f"{a} {b}" for a in WORDS for b in WORDS) + "\n")
-    torch.manual_seed(0)
-    create_model("qlip-tiny").save_pretrained(root / "tok", tokenizer=tiny_tokenizer)
-    assert main(["tokenize", "--model", str(root / "tok"), "--data", "shapes:easy", "--count", "16", "--out",
-                 str(root / "tokens"), "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet"]) == 0
-    lm = {"corpus": str(root / "corpus.txt"), "held_out": 0.2, "vocab_size": 600, "seq_len": 16, "context": 96,
-          "width": 32, "depth": 2, "heads": 2, "eval_windows": 4}  # fmt: skip
-    assert main(["train", write_tiny_run_config(root, root / "lm", "lm", lm)]) == 0
+    make_tiny_lm_with_image_tokens(root, tiny_tokenizer, WORDS)
     easy = ShapesConfig.preset("easy")  # an untrained judge: the experiments' plumbing is tested, not its verdicts
     classes = {"shape": easy.shapes, "color": easy.colors, "position": easy.positions}
     save_judge(ShapesJudge(JudgeConfig(image_size=32, classes=classes)), root / "judge")

@@ -12,7 +12,7 @@ from qlip.ar.sampling import Chooser
 from qlip.cli import main
 from qlip.unified import ImageVocab, UnifiedLM, extend_vocabulary, split_nll, text_config
 from qlip.unified.mixing import MixSchedule
-from qlip_testing import write_tiny_run_config
+from qlip_testing import make_tiny_lm_with_image_tokens, write_tiny_run_config
 
 SENTENCES = (
     "the quick brown fox jumps over the lazy dog.", "a function returns a value to its caller.",
@@ -104,17 +104,9 @@ def test_mix_schedule_decays_the_text_share_linearly():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_tokenizer):
     """A 3-step language model and a 3-step unified model from it, both through `qlip train`."""
-    from qlip.factory import create_model
 
     root = tmp_path_factory.mktemp("um3")
-    (root / "corpus.txt").write_text("\n\n".join(f"{a} {b}" for a in SENTENCES for b in SENTENCES) + "\n")
-    torch.manual_seed(0)
-    create_model("qlip-tiny").save_pretrained(root / "tok", tokenizer=tiny_tokenizer)
-    assert main(["tokenize", "--model", str(root / "tok"), "--data", "shapes:easy", "--count", "16", "--out",
-                 str(root / "tokens"), "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet"]) == 0
-    lm = {"corpus": str(root / "corpus.txt"), "held_out": 0.2, "vocab_size": 600, "seq_len": 16, "context": 96,
-          "width": 32, "depth": 2, "heads": 2, "eval_windows": 4}  # fmt: skip
-    assert main(["train", write_tiny_run_config(root, root / "lm", "lm", lm)]) == 0
+    make_tiny_lm_with_image_tokens(root, tiny_tokenizer, SENTENCES)
     um = {"init": str(root / "lm" / "last"), "tokenizer": str(root / "tok"), "tokens": str(root / "tokens"),
           "start": [2, 1, 1], "end": [1, 1, 1], "horizon": 2, "eval_windows": 4, "eval_images": 2}  # fmt: skip
     write_tiny_run_config(root, root / "um", "unified", um)

@@ -179,7 +179,36 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return merges
 
 
-class CLIPTokenizer:
+class TruncationReport:
+    """``count_truncated`` / ``warn_truncated`` for a tokenizer with ``encode(text) -> ids``, ``context_length`` and
+    ``num_special_tokens`` (the tokens every row carries besides the text)."""
+
+    context_length: int
+    num_special_tokens: int
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def count_truncated(self, texts: Iterable[str], context_length: int | None = None) -> int:
+        """How many of ``texts`` are longer than the context (special tokens included) and would be cut."""
+        length = self.context_length if context_length is None else int(context_length)
+        return sum(len(self.encode(text)) + self.num_special_tokens > length for text in texts)
+
+    def warn_truncated(self, texts: Sequence[str], *, where: str = "", context_length: int | None = None) -> int:
+        """Count the captions the tokenizer would cut and, when there are any, log one warning with the count.
+
+        Returns:
+            The number of truncated captions.
+        """
+        length = self.context_length if context_length is None else int(context_length)
+        cut = self.count_truncated(texts, length)
+        if cut:
+            logger.warning("%s%d of %d captions were longer than the %d-token context and were truncated",
+                           f"{where}: " if where else "", cut, len(texts), length)  # fmt: skip
+        return cut
+
+
+class CLIPTokenizer(TruncationReport):
     """The OpenAI CLIP byte-level BPE tokenizer (the one the released QLIP checkpoints ship).
 
     Attributes:
@@ -363,24 +392,6 @@ class CLIPTokenizer:
                 ids[-1] = self.eot_token_id
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
-
-    def count_truncated(self, texts: Iterable[str], context_length: int | None = None) -> int:
-        """How many of ``texts`` are longer than the context (start and end tokens included) and would be cut."""
-        length = self.context_length if context_length is None else int(context_length)
-        return sum(len(self.encode(text)) + 2 > length for text in texts)
-
-    def warn_truncated(self, texts: Sequence[str], *, where: str = "", context_length: int | None = None) -> int:
-        """Count the captions ``__call__`` would cut and, when there are any, log one warning with the count.
-
-        Returns:
-            The number of truncated captions.
-        """
-        length = self.context_length if context_length is None else int(context_length)
-        cut = self.count_truncated(texts, length)
-        if cut:
-            logger.warning("%s%d of %d captions were longer than the %d-token context and were truncated",
-                           f"{where}: " if where else "", cut, len(texts), length)  # fmt: skip
-        return cut
 
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         """Text of a sequence of ids; special tokens and the padding after the end token are dropped.

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..fileio import write_text_atomic
+from ..tokenizer import TruncationReport
 from .errors import INSTALL_HF, HFModelError
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def _require_tokenizers() -> Any:
     return tokenizers
 
 
-class JSONTokenizer:
+class JSONTokenizer(TruncationReport):
     """Texts -> LongTensor (B, context_length): special tokens added, cut to the context, padded with ``pad_token_id``.
 
     Attributes:
@@ -101,20 +102,6 @@ class JSONTokenizer:
             self.backend.no_padding()
             self.backend.no_truncation()
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), length)  # (B, L)
-
-    def count_truncated(self, texts: Iterable[str], context_length: int | None = None) -> int:
-        """How many of ``texts`` are longer than the context (special tokens included) and would be cut."""
-        length = self.context_length if context_length is None else int(context_length)
-        return sum(len(self.encode(t)) + self.num_special_tokens > length for t in texts)
-
-    def warn_truncated(self, texts: Sequence[str], *, where: str = "", context_length: int | None = None) -> int:
-        """Count the captions ``__call__`` would cut and log one warning with the count when there are any."""
-        length = self.context_length if context_length is None else int(context_length)
-        cut = self.count_truncated(texts, length)
-        if cut:
-            log.warning("%s%d of %d captions were longer than the %d-token context and were truncated",
-                        f"{where}: " if where else "", cut, len(texts), length)  # fmt: skip
-        return cut
 
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         """Text of one sequence of ids, special tokens and padding dropped."""
