@@ -185,6 +185,6 @@ def test_missing_package_says_how_to_install(tmp_path, capsys):
 def test_the_clipart_recipe_parses_with_augmentation_that_keeps_captions_true():
     from qlip.train.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "openclipart-s.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "real-small.yaml")
     assert cfg.data.hflip == "caption" and cfg.data.crop_scale == [0.6, 1.0] and cfg.data.augment
     assert cfg.data.train.endswith("train.csv") and cfg.data.val.endswith("heldout.csv")
