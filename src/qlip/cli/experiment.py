@@ -46,6 +46,16 @@ def _settings(args: argparse.Namespace) -> Any:
                     isolate=not args.in_process, eval=ev, threads=args.threads, **t2i)  # fmt: skip
 
 
+def _print_table(out: Path, table: dict[str, Any] | None = None) -> int:
+    """Print an experiment's table.md and where its outputs are (with the plot count for experiments that plot)."""
+    print((out / "table.md").read_text())
+    if table is None:
+        print(f"wrote {out / 'table.json'} and {out / 'table.md'}")
+    else:
+        print(f"wrote {out / 'table.json'}, {out / 'table.md'} and {len(table.get('figures', {}))} plot(s)")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from ..train.config import ConfigError
 
@@ -75,10 +85,7 @@ def _run(args: argparse.Namespace) -> int:
             table = run_recipes(settings, args.stage2_config)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
         raise CLIError(str(e)) from e
-    print((settings.out / "table.md").read_text())
-    print(f"wrote {settings.out / 'table.json'}, {settings.out / 'table.md'} and {len(table.get('figures', {}))} "
-          "plot(s)")  # fmt: skip
-    return 0
+    return _print_table(settings.out, table)
 
 
 def _run_vlm_layers(args: argparse.Namespace) -> int:
@@ -95,9 +102,7 @@ def _run_vlm_layers(args: argparse.Namespace) -> int:
         run_vlm_layers(settings, args.other_tokenizer)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
         raise CLIError(str(e)) from e
-    print((settings.out / "table.md").read_text())
-    print(f"wrote {settings.out / 'table.json'} and {settings.out / 'table.md'}")
-    return 0
+    return _print_table(settings.out)
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -270,6 +275,4 @@ def _run_unified(args: argparse.Namespace) -> int:
             run_um3_specialists(settings, args.t2i_config)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
         raise CLIError(str(e)) from e
-    print((settings.out / "table.md").read_text())
-    print(f"wrote {settings.out / 'table.json'} and {settings.out / 'table.md'}")
-    return 0
+    return _print_table(settings.out)
