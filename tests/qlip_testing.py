@@ -117,12 +117,12 @@ def save_tiny_hf_causal_lm(path, texts: list[str], *, max_positions: int = 128):
 
 def write_tiny_run_config(root, run, task: str, options: dict, **top) -> str:
     """A 3-step training config of ``task`` (its section ``options``; ``top``: other top-level keys such as
-    ``stage``) with the loop settings the tests share, written to ``root/<run name>.yaml``; returns its path."""
+    ``stage``, or a whole section that replaces the shared one, e.g. ``optim=``) with the loop settings the tests
+    share, written to ``root/<run name>.yaml``; returns its path."""
     import yaml
 
     cfg = {
         "task": task,
-        **top,
         task: options,
         "data": {"batch_size": 4},
         "optim": {"steps": 3, "warmup_steps": 1, "lr": 1e-3},
@@ -131,6 +131,7 @@ def write_tiny_run_config(root, run, task: str, options: dict, **top) -> str:
         "checkpoint": {"every": 0, "export": True},
         "distributed": {"threads": 1},
         "run_dir": str(run),
+        **top,
     }
     path = root / f"{run.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))

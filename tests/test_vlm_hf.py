@@ -11,35 +11,21 @@ import shutil
 
 import pytest
 import torch
-import yaml
 
 pytest.importorskip("transformers")
 
 from qlip.cli import main  # noqa: E402
 from qlip.factory import create_model  # noqa: E402
 from qlip.understanding import load  # noqa: E402
+from qlip_testing import write_tiny_run_config  # noqa: E402
 
 DATA = "shapes:easy?sizes=medium,large&holdout_combinations=0.1&image_size=32"
 
 
 def _config(root, run, lm_source, **options) -> str:
-    cfg = {
-        "task": "vlm",
-        "stage": 1,
-        "vlm": {"tokenizer": str(root / "tok"), "data": DATA, "lm": "hf", "lm_source": str(lm_source),
-                "stage1_data": "qa", "image_pool": 16, "eval_images": 2, "merge": 2},
-        "data": {"batch_size": 4},
-        "optim": {"steps": 3, "warmup_steps": 1, "lr": 1e-2},
-        "eval": {"at_end": True},
-        "logging": {"every": 1, "progress": False, "tensorboard": False},
-        "checkpoint": {"every": 0, "export": True},
-        "distributed": {"threads": 1},
-        "run_dir": str(run),
-    }
-    cfg["vlm"].update(options)
-    path = root / f"{run.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+    vlm = {"tokenizer": str(root / "tok"), "data": DATA, "lm": "hf", "lm_source": str(lm_source), "stage1_data": "qa",
+           "image_pool": 16, "eval_images": 2, "merge": 2, **options}  # fmt: skip
+    return write_tiny_run_config(root, run, "vlm", vlm, stage=1, optim={"steps": 3, "warmup_steps": 1, "lr": 1e-2})
 
 
 @pytest.fixture(scope="module")
