@@ -20,7 +20,7 @@ from qlip.losses.adversarial import (
     r1_penalty,
 )
 from qlip.losses.contrastive import ClipLoss, clamp_logit_scale_, info_nce
-from qlip.losses.reconstruction import pixel_loss
+from qlip.losses.reconstruction import gradient_loss, pixel_loss
 
 torch.set_num_threads(1)
 
@@ -101,6 +101,23 @@ def test_pixel_losses():
         pixel_loss(a, b[:, :, :2])
     with pytest.raises(ValueError, match="unknown pixel loss"):
         pixel_loss(a, b, "huber")
+
+
+def test_gradient_term_sees_outlines_and_not_flat_offsets():
+    flat = torch.zeros(1, 1, 8, 8)
+    shifted = flat + 0.5  # a background color error: no edges in either image
+    assert gradient_loss(shifted, flat).item() == 0.0
+    assert pixel_loss(shifted, flat, gradient_weight=3.0).item() == pytest.approx(0.25)
+    square = flat.clone()
+    square[..., 2:6, 2:6] = 1.0
+    blurred = F.avg_pool2d(F.pad(square, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    # by hand: the mean over both directions of (d recon - d target)^2
+    dx = ((blurred.diff(dim=-1) - square.diff(dim=-1)) ** 2).mean()
+    dy = ((blurred.diff(dim=-2) - square.diff(dim=-2)) ** 2).mean()
+    assert gradient_loss(blurred, square).item() == pytest.approx(0.5 * float(dx + dy))
+    assert gradient_loss(blurred, square).item() > 0.01
+    assert pixel_loss(blurred, square, gradient_weight=2.0).item() == pytest.approx(
+        pixel_loss(blurred, square).item() + 2.0 * gradient_loss(blurred, square).item())
 
 
 @pytest.mark.parametrize("size,layers", [(32, 2), (64, 3)])

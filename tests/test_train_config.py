@@ -213,6 +213,8 @@ def test_each_loss_weight_has_one_place_and_no_term_is_dropped_silently():
         load_config(None, ["stage=2", "loss.balance.weights={recon: 1, quant: 1, commit: 0, gan: 0.5}"])
     with pytest.raises(ConfigError, match="unknown term"):
         load_config(None, ["loss.balance.weights={align: 1, recon: 1, quant: 1, commit: 1, recno: 1}"])
+    with pytest.raises(ConfigError, match="loss.gradient_weight must be >= 0"):
+        load_config(None, ["loss.gradient_weight=-1"])
     # A complete stage-2 set changes those terms and keeps LPIPS and the GAN at their own keys' values.
     cfg = load_config(None, ["stage=2", "loss.balance.weights={recon: 2, quant: 1, commit: 0}", "loss.gan_weight=0.3"])
     assert balance_config(cfg).weights == {"recon": 2, "quant": 1, "commit": 0, "lpips": 0.1, "gan": 0.3}

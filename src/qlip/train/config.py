@@ -187,6 +187,8 @@ class LossSection:
             given, names every term of the stage (stage 1: align, recon, quant, commit; stage 2: recon, quant,
             commit), 0 turning a term off; LPIPS and the GAN are weighted by ``lpips_weight`` / ``gan_weight`` only.
         pixel: "mse" or "l1".
+        gradient_weight: weight of an image-gradient term added to the pixel loss (0: the paper's loss); it weighs
+            outlines against flat background (``qlip.losses.reconstruction.gradient_loss``).
         logit_scale_max: clamp of the learnable logit scale (exp'd), CLIP's 100.
         clip_local_loss: each rank computes only its rows of the global logits (less memory, same gradient).
         clip_chunk_size: compute the logits in row chunks of this size (None = at once).
@@ -205,6 +207,7 @@ class LossSection:
 
     balance: dict[str, Any] = field(default_factory=dict)
     pixel: str = "mse"
+    gradient_weight: float = 0.0
     logit_scale_max: float = 100.0
     clip_local_loss: bool = False
     clip_chunk_size: int | None = None
@@ -349,6 +352,9 @@ class TrainConfig:
 
     def _check_loss_weights(self) -> None:
         """Each loss term has one place for its weight, and an explicit ``loss.balance.weights`` names them all."""
+        if not self.loss.gradient_weight >= 0:
+            raise ConfigError(f"loss.gradient_weight must be >= 0 (0 turns the image-gradient term off), got "
+                              f"{self.loss.gradient_weight}")  # fmt: skip
         weights = self.loss.balance.get("weights")
         if weights is None:
             return

@@ -147,7 +147,8 @@ class QLIPTask(Task):
         losses: dict[str, torch.Tensor] = {}
         if cfg.stage == 1 and self.balancer.is_active("align"):
             losses["align"] = self.clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
-        losses["recon"] = pixel_loss(recon, images, kind=cfg.loss.pixel)
+        losses["recon"] = pixel_loss(recon, images, kind=cfg.loss.pixel,
+                                     gradient_weight=cfg.loss.gradient_weight)
         losses["quant"] = q.loss
         losses["commit"] = q.commit_loss
         if self.lpips is not None:
