@@ -51,7 +51,7 @@ def _common(root, out):
 
 def test_codecs_train_at_equal_steps_and_are_scored(setup, tmp_path, capsys):
     out = tmp_path / "codecs"
-    assert main(["experiment", "t2i-codecs", *_common(setup, out)]) == 0
+    assert main(["experiment", "t2i-codecs", *_common(setup, out), "--temperature", "0.5"]) == 0
     table = json.loads((out / "table.json").read_text())
     rows = {r["variant"]: r for r in table["rows"]}
     assert list(rows) == ["subtoken", "depth", "bits"]
@@ -68,6 +68,7 @@ def test_codecs_train_at_equal_steps_and_are_scored(setup, tmp_path, capsys):
     md = (out / "table.md").read_text()
     assert "trainable params" in md and "depth: one AR step per position" in md
     assert table["settings"]["generation"]["data"] == SPEC
+    assert table["settings"]["generation"]["temperature"] == 0.5 and "temperature 0.5" in md
     # A rerun continues: finished variants are not trained again.
     stamp = (out / "runs" / "depth" / "seed0" / "result.json").stat().st_mtime_ns
     assert main(["experiment", "t2i-codecs", *_common(setup, out)]) == 0
@@ -103,3 +104,6 @@ def test_user_mistakes_are_one_line(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("error:") == 4
     assert "generator config" in err and "at least two" in err and "no QLIP model directory" in err
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses it before anything runs
+        main([*base, "--tokenizers", f"a={setup / 'aligned'}", f"b={setup / 'recon'}", "--temperature", "-1"])
+    assert exit_info.value.code == 2 and "--temperature: must be a finite number >= 0" in capsys.readouterr().err

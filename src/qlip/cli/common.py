@@ -50,6 +50,7 @@ def _number(kind: type, low: float, high: float | None, what: str):
 positive_int = _number(int, 1, None, "a whole number >= 1")  # counts and batch sizes
 non_negative_int = _number(int, 0, None, "a whole number >= 0")  # worker and thread counts
 fraction = _number(float, 0.0, 1.0, "a fraction in [0, 1]")
+non_negative_float = _number(float, 0.0, math.inf, "a finite number >= 0")  # temperatures
 finite_float = _number(float, -math.inf, math.inf, "a finite number")  # sampling settings; the model checks ranges
 
 

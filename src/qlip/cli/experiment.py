@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .common import CLIError, finite_float, non_negative_int, positive_int
+from .common import CLIError, finite_float, non_negative_float, non_negative_int, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ def _settings(args: argparse.Namespace) -> Any:
         ev.setdefault("num_eval", T2I_EVAL_CAPTIONS)
         t2i = {"fixed_steps": args.steps or 0, "eval_options": {"judge": args.judge, "data": args.eval_data,
                                                                "split": args.split, "cfg_scale": args.cfg,
+                                                               "temperature": args.temperature,
                                                                "batch_size": 32}}  # fmt: skip
     return Settings(config=args.config, out=args.out, seeds=_seeds(args.seeds), budget=args.budget, smoke=args.smoke,
                     isolate=not args.in_process, eval=ev, threads=args.threads, **t2i)  # fmt: skip
@@ -221,6 +222,8 @@ def _add_sampling_run_args(e: argparse.ArgumentParser, name: str, what: str) -> 
                         "compositions)")  # fmt: skip
     e.add_argument("--split", default="test", choices=("val", "test"), help="split of those images (test)")
     e.add_argument("--cfg", type=finite_float, default=3.0, help="guidance scale of text->image (default 3)")
+    e.add_argument("--temperature", type=non_negative_float, default=1.0,
+                   help="sampling temperature of the evaluations (default 1; 0: greedy)")
     smoke_eval = "; 16 with --smoke" if name.startswith("um3-") else ""
     e.add_argument("--eval-images", type=positive_int, default=None,
                    help=f"{what} (default {T2I_EVAL_CAPTIONS}{smoke_eval})")
@@ -260,7 +263,8 @@ def _run_unified(args: argparse.Namespace) -> int:
         raise CLIError(f"--judge {judge}: no judge directory there; train one (qlip eval train-judge) or pass "
                        "--judge none to leave text->image out")  # fmt: skip
     num_eval = args.eval_images or (SMOKE_EVAL["num_eval"] if args.smoke else T2I_EVAL_CAPTIONS)
-    options = {"judge": judge, "data": args.eval_data, "split": args.split, "cfg_scale": args.cfg, "batch_size": 50}
+    options = {"judge": judge, "data": args.eval_data, "split": args.split, "cfg_scale": args.cfg,
+               "temperature": args.temperature, "batch_size": 50}  # fmt: skip
     try:
         settings = Settings(config=args.config, out=args.out, seeds=_seeds(args.seeds), budget=args.budget,
                             smoke=args.smoke, isolate=not args.in_process, eval={"num_eval": num_eval},

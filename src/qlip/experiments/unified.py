@@ -52,7 +52,12 @@ QUALITY_COLUMNS = [("text ppl", "text_ppl", 1), ("ppl change %", "text_ppl_chang
 COST_COLUMNS = [("params", "params", 0), ("steps", "train/steps", 0), ("train time s", "train/time_s", 0),
                 ("rows/s", "train/img_per_s", 1), ("peak RSS MiB", "peak_rss_mb", 0)]  # fmt: skip
 # Sampling settings of every model, those of `qlip eval unified` (the paper's temperature and top-p).
-SAMPLING = {"temperature": 1.0, "top_p": 0.95}
+SAMPLING = {"temperature": 1.0, "top_p": 0.95}  # the unified model's defaults; --temperature replaces the first
+
+
+def _sampling(settings: Settings) -> dict[str, float]:
+    """The sampling settings of every evaluation: SAMPLING, with the experiment's temperature when it gives one."""
+    return {**SAMPLING, "temperature": float(settings.eval_options.get("temperature", SAMPLING["temperature"]))}
 
 
 def _smoke(settings: Settings) -> list[str]:
@@ -107,7 +112,7 @@ def _write(settings: Settings, cfg: TrainConfig, variants: list[Variant], experi
     out.mkdir(parents=True, exist_ok=True)
     table_md = markdown_table(rows, QUALITY_COLUMNS + COST_COLUMNS, lead)
     (out / "table.md").write_text(f"{table_md}\n\n{note}\n")
-    summary = settings_summary(settings, cfg, {**info, "evaluation": {**settings.eval_options, **SAMPLING}})
+    summary = settings_summary(settings, cfg, {**info, "evaluation": {**settings.eval_options, **_sampling(settings)}})
     for key in ("chance", "architecture", "data"):  # about QLIP training, not language models
         summary.pop(key, None)
     summary["model"] = "unified"
@@ -124,8 +129,8 @@ def _evaluation_note(settings: Settings) -> str:
     gen = f"ShapesEval of images generated from the same captions (judge {judge}, guidance {g.get('cfg_scale')})" \
         if judge else "no text->image evaluation (--judge none)"  # fmt: skip
     return (f"Evaluation: held-out text perplexity; captions of {settings.eval['num_eval']} real images of "
-            f"{g.get('data')} (split {g.get('split')}); {gen}; temperature {SAMPLING['temperature']}, top-p "
-            f"{SAMPLING['top_p']}, seed 0.")  # fmt: skip
+            f"{g.get('data')} (split {g.get('split')}); {gen}; temperature {_sampling(settings)['temperature']}, "
+            f"top-p {SAMPLING['top_p']}, seed 0.")  # fmt: skip
 
 
 def run_um3_schedule(settings: Settings) -> dict[str, Any]:
@@ -147,10 +152,10 @@ def run_um3_schedule(settings: Settings) -> dict[str, Any]:
         Variant("on", [_unified_stage(settings, cfg, steps, ["unified.schedule=true", f"unified.horizon={horizon}"])],
                 settings.seeds, {"label": f"on: {_ratios(opts.start)} -> {_ratios(opts.end)} {_over(horizon)}, "
                                           "then constant", "rows": expected_rows(on, steps, batch)},
-                evaluator="unified", eval_options=SAMPLING),
+                evaluator="unified", eval_options=_sampling(settings)),
         Variant("off", [_unified_stage(settings, cfg, steps, ["unified.schedule=false"])], settings.seeds,
                 {"label": f"off: {_ratios(opts.end)} from the first step", "rows": expected_rows(off, steps, batch)},
-                evaluator="unified", eval_options=SAMPLING),
+                evaluator="unified", eval_options=_sampling(settings)),
     ]  # fmt: skip
     note = (f"Both runs: {steps} optimizer steps x batch {batch} rows from the initial language model "
             f"{opts.init}, the same learning rate and warmup; only the row mix differs. \"off\" uses the end ratios "
@@ -184,7 +189,7 @@ def run_um3_specialists(settings: Settings, generator_config: str) -> dict[str, 
     def decoder(name: str, label: str, extra: list[str], options: dict[str, Any]) -> Variant:
         stage = _unified_stage(settings, cfg, steps, extra)
         return Variant(name, [stage], settings.seeds, {"label": label}, evaluator="unified",
-                       eval_options={**SAMPLING, **options})  # fmt: skip
+                       eval_options={**_sampling(settings), **options})  # fmt: skip
 
     only = ["unified.schedule=false"]
     gen_base = run_overrides(settings, steps, gen_cfg.optim.warmup_steps / max(1, gen_cfg.optim.steps))
@@ -199,7 +204,7 @@ def run_um3_specialists(settings: Settings, generator_config: str) -> dict[str, 
         decoder("captioner", "captioner (same init, image->text rows only)",
                 [*only, "unified.start=[0,1,0]", "unified.end=[0,1,0]"], {"judge": None}),
         Variant("generator", [gen_stage], settings.seeds, {"label": f"text-to-image generator ({generator_config})"},
-                evaluator="generator", eval_options=SAMPLING),
+                evaluator="generator", eval_options=_sampling(settings)),
     ]  # fmt: skip
     skipped = ""
     if settings.eval_options.get("judge") in (None, "none"):
