@@ -65,6 +65,20 @@ def test_resume_continues_the_generator_exactly(tokenized, tmp_path):
     assert a == b and len(a) == 3
 
 
+def test_resume_refuses_a_run_whose_tokens_were_replaced(tokenized, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = [_config(tokenized, run), "eval.at_end=false", "checkpoint.export=false", "checkpoint.every=1"]
+    assert main(["train", *common, "stop_at=1"]) == 0
+    other = tmp_path / "other-tokens"  # the same tokenizer, other images: another training set under the same key
+    assert main(["tokenize", "--model", str(tokenized / "tok"), "--data", "shapes:easy?sizes=large", "--count", "24",
+                 "--out", str(other), "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", *common, f"generator.tokens={other}"]) == 2
+    err = capsys.readouterr().err
+    assert "trained over other tokens than" in err and "new run_dir" in err and "Traceback" not in err
+    assert main(["train", *common]) == 0  # the original inputs: it continues
+
+
 def test_config_errors_name_what_to_change(tokenized, tmp_path):
     with pytest.raises(ConfigError, match="generator.codec"):
         load_config([_config(tokenized, tmp_path / "a", codec="nope")])

@@ -196,8 +196,35 @@ class GeneratorTask(Task):
         except ValueError as e:
             raise ConfigError(str(e)) from e
         self.t2i_cfg = cfg
+        self.inputs = self._inputs_digest()
         log.info("generator: %d training images with captions from %s", len(self.captions), opts.tokens)
         return T2IModel(cfg, text_encoder=self.text_model).to(self.rt.device)
+
+    def _inputs_digest(self) -> dict[str, str]:
+        """sha256 of what the generator learns from: the tokenizer's weights and the tokens with their captions."""
+        import hashlib
+
+        from ...fileio import sha256_file
+
+        weights = sorted(Path(self.options.tokenizer).glob("*.safetensors"))
+        tokens = hashlib.sha256(self.tokens.numpy().tobytes())
+        tokens.update("\n".join(self.captions).encode())
+        return {"tokenizer": ",".join(sha256_file(w) for w in weights), "tokens": tokens.hexdigest()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator_inputs": self.inputs}
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to continue a run over another tokenizer or other tokens than it was trained on (a folder
+        replaced under the same path), which would mix two token vocabularies in one model."""
+        saved = checkpoint.get("generator_inputs")
+        if saved is None or saved == self.inputs:
+            return
+        names = {"tokenizer": "tokenizer weights", "tokens": "tokens"}
+        what = " and ".join(names[k] for k in names if saved.get(k) != self.inputs[k])
+        raise ConfigError(f"{self.cfg.run_dir} holds checkpoints trained over other {what} than "
+                          f"generator.tokenizer={self.options.tokenizer} / generator.tokens={self.options.tokens} "
+                          "now hold; train it in a new run_dir")  # fmt: skip
 
     def _text_encoder(self) -> tuple[nn.Module, Any, str]:
         """(frozen text tower, its caption tokenizer, the ``conditioning.encoder`` the export records)."""
