@@ -69,8 +69,8 @@ def _write_tables(settings: Settings, cfg: TrainConfig, variants: list[Variant],
     cost = markdown_table(rows, COST_COLUMNS, lead[:1])
     g = settings.eval_options
     note = (f"ShapesEval: {settings.eval['num_eval']} captions of {g.get('data')} (split {g.get('split')}), guidance "
-            f"{g.get('cfg_scale')}, temperature {g.get('temperature', 1.0)}, judge {g.get('judge')}; every run {info['steps']} steps x batch "
-            f"{cfg.data.batch_size}.")  # fmt: skip
+            f"{g.get('cfg_scale')}, temperature {g.get('temperature', 1.0)}, judge {g.get('judge')}; every run "
+            f"{info['steps']} steps x batch {cfg.data.batch_size}.")  # fmt: skip
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(f"{quality}\n\n{cost}\n\n{note}\n")
