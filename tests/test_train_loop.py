@@ -126,9 +126,9 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
     real = loop.pixel_loss
     bad_calls = {"n": 0}
 
-    def flaky(recon, target, kind="mse"):
+    def flaky(recon, target, kind="mse", **options):
         bad_calls["n"] += 1
-        value = real(recon, target, kind)
+        value = real(recon, target, kind, **options)
         return value * float("nan") if bad_calls["n"] in (2, 3) else value
 
     monkeypatch.setattr(loop, "pixel_loss", flaky)
@@ -140,7 +140,7 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
     assert recs[1]["loss/recon"] == "nan"
 
     # K in a row: a clear error, and the last checkpoint on disk is intact
-    monkeypatch.setattr(loop, "pixel_loss", lambda r, t, kind="mse": real(r, t, kind) * float("nan"))
+    monkeypatch.setattr(loop, "pixel_loss", lambda r, t, kind="mse", **o: real(r, t, kind, **o) * float("nan"))
     cfg = load_config(write_config(tmp_path / "c2.yaml", tmp_path / "r2", optim={"steps": 20, "warmup_steps": 1,
                                                                                 "max_nonfinite_steps": 2}))
     cfg.resume = "never"
