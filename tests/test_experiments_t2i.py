@@ -107,3 +107,6 @@ def test_user_mistakes_are_one_line(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse refuses it before anything runs
         main([*base, "--tokenizers", f"a={setup / 'aligned'}", f"b={setup / 'recon'}", "--temperature", "-1"])
     assert exit_info.value.code == 2 and "--temperature: must be a finite number >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # not a finite temperature either: refused before any training
+        main([*base, "--tokenizers", f"a={setup / 'aligned'}", f"b={setup / 'recon'}", "--temperature", "inf"])
+    assert "--temperature: must be a finite number >= 0, got inf" in capsys.readouterr().err

@@ -39,7 +39,7 @@ def _number(kind: type, low: float, high: float | None, what: str):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not (low <= value and (high is None or value <= high)):  # also false for NaN
+        if not (low <= value and (high is None or value <= high)) or not math.isfinite(value):  # NaN, inf too
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
 
