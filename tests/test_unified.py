@@ -91,6 +91,36 @@ def test_vocabulary_extension_keeps_the_text_model_unchanged():
     assert torch.equal(um.from_visual_ids(um.to_visual_ids(tokens)), tokens)
 
 
+def test_training_nll_equals_the_split_softmax_over_full_logits():
+    _, um = _unified()
+    c = um.cfg
+    torch.manual_seed(1)
+    tokens = torch.cat([torch.randint(0, c.text_vocab, (3, 5)), torch.randint(c.visual_start, c.vocab_size, (3, 6)),
+                        torch.full((3, 1), c.eoi_id)], dim=1)  # fmt: skip  # text, visual and a marker target
+    mask = torch.rand(3, 11) < 0.7
+    mask[:, -1] = True
+    full = split_nll(um(tokens[:, :-1]), tokens[:, 1:], c.text_vocab, c.visual_start) * mask
+    fast = um(tokens[:, :-1], tokens[:, 1:], mask)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    grads = []
+    for loss in (full.sum(), um(tokens[:, :-1], tokens[:, 1:], mask).sum()):
+        um.zero_grad()
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in um.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_loss_weighting_by_tokens_or_by_rows():
+    from qlip.unified.model import reduce_nll
+
+    nll = torch.tensor([[1.0, 1.0, 1.0, 1.0], [5.0, 9.0, 9.0, 9.0], [7.0, 7.0, 7.0, 7.0]])
+    mask = torch.tensor([[True, True, True, True], [True, False, False, False], [False, False, False, False]])
+    assert float(reduce_nll(nll, mask, "tokens")) == pytest.approx((4 * 1.0 + 5.0) / 5)  # the long row dominates
+    assert float(reduce_nll(nll, mask, "rows")) == pytest.approx((1.0 + 5.0) / 2)  # a row without targets is left out
+    with pytest.raises(ValueError, match="tokens, rows"):
+        reduce_nll(nll, mask, "mean")
+
+
 def test_mix_schedule_decays_the_text_share_linearly():
     s = MixSchedule((60, 1, 3), (12, 1, 3), horizon=100)
     assert s.ratios(0) == (60, 1, 3) and s.ratios(100) == (12, 1, 3) and s.ratios(500) == (12, 1, 3)
@@ -108,7 +138,8 @@ def runs(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("um3")
     make_tiny_lm_with_image_tokens(root, tiny_tokenizer, SENTENCES)
     um = {"init": str(root / "lm" / "last"), "tokenizer": str(root / "tok"), "tokens": str(root / "tokens"),
-          "start": [2, 1, 1], "end": [1, 1, 1], "horizon": 2, "eval_windows": 4, "eval_images": 2}  # fmt: skip
+          "start": [2, 1, 1], "end": [1, 1, 1], "horizon": 2, "eval_windows": 4, "eval_images": 2,
+          "loss_weighting": "rows"}  # fmt: skip
     write_tiny_run_config(root, root / "um", "unified", um)
     assert main(["train", str(root / "um.yaml")]) == 0
     return root
@@ -214,6 +245,8 @@ def test_config_errors_name_what_to_change(runs, tmp_path, capsys):
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="ratios"):
         load_config([str(tmp_path / "a.yaml")])
+    with pytest.raises(ConfigError, match="unified.loss_weighting must be one of tokens, rows"):
+        load_config([str(runs / "um.yaml")], ["unified.loss_weighting=mean"])
     cfg = yaml.safe_load((runs / "um.yaml").read_text())
     cfg["unified"]["init"] = str(runs / "tok")  # a QLIP model, not a language model
     cfg["run_dir"] = str(tmp_path / "r")

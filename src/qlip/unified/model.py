@@ -153,6 +153,21 @@ def split_nll(logits: Tensor, targets: Tensor, text_vocab: int, visual_start: in
     return norm - picked
 
 
+LOSS_WEIGHTINGS = ("tokens", "rows")
+
+
+def reduce_nll(nll: Tensor, mask: Tensor, weighting: str = "tokens") -> Tensor:
+    """The batch loss from per-target NLL (B, T) and its mask (B, T) bool: "tokens" averages over every target of
+    the batch (a long row weighs more); "rows" averages each row over its own targets, then over the rows that have
+    any (every row weighs the same)."""
+    if weighting == "tokens":
+        return (nll * mask).sum() / mask.sum().clamp(min=1)
+    if weighting == "rows":
+        counts = mask.sum(1)
+        return ((nll * mask).sum(1) / counts.clamp(min=1)).sum() / (counts > 0).sum().clamp(min=1)
+    raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+
+
 class UnifiedLM(nn.Module):
     """The decoder of a language model or a unified model (see the module docstring)."""
 
@@ -165,15 +180,32 @@ class UnifiedLM(nn.Module):
     def device(self) -> torch.device:
         return self.core.norm.weight.device
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """Ids (B, T) -> logits (B, T, V), causal."""
-        return self.core(tokens)
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, loss_mask: Tensor | None = None) -> Tensor:
+        """Ids (B, T) -> logits (B, T, V), causal. With ``targets`` (B, T) and ``loss_mask`` (B, T) bool: the
+        split-softmax NLL (B, T) of the targets instead (0 where the mask is False), the values of
+        :func:`split_nll` but with the output head applied only at the masked-in positions and only over the
+        vocabulary each target is normalized in (training's path: no (B, T, V) logits)."""
+        if targets is None:
+            return self.core(tokens)
+        if loss_mask is None:
+            raise ValueError("targets need a loss_mask")
+        hidden = self.core.forward_embeds(self.core.embed(tokens))
+        weight = self.core.lm_head.weight if self.core.lm_head is not None else self.core.tok_embed.weight
+        c = self.cfg
+        visual = targets >= c.visual_start if c.image is not None else torch.zeros_like(loss_mask)
+        nll = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+        for sel, lo, hi in ((loss_mask & ~visual, 0, c.text_vocab), (loss_mask & visual, c.visual_start, None)):
+            if not bool(sel.any()):
+                continue
+            h, t = hidden[sel], targets[sel]  # (n, W), (n,)
+            norm = (h @ weight[lo:hi].t()).float().logsumexp(-1)
+            picked = (h * weight[t]).sum(-1).float()
+            nll = nll.index_put((sel.nonzero(as_tuple=True)), norm - picked)
+        return nll
 
     def nll(self, tokens: Tensor, loss_mask: Tensor) -> Tensor:
         """Split-softmax NLL (B, T-1) of ``tokens[:, 1:]`` (0 where ``loss_mask`` (B, T-1) is False)."""
-        visual = self.cfg.visual_start if self.cfg.image is not None else None
-        nll = split_nll(self(tokens[:, :-1]), tokens[:, 1:], self.cfg.text_vocab, visual)
-        return nll * loss_mask
+        return self(tokens[:, :-1], tokens[:, 1:], loss_mask)
 
     # --- image tokens <-> visual ids -----------------------------------------------------------------------------
     def image_vocab(self) -> ImageVocab:

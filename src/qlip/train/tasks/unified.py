@@ -33,6 +33,7 @@ from .base import StepLosses, Task, check_tokenizer_dir
 log = logging.getLogger(__name__)
 
 
+
 @dataclass
 class LMOptions:
     """The ``lm:`` section.
@@ -87,6 +88,9 @@ class UnifiedOptions:
         caption_dropout: probability of dropping a text->image row's caption (the unconditional branch of CFG).
         eval_windows: held-out text windows scored at each evaluation; eval_images: training images captioned
             and captions sampled into a picture at each evaluation (0: none); eval_cfg_scale: their guidance.
+        loss_weighting: "tokens" averages the loss over every target token of the batch, so a text->image row
+            (128 targets at the demo size) outweighs an image->text row (its caption, ~15) eight to one; "rows"
+            averages each row over its own targets first, so the row ratios alone set each task's share.
     """
 
     init: str = ""
@@ -101,6 +105,7 @@ class UnifiedOptions:
     eval_windows: int = 64
     eval_images: int = 8
     eval_cfg_scale: float = 3.0
+    loss_weighting: str = "tokens"
 
     def schedule_object(self) -> Any:
         from ...unified.mixing import MixSchedule
@@ -119,6 +124,11 @@ class UnifiedOptions:
             raise ConfigError(f"unified: {e}") from None
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"unified.caption_dropout must lie in [0, 1), got {self.caption_dropout}")
+        from ...unified.model import LOSS_WEIGHTINGS
+
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"unified.loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got "
+                              f"{self.loss_weighting!r}")  # fmt: skip
         if self.parts < 1 or self.eval_windows < 1 or self.eval_images < 0 or self.eval_cfg_scale < 0:
             raise ConfigError("unified.parts and unified.eval_windows must be >= 1, unified.eval_images and "
                               "unified.eval_cfg_scale >= 0")  # fmt: skip
@@ -128,19 +138,18 @@ class _SequenceTask(Task):
     """What the language model and the unified model share: one split-softmax loss over mixed rows."""
 
     progress_unit = "seq/s"
+    loss_weighting = "tokens"  # the unified task reads unified.loss_weighting
 
     def shard_units(self, model: nn.Module) -> list[nn.Module]:
         return list(model.core.blocks)
 
     def losses(self, model: nn.Module, batch: Any, step: int) -> StepLosses:
-        from ...unified.model import KINDS, split_nll
+        from ...unified.model import KINDS, reduce_nll
 
         ids = batch["ids"].to(self.rt.device, non_blocking=True)
         mask = batch["mask"].to(self.rt.device, non_blocking=True)
-        c = self.model_cfg
-        visual = c.visual_start if c.image is not None else None
-        nll = split_nll(model(ids[:, :-1]), ids[:, 1:], c.text_vocab, visual) * mask  # (B, T-1)
-        total = nll.sum() / mask.sum().clamp(min=1)  # the mean over every target token of the batch
+        nll = model(ids[:, :-1], ids[:, 1:], mask)  # (B, T-1), split softmax, 0 outside the mask
+        total = reduce_nll(nll, mask, self.loss_weighting)
         per_kind = {}
         with torch.no_grad():
             kind = batch["kind"].to(self.rt.device)
@@ -271,6 +280,7 @@ class UnifiedTask(_SequenceTask):
         from .generator import read_token_folder
 
         opts = self.options
+        self.loss_weighting = opts.loss_weighting
         lm = load_lm(opts.init).to(self.rt.device)
         self.tokenizer = get_tokenizer_from_dir(opts.init)
         self.qlip = create_model(opts.tokenizer, device=self.rt.device).requires_grad_(False).eval()
