@@ -288,3 +288,21 @@ def test_eval_unified_writes_one_report(runs, tmp_path, capsys):
                             "a small red circle in the center."])  # fmt: skip
     assert got["cap/color"] == 100.0 and got["cap/shape"] == pytest.approx(100 / 3)
     assert got["cap/position"] == pytest.approx(200 / 3) and got["cap/all"] == pytest.approx(100 / 3)
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_train_the_unified_model_through_its_loss_path(runs, tmp_path):
+    """The training loss reads the output head's weight inside the model's forward (only at the targets): under FSDP2
+    on 2 CPU ranks that weight is whole there, the run finishes, and the export loads and completes text."""
+    from qlip.unified import load
+    from train_helpers import join_ranks, start_ranks
+
+    cfg = yaml.safe_load((runs / "um.yaml").read_text())
+    cfg["run_dir"] = str(tmp_path / "fsdp")
+    cfg["eval"] = {"at_end": False}  # in-training checks are rank 0's alone: refused under FSDP
+    cfg["distributed"] = {"threads": 1, "strategy": "fsdp"}
+    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(cfg))
+    results = join_ranks(start_ranks(tmp_path / "fsdp.yaml", tmp_path / "ranks"), tmp_path / "ranks")
+    assert [r["step"] for r in results] == [3, 3]
+    um = load(tmp_path / "fsdp" / "last")
+    assert isinstance(um.complete("the quick", max_new_tokens=3, seed=0), str)
