@@ -194,13 +194,17 @@ class UnifiedLM(nn.Module):
         c = self.cfg
         visual = targets >= c.visual_start if c.image is not None else torch.zeros_like(loss_mask)
         nll = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-        for sel, lo, hi in ((loss_mask & ~visual, 0, c.text_vocab), (loss_mask & visual, c.visual_start, None)):
+        # text targets (and markers, which callers mask out) read the rows below the visual ids and are normalized
+        # over the text ids; visual targets read and are normalized over the visual rows. The picked logit comes
+        # from the same product as the normalizer, so both share one precision (under autocast too).
+        below_visual = c.visual_start if c.image is not None else c.text_vocab
+        for sel, lo, hi, norm_cols in ((loss_mask & ~visual, 0, below_visual, c.text_vocab),
+                                       (loss_mask & visual, c.visual_start, None, None)):  # fmt: skip
             if not bool(sel.any()):
                 continue
-            h, t = hidden[sel], targets[sel]  # (n, W), (n,)
-            norm = (h @ weight[lo:hi].t()).float().logsumexp(-1)
-            picked = (h * weight[t]).sum(-1).float()
-            nll = nll.index_put((sel.nonzero(as_tuple=True)), norm - picked)
+            logits = (hidden[sel] @ weight[lo:hi].t()).float()  # (n, hi - lo)
+            picked = logits.gather(-1, (targets[sel] - lo)[:, None])[:, 0]
+            nll = nll.index_put(sel.nonzero(as_tuple=True), logits[:, :norm_cols].logsumexp(-1) - picked)
         return nll
 
     def nll(self, tokens: Tensor, loss_mask: Tensor) -> Tensor:

@@ -33,7 +33,6 @@ from .base import StepLosses, Task, check_tokenizer_dir
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class LMOptions:
     """The ``lm:`` section.
