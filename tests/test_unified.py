@@ -108,7 +108,7 @@ def test_training_nll_equals_the_split_softmax_over_full_logits():
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in um.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # one precision for the picked logit and its norm
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # one precision for picked logit and norm
         full = split_nll(um(tokens[:, :-1]), tokens[:, 1:], c.text_vocab, c.visual_start) * mask
         fast = um(tokens[:, :-1], tokens[:, 1:], mask)
     torch.testing.assert_close(fast, full, rtol=2e-2, atol=2e-2)
