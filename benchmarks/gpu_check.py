@@ -80,28 +80,17 @@ def check_generator(gen_cpu, gen_gpu, device: torch.device, count: int) -> list[
         ids = gen_cpu.tokenize(captions)
         drop = torch.zeros(count, dtype=torch.bool)
         ref = gen_cpu.model(tokens, ids, drop=drop)
-        hidden_ref = hidden_states(gen_cpu.model, tokens, ids)
+        hidden_ref = gen_cpu.model.teacher_forced(tokens, ids, drop)[0]
         rows = []
         for name, autocast in (("float32", False), ("bf16 autocast", True)):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = gen_gpu.model(tokens.to(device), ids.to(device), drop=drop.to(device))
-                hidden = hidden_states(gen_gpu.model, tokens.to(device), ids.to(device))
+                hidden = gen_gpu.model.teacher_forced(tokens.to(device), ids.to(device), drop.to(device))[0]
             rows.append({"check": "generator", "precision": name, "images": count,
                          "loss_cpu": float(ref["loss"]), "loss_gpu": float(out["loss"]),
                          "loss_rel_err": rel_err(out["loss"], ref["loss"]),
                          "hidden_rel_err": rel_err(hidden.float(), hidden_ref)})  # fmt: skip
     return rows
-
-
-def hidden_states(model, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The decoder's last hidden states over (prefix, image steps), teacher-forced, no caption dropout."""
-    seq = model.codec.to_sequence(model._flat_tokens(tokens))
-    prefix, mask = model._prefix_with_bos(*model.condition(ids, torch.zeros(ids.shape[0], dtype=torch.bool,
-                                                                              device=ids.device)))  # fmt: skip
-    steps = model.codec.embed(seq[:, :-1])
-    x = torch.cat([prefix, steps.to(prefix.dtype)], dim=1)
-    mask = torch.cat([mask, torch.ones(steps.shape[:2], dtype=torch.bool, device=mask.device)], dim=1)
-    return model.core.forward_embeds(x, key_padding_mask=mask)
 
 
 def check_cache(gen_gpu, device: torch.device, count: int) -> list[dict]:

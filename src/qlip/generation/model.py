@@ -194,21 +194,27 @@ class T2IModel(nn.Module):
         return torch.cat([prefix, bos], dim=1), torch.cat([mask, ones], dim=1)
 
     # --- training ------------------------------------------------------------------------------------------------
-    def forward(self, tokens: Tensor, text_ids: Tensor, drop: Tensor | None = None) -> dict[str, Tensor]:
-        """Teacher-forced loss on the image steps. tokens (B, h, w) int64; text_ids (B, L); ``drop`` (B,) bool
-        overrides the random caption dropout (default: drawn with ``conditioning.dropout`` in training, none in
-        eval). Returns {"loss", "drop_rate", per-part metrics of the codec}."""
+    def teacher_forced(self, tokens: Tensor, text_ids: Tensor,
+                       drop: Tensor | None = None) -> tuple[Tensor, int, Tensor, Tensor]:  # fmt: skip
+        """The decoder's final hidden states over (caption prefix, BOS, image steps but the last), teacher-forced:
+        (hidden (B, P + T - 1, W), P = the prefix length with BOS, the codec sequence (B, T, ...), the drop mask).
+        ``drop`` as in :meth:`forward`."""
         seq = self.codec.to_sequence(self._flat_tokens(tokens))  # (B, T, ...)
-        b = seq.shape[0]
         if drop is None:
             p = self.cfg.conditioning.dropout if self.training else 0.0
-            drop = torch.rand(b, device=seq.device) < p
+            drop = torch.rand(seq.shape[0], device=seq.device) < p
         prefix, mask = self._prefix_with_bos(*self.condition(text_ids, drop))
         steps = self.codec.embed(seq[:, :-1])  # (B, T-1, W): the inputs after BOS
         x = torch.cat([prefix, steps.to(prefix.dtype)], dim=1)
         mask = torch.cat([mask, torch.ones(steps.shape[:2], dtype=torch.bool, device=mask.device)], dim=1)
-        hidden = self.core.forward_embeds(x, key_padding_mask=mask)[:, prefix.shape[1] - 1 :]  # (B, T, W)
-        loss, metrics = self.codec.loss(hidden, seq)
+        return self.core.forward_embeds(x, key_padding_mask=mask), prefix.shape[1], seq, drop
+
+    def forward(self, tokens: Tensor, text_ids: Tensor, drop: Tensor | None = None) -> dict[str, Tensor]:
+        """Teacher-forced loss on the image steps. tokens (B, h, w) int64; text_ids (B, L); ``drop`` (B,) bool
+        overrides the random caption dropout (default: drawn with ``conditioning.dropout`` in training, none in
+        eval). Returns {"loss", "drop_rate", per-part metrics of the codec}."""
+        hidden, prefix_len, seq, drop = self.teacher_forced(tokens, text_ids, drop)
+        loss, metrics = self.codec.loss(hidden[:, prefix_len - 1 :], seq)  # the states that predict the T steps
         return {"loss": loss, "drop_rate": drop.float().mean().detach(), **metrics}
 
     # --- sampling ------------------------------------------------------------------------------------------------
