@@ -137,7 +137,7 @@ class _SequenceTask(Task):
     """What the language model and the unified model share: one split-softmax loss over mixed rows."""
 
     progress_unit = "seq/s"
-    loss_weighting = "tokens"  # the unified task reads unified.loss_weighting
+    loss_weighting = "tokens"  # how losses() averages; the unified task takes unified.loss_weighting
 
     def shard_units(self, model: nn.Module) -> list[nn.Module]:
         return list(model.core.blocks)
@@ -251,6 +251,10 @@ class UnifiedTask(_SequenceTask):
     section = "unified"
     section_class = UnifiedOptions
 
+    @property
+    def loss_weighting(self) -> str:
+        return self.options.loss_weighting
+
     @classmethod
     def check_startup(cls, cfg: TrainConfig) -> None:
         from ...unified.pipeline import read_unified_config
@@ -279,7 +283,6 @@ class UnifiedTask(_SequenceTask):
         from .generator import read_token_folder
 
         opts = self.options
-        self.loss_weighting = opts.loss_weighting
         lm = load_lm(opts.init).to(self.rt.device)
         self.tokenizer = get_tokenizer_from_dir(opts.init)
         self.qlip = create_model(opts.tokenizer, device=self.rt.device).requires_grad_(False).eval()
