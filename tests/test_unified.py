@@ -26,12 +26,21 @@ def _tiny_lm(vocab: int = 40, width: int = 32) -> UnifiedLM:
     return UnifiedLM(text_config(vocab, vocab - 2, vocab - 1, width=width, depth=2, heads=2, max_seq_len=64))
 
 
-def _unified(parts: int = 2) -> tuple[UnifiedLM, UnifiedLM]:
+def _unified(parts: int = 2, visual_bits: bool = False, visual_positions: bool = False) -> tuple[UnifiedLM, UnifiedLM]:
     lm = _tiny_lm()
     with torch.no_grad():  # a trained-looking LM: rows that differ
         lm.core.tok_embed.weight.normal_()
         lm.core.lm_head.weight.normal_()
-    return lm, extend_vocabulary(lm, ImageVocab("tiny", grid=2, bits=6, parts=parts))
+    image = ImageVocab("tiny", grid=2, bits=6, parts=parts)
+    return lm, extend_vocabulary(lm, image, visual_bits=visual_bits, visual_positions=visual_positions)
+
+
+def _trained_extras(um: UnifiedLM) -> UnifiedLM:
+    with torch.no_grad():  # bit features and slot embeddings as after some training
+        for name in ("bits_in", "bits_out", "slot_embed"):
+            if hasattr(um, name):
+                getattr(um, name).normal_()
+    return um
 
 
 def test_split_softmax_loss_equals_two_separate_softmaxes():
@@ -76,8 +85,9 @@ def test_split_softmax_sampling_restricts_each_step_to_its_modality():
     assert ((ids >= c.visual_start + image.part_vocab) & (ids < c.visual_start + 2 * image.part_vocab)).all()
 
 
-def test_vocabulary_extension_keeps_the_text_model_unchanged():
-    lm, um = _unified()
+@pytest.mark.parametrize("extras", [False, True])
+def test_vocabulary_extension_keeps_the_text_model_unchanged(extras):
+    lm, um = _unified(visual_bits=extras, visual_positions=extras)
     tokens = torch.randint(0, lm.cfg.text_vocab, (2, 9))
     old, new = lm(tokens), um(tokens)
     torch.testing.assert_close(new[..., : lm.cfg.text_vocab], old)
@@ -91,8 +101,10 @@ def test_vocabulary_extension_keeps_the_text_model_unchanged():
     assert torch.equal(um.from_visual_ids(um.to_visual_ids(tokens)), tokens)
 
 
-def test_training_nll_equals_the_split_softmax_over_full_logits():
-    _, um = _unified()
+@pytest.mark.parametrize("extras", [False, True])
+def test_training_nll_equals_the_split_softmax_over_full_logits(extras):
+    _, um = _unified(visual_bits=extras, visual_positions=extras)
+    _trained_extras(um)
     c = um.cfg
     torch.manual_seed(1)
     tokens = torch.cat([torch.randint(0, c.text_vocab, (3, 5)), torch.randint(c.visual_start, c.vocab_size, (3, 6)),
@@ -112,6 +124,65 @@ def test_training_nll_equals_the_split_softmax_over_full_logits():
         full = split_nll(um(tokens[:, :-1]), tokens[:, 1:], c.text_vocab, c.visual_start) * mask
         fast = um(tokens[:, :-1], tokens[:, 1:], mask)
     torch.testing.assert_close(fast, full, rtol=2e-2, atol=2e-2)
+
+
+def test_bit_features_add_a_linear_map_of_each_visual_ids_bits():
+    _, plain = _unified()
+    _, um = _unified(visual_bits=True)
+    c, image = um.cfg, um.cfg.image  # 6-bit tokens in 2 parts: 3 bits a part
+    ids = torch.arange(c.vocab_size)[None]
+    torch.testing.assert_close(um.embed(ids), plain.embed(ids))  # the features start at zero
+    torch.testing.assert_close(um(ids), plain(ids))
+    _trained_extras(um)
+    part, code = 1, 0b101
+    vid = c.visual_start + part * image.part_vocab + code
+    signs = torch.tensor([1.0, -1.0, 1.0])  # most significant bit first
+    want_in = um.core.tok_embed.weight[vid] + signs @ um.bits_in[part]
+    want_out = um.core.lm_head.weight[vid] + signs @ um.bits_out[part]
+    torch.testing.assert_close(um.embed(torch.tensor([[vid]]))[0, 0], want_in)
+    torch.testing.assert_close(um.output_table()[vid], want_out)
+    text = torch.randint(0, c.text_vocab, (1, 5))  # text ids keep their own rows
+    torch.testing.assert_close(um.embed(text), plain.embed(text))
+    torch.testing.assert_close(um.output_table()[: c.visual_start], plain.output_table()[: c.visual_start])
+
+
+def test_slot_positions_number_each_rows_visual_ids_in_order():
+    _, plain = _unified()
+    _, um = _unified(visual_positions=True)
+    c = um.cfg
+    v = c.visual_start
+    rows = torch.tensor([[c.boi_id, v + 1, v + 9, v + 2, v + 12, c.eoi_id, 3],  # an image prompt: slots 0..3
+                         [0, 5, 6, c.boi_id, v + 4, v + 8, 7]])  # a caption, then the first two slots  # fmt: skip
+    torch.testing.assert_close(um.embed(rows), plain.embed(rows))  # the slot embeddings start at zero
+    _trained_extras(um)
+    got = um.embed(rows) - plain.embed(rows)
+    want = torch.zeros_like(got)
+    want[0, 1:5] = um.slot_embed[:4]
+    want[1, 4:6] = um.slot_embed[:2]
+    torch.testing.assert_close(got, want)
+    cache = um.new_cache(2)  # fed in two pieces, the cache carries the count
+    pieces = torch.cat([um.embed(rows[:, :3], cache), um.embed(rows[:, 3:], cache)], dim=1)
+    torch.testing.assert_close(pieces, um.embed(rows))
+    with pytest.raises(TypeError, match="new_cache"):
+        um.embed(rows, um.core.new_cache(2))
+
+
+@pytest.mark.parametrize("bits, positions", [(True, False), (False, True), (True, True)])
+def test_image_sampling_with_the_cache_equals_recomputation_with_the_visual_extras(bits, positions):
+    from qlip.ar.decode import decode
+
+    _, um = _unified(visual_bits=bits, visual_positions=positions)
+    _trained_extras(um).eval()
+    prompt, mask = um._prompt([um.caption_prompt([3, 4, 5]), um.caption_prompt([])])
+    outs = [decode(um, prompt, um.cfg.image.steps, Chooser(guided=False, temperature=0.0), prompt_mask=mask,
+                   logits_processor=um._visual_part, use_cache=cache) for cache in (True, False)]  # fmt: skip
+    assert torch.equal(outs[0], outs[1])
+    tokens = um.from_visual_ids(outs[0])
+    assert tokens.shape == (2, 2, 2) and int(tokens.max()) < 64
+    prompt, mask = um._prompt(um.image_prompt(tokens))  # and a caption of them
+    outs = [decode(um, prompt, 6, Chooser(guided=False, temperature=0.0), prompt_mask=mask,
+                   logits_processor=um._text_only, use_cache=cache) for cache in (True, False)]  # fmt: skip
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_loss_weighting_by_tokens_or_by_rows():
@@ -143,7 +214,7 @@ def runs(tmp_path_factory, tiny_tokenizer):
     make_tiny_lm_with_image_tokens(root, tiny_tokenizer, SENTENCES)
     um = {"init": str(root / "lm" / "last"), "tokenizer": str(root / "tok"), "tokens": str(root / "tokens"),
           "start": [2, 1, 1], "end": [1, 1, 1], "horizon": 2, "eval_windows": 4, "eval_images": 2,
-          "loss_weighting": "rows"}  # fmt: skip
+          "loss_weighting": "rows", "visual_bits": True, "visual_positions": True}  # fmt: skip
     write_tiny_run_config(root, root / "um", "unified", um)
     assert main(["train", str(root / "um.yaml")]) == 0
     return root

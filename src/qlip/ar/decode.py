@@ -22,6 +22,9 @@ def decode(core: ARTransformer, prompt: Tensor, max_new_tokens: int, chooser: Ch
            stop_id: int | None = None) -> Tensor:  # fmt: skip
     """Continue ``prompt`` (copies*B, T) by ``max_new_tokens`` ids -> (B, max_new_tokens).
 
+    ``core``: an :class:`ARTransformer` with a vocabulary, or a module that wraps one with the same
+    ``core(ids, cache=, key_padding_mask=) -> logits`` and ``core.new_cache(rows, max_len=)`` (the unified model).
+
     With a guided chooser the prompt rows are the B conditional prompts followed by the B unconditional ones; the
     chosen ids are fed to both halves. ``prompt_mask`` (copies*B, T) bool marks real prompt tokens (False: padding).
     ``use_cache=False`` recomputes the whole sequence at every step (the reference for the cache).

@@ -11,6 +11,16 @@ QK-norm) whose vocabulary is extended with the visual tokens. Ids, in order::
 A plain language model (:func:`text_config`) has the text ids only; :func:`extend_vocabulary` adds the others,
 their embedding and output rows set to the mean of the text rows, so the text outputs do not move.
 
+**Bit features** (``visual_bits``, optional): a visual id's input embedding and output row each get an added
+linear map of its sub-code's k bits as +-1 (one map per part, starting at zero): ``row(id) + sum_b s_b(id) u_b``.
+A BSQ token's bits are the coordinates of its quantized latent, so codes that share bits share most of their
+representation from the first step, where free rows must each be learnt from the steps that show them.
+
+**Slot positions** (``visual_positions``, optional): a visual id's input embedding gets a learnt vector of its
+slot in the image (raster cell and part, ``grid * grid * parts`` of them, starting at zero). RoPE gives attention
+the offsets between tokens only; a shape is a pattern of bits at places of the grid, which a readout finds far more
+easily when each token says where it is.
+
 **Split softmax.** A target is normalized over its own modality only: a text target over the text ids, a visual
 target over the visual ids (:func:`split_nll`); sampling restricts each step to the ids its modality allows (a
 softmax over the allowed ids of the full logits is exactly the modality's softmax).
@@ -29,10 +39,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ar.decode import decode
-from ..ar.model import ARConfig, ARTransformer
+from ..ar.model import ARConfig, ARTransformer, KVCache
 from ..ar.sampling import Chooser
 from ..config import dataclass_from_dict
 from ..generation.codec import check_split, join_tokens, split_tokens
@@ -83,6 +94,8 @@ class UnifiedConfig:
         ar: the decoder (its ``vocab_size`` is :attr:`vocab_size`).
         text_vocab, sot_id, eot_id: the text tokenizer's size and its start / end ids.
         image: the image vocabulary (None for a text-only language model).
+        visual_bits: add the bit features to the visual ids' embeddings and output rows (module docstring).
+        visual_positions: add a learnt embedding of each visual id's slot in its image (module docstring).
         corpus: what the text corpus was (:meth:`qlip.unified.corpus.TextCorpus.describe`).
         reference: figures of the language model a unified model started from (its held-out perplexity).
     """
@@ -94,8 +107,12 @@ class UnifiedConfig:
     image: ImageVocab | None = None
     corpus: dict[str, Any] = field(default_factory=dict)
     reference: dict[str, Any] = field(default_factory=dict)
+    visual_bits: bool = False
+    visual_positions: bool = False
 
     def __post_init__(self) -> None:
+        if (self.visual_bits or self.visual_positions) and self.image is None:
+            raise ValueError("visual_bits and visual_positions need an image vocabulary")
         if self.ar.vocab_size != self.vocab_size:
             raise ValueError(f"the decoder has {self.ar.vocab_size} ids but the vocabulary has {self.vocab_size}")
 
@@ -168,6 +185,18 @@ def reduce_nll(nll: Tensor, mask: Tensor, weighting: str = "tokens") -> Tensor:
     raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
 
 
+class UnifiedCache(KVCache):
+    """The decoder's KV cache plus, per row, how many visual ids it holds (the slot of the next one)."""
+
+    def __init__(self, layers: int, batch: int, *args: Any, **kwargs: Any):
+        super().__init__(layers, batch, *args, **kwargs)
+        self.visual_seen = torch.zeros(batch, dtype=torch.long, device=self.valid.device)
+
+    def reset(self) -> None:
+        super().reset()
+        self.visual_seen.zero_()
+
+
 class UnifiedLM(nn.Module):
     """The decoder of a language model or a unified model (see the module docstring)."""
 
@@ -175,22 +204,76 @@ class UnifiedLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.core = ARTransformer(cfg.ar)
+        if cfg.visual_bits:
+            image = cfg.image
+            k = image.bits // image.parts
+            self.bits_in = nn.Parameter(torch.zeros(image.parts, k, cfg.ar.width))
+            self.bits_out = nn.Parameter(torch.zeros(image.parts, k, cfg.ar.width))
+            codes = torch.arange(image.part_vocab)
+            signs = ((codes[:, None] >> torch.arange(k - 1, -1, -1)) & 1).float() * 2 - 1  # (2^k, k), MSB first
+            self.register_buffer("bit_signs", signs, persistent=False)
+        if cfg.visual_positions:
+            self.slot_embed = nn.Parameter(torch.zeros(cfg.image.steps, cfg.ar.width))
 
     @property
     def device(self) -> torch.device:
         return self.core.norm.weight.device
 
-    def forward(self, tokens: Tensor, targets: Tensor | None = None, loss_mask: Tensor | None = None) -> Tensor:
-        """Ids (B, T) -> logits (B, T, V), causal. With ``targets`` (B, T) and ``loss_mask`` (B, T) bool: the
+    def _with_bits(self, table: Tensor, maps: Tensor) -> Tensor:
+        """A (V, W) table with each visual row's bit features added (the text and marker rows as they are)."""
+        c = self.cfg
+        delta = torch.einsum("ck,pkw->pcw", self.bit_signs.to(maps.dtype), maps).flatten(0, 1)  # (parts*2^k, W)
+        return torch.cat([table[: c.visual_start], table[c.visual_start :] + delta.to(table.dtype)])
+
+    def input_table(self) -> Tensor:
+        """The (V, W) input embedding table (with the bit features, if the model has them)."""
+        table = self.core.tok_embed.weight
+        return self._with_bits(table, self.bits_in) if self.cfg.visual_bits else table
+
+    def output_table(self) -> Tensor:
+        """The (V, W) output rows (with the bit features, if the model has them)."""
+        core = self.core
+        table = core.lm_head.weight if core.lm_head is not None else core.tok_embed.weight
+        return self._with_bits(table, self.bits_out) if self.cfg.visual_bits else table
+
+    def embed(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Ids (B, T) -> input embeddings (B, T, W). With slot positions, a visual id's slot is the number of visual
+        ids before it in its row: in ``tokens`` and, with a cache (:meth:`new_cache`), in what the cache holds."""
+        c = self.cfg
+        x = F.embedding(tokens, self.input_table()) if c.visual_bits else self.core.embed(tokens)
+        if not c.visual_positions:
+            return x
+        visual = tokens >= c.visual_start
+        seen = visual.long().cumsum(1)
+        if cache is not None:
+            if not isinstance(cache, UnifiedCache):
+                raise TypeError("slot positions need the cache of UnifiedLM.new_cache (it counts the visual ids)")
+            seen = seen + cache.visual_seen[:, None]
+            cache.visual_seen = seen[:, -1]
+        slot = (seen - 1).clamp(0, c.image.steps - 1)
+        return x + self.slot_embed[slot].to(x.dtype) * visual[..., None]
+
+    def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for :meth:`forward`: the decoder's, counting the visual ids it has seen per row."""
+        a, p = self.cfg.ar, self.core.norm.weight
+        return UnifiedCache(a.depth, batch, a.heads, max_len or a.max_seq_len, a.head_dim, device=p.device,
+                            dtype=dtype or p.dtype)  # fmt: skip
+
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, loss_mask: Tensor | None = None, *,
+                cache: KVCache | None = None, key_padding_mask: Tensor | None = None) -> Tensor:  # fmt: skip
+        """Ids (B, T) -> logits (B, T, V), causal (``cache`` / ``key_padding_mask``: as
+        :meth:`qlip.ar.ARTransformer.forward_embeds`). With ``targets`` (B, T) and ``loss_mask`` (B, T) bool: the
         split-softmax NLL (B, T) of the targets instead (0 where the mask is False), the values of
         :func:`split_nll` but with the output head applied only at the masked-in positions and only over the
         vocabulary each target is normalized in (training's path: no (B, T, V) logits)."""
         if targets is None:
-            return self.core(tokens)
+            x = self.embed(tokens, cache)
+            hidden = self.core.forward_embeds(x, cache=cache, key_padding_mask=key_padding_mask)
+            return hidden @ self.output_table().t() if self.cfg.visual_bits else self.core.head(hidden)
         if loss_mask is None:
             raise ValueError("targets need a loss_mask")
-        hidden = self.core.forward_embeds(self.core.embed(tokens))
-        weight = self.core.lm_head.weight if self.core.lm_head is not None else self.core.tok_embed.weight
+        hidden = self.core.forward_embeds(self.embed(tokens), key_padding_mask=key_padding_mask)
+        weight = self.output_table()
         c = self.cfg
         visual = targets >= c.visual_start if c.image is not None else torch.zeros_like(loss_mask)
         nll = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
@@ -265,7 +348,7 @@ class UnifiedLM(nn.Module):
         if max_new_tokens < 1:
             raise ValueError(f"the prompt ({ids.shape[1]} tokens) fills the model's context of "
                              f"{self.cfg.ar.max_seq_len}; give a shorter prompt")  # fmt: skip
-        out = decode(self.core, ids, max_new_tokens, chooser, prompt_mask=mask, logits_processor=self._text_only,
+        out = decode(self, ids, max_new_tokens, chooser, prompt_mask=mask, logits_processor=self._text_only,
                      stop_id=self.cfg.eot_id)  # fmt: skip
         result = []
         for row in out.tolist():
@@ -290,7 +373,7 @@ class UnifiedLM(nn.Module):
         if chooser.copies == 2:
             rows += [self.caption_prompt([])] * len(captions)
         ids, mask = self._prompt(rows)
-        out = decode(self.core, ids, image.steps, chooser, prompt_mask=mask, logits_processor=self._visual_part)
+        out = decode(self, ids, image.steps, chooser, prompt_mask=mask, logits_processor=self._visual_part)
         return self.from_visual_ids(out)
 
 
@@ -317,14 +400,16 @@ def training_row(model_cfg: UnifiedConfig, kind: str, text: list[int], visual: l
     raise ValueError(f"unknown sequence kind {kind!r}; choose one of {KINDS}")
 
 
-def extend_vocabulary(lm: UnifiedLM, image: ImageVocab) -> UnifiedLM:
+def extend_vocabulary(lm: UnifiedLM, image: ImageVocab, *, visual_bits: bool = False,
+                      visual_positions: bool = False) -> UnifiedLM:  # fmt: skip
     """A unified model made from a text language model: the same decoder, with the markers and visual ids added;
-    their input embeddings are the mean text embedding and their output rows the mean text output row."""
+    their input embeddings are the mean text embedding and their output rows the mean text output row
+    (``visual_bits`` / ``visual_positions``: with the bit features / slot embeddings, starting at zero)."""
     if lm.cfg.image is not None:
         raise ValueError("the model already has an image vocabulary; extend a text-only language model")
     old = lm.cfg
     ar = dataclasses.replace(old.ar, vocab_size=old.text_vocab + 2 + image.size)
-    cfg = dataclasses.replace(old, ar=ar, image=image)
+    cfg = dataclasses.replace(old, ar=ar, image=image, visual_bits=visual_bits, visual_positions=visual_positions)
     new = UnifiedLM(cfg).to(lm.device)
     state = lm.state_dict()
     grow = {}
@@ -333,5 +418,6 @@ def extend_vocabulary(lm: UnifiedLM, image: ImageVocab) -> UnifiedLM:
             w = state.pop(key)  # (V_text, W)
             rows = w.mean(0, keepdim=True).expand(cfg.vocab_size - old.text_vocab, -1)
             grow[key] = torch.cat([w, rows])
-    new.load_state_dict({**state, **grow})
+    zero = {k: v for k, v in new.state_dict().items() if k.startswith(("bits_", "slot_embed"))}  # start at zero
+    new.load_state_dict({**state, **grow, **zero})
     return new

@@ -90,6 +90,10 @@ class UnifiedOptions:
         loss_weighting: "tokens" averages the loss over every target token of the batch, so a text->image row
             (128 targets at the demo size) outweighs an image->text row (its caption, ~15) eight to one; "rows"
             averages each row over its own targets first, so the row ratios alone set each task's share.
+        visual_bits: add to each visual id's embedding and output row a learnt linear map of its sub-code's bits
+            as +-1 (starting at zero; :mod:`qlip.unified.model`), so codes that share bits share representation.
+        visual_positions: add to each visual id's embedding a learnt vector of its slot in the image (starting at
+            zero), so a token says where in the grid it is (RoPE gives attention the offsets only).
     """
 
     init: str = ""
@@ -105,6 +109,8 @@ class UnifiedOptions:
     eval_images: int = 8
     eval_cfg_scale: float = 3.0
     loss_weighting: str = "tokens"
+    visual_bits: bool = False
+    visual_positions: bool = False
 
     def schedule_object(self) -> Any:
         from ...unified.mixing import MixSchedule
@@ -308,7 +314,7 @@ class UnifiedTask(_SequenceTask):
         self.held_out_stream = token_stream(self.tokenizer, corpus.held_out)
         reference = {"init": str(opts.init), "text_ppl": self.text_perplexity(lm, opts.eval_windows),
                      "eval_windows": opts.eval_windows, "window": self.seq_len + 1}  # fmt: skip
-        model = extend_vocabulary(lm, image)
+        model = extend_vocabulary(lm, image, visual_bits=opts.visual_bits, visual_positions=opts.visual_positions)
         model.cfg.reference = reference
         self.model_cfg = model.cfg
         cache: dict[str, list[int]] = {}
