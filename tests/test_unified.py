@@ -134,9 +134,9 @@ def test_bit_features_add_a_linear_map_of_each_visual_ids_bits():
     torch.testing.assert_close(um.embed(ids), plain.embed(ids))  # the features start at zero
     torch.testing.assert_close(um(ids), plain(ids))
     _trained_extras(um)
-    part, code = 1, 0b101
+    part, code = 1, 0b110
     vid = c.visual_start + part * image.part_vocab + code
-    signs = torch.tensor([1.0, -1.0, 1.0])  # most significant bit first
+    signs = torch.tensor([1.0, 1.0, -1.0])  # most significant bit first
     want_in = um.core.tok_embed.weight[vid] + signs @ um.bits_in[part]
     want_out = um.core.lm_head.weight[vid] + signs @ um.bits_out[part]
     torch.testing.assert_close(um.embed(torch.tensor([[vid]]))[0, 0], want_in)

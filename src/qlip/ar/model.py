@@ -220,11 +220,13 @@ class ARTransformer(nn.Module):
         return self.head(self.forward_embeds(self.embed(tokens), cache=cache, key_padding_mask=key_padding_mask))
 
     # --- sequence side -------------------------------------------------------------------------------------------
-    def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty :class:`KVCache` on the model's device (dtype: the parameters', unless given)."""
+    def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
+                  cache_class: type[KVCache] = KVCache) -> KVCache:  # fmt: skip
+        """An empty :class:`KVCache` on the model's device (dtype: the parameters', unless given); ``cache_class``:
+        a subclass that carries more per-row state (the unified model's)."""
         p = self.norm.weight
-        return KVCache(self.cfg.depth, batch, self.cfg.heads, max_len or self.cfg.max_seq_len, self.cfg.head_dim,
-                       device=p.device, dtype=dtype or p.dtype)  # fmt: skip
+        return cache_class(self.cfg.depth, batch, self.cfg.heads, max_len or self.cfg.max_seq_len, self.cfg.head_dim,
+                           device=p.device, dtype=dtype or p.dtype)  # fmt: skip
 
     def forward_embeds(self, x: Tensor, *, cache: KVCache | None = None,
                        key_padding_mask: Tensor | None = None) -> Tensor:  # fmt: skip

@@ -47,6 +47,7 @@ from ..ar.model import ARConfig, ARTransformer, KVCache
 from ..ar.sampling import Chooser
 from ..config import dataclass_from_dict
 from ..generation.codec import check_split, join_tokens, split_tokens
+from ..quantizers.bsq import bits_to_codes, indices_to_bits
 
 LM_FORMAT = "qlip-lm"
 UNIFIED_FORMAT = "qlip-um3"
@@ -210,7 +211,7 @@ class UnifiedLM(nn.Module):
             self.bits_in = nn.Parameter(torch.zeros(image.parts, k, cfg.ar.width))
             self.bits_out = nn.Parameter(torch.zeros(image.parts, k, cfg.ar.width))
             codes = torch.arange(image.part_vocab)
-            signs = ((codes[:, None] >> torch.arange(k - 1, -1, -1)) & 1).float() * 2 - 1  # (2^k, k), MSB first
+            signs = bits_to_codes(indices_to_bits(codes, k), scale=False)  # (2^k, k) as +-1, most significant first
             self.register_buffer("bit_signs", signs, persistent=False)
         if cfg.visual_positions:
             self.slot_embed = nn.Parameter(torch.zeros(cfg.image.steps, cfg.ar.width))
@@ -240,7 +241,7 @@ class UnifiedLM(nn.Module):
         """Ids (B, T) -> input embeddings (B, T, W). With slot positions, a visual id's slot is the number of visual
         ids before it in its row: in ``tokens`` and, with a cache (:meth:`new_cache`), in what the cache holds."""
         c = self.cfg
-        x = F.embedding(tokens, self.input_table()) if c.visual_bits else self.core.embed(tokens)
+        x = F.embedding(tokens, self.input_table())
         if not c.visual_positions:
             return x
         visual = tokens >= c.visual_start
@@ -255,9 +256,7 @@ class UnifiedLM(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for :meth:`forward`: the decoder's, counting the visual ids it has seen per row."""
-        a, p = self.cfg.ar, self.core.norm.weight
-        return UnifiedCache(a.depth, batch, a.heads, max_len or a.max_seq_len, a.head_dim, device=p.device,
-                            dtype=dtype or p.dtype)  # fmt: skip
+        return self.core.new_cache(batch, max_len, dtype=dtype, cache_class=UnifiedCache)
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None, loss_mask: Tensor | None = None, *,
                 cache: KVCache | None = None, key_padding_mask: Tensor | None = None) -> Tensor:  # fmt: skip
@@ -269,7 +268,7 @@ class UnifiedLM(nn.Module):
         if targets is None:
             x = self.embed(tokens, cache)
             hidden = self.core.forward_embeds(x, cache=cache, key_padding_mask=key_padding_mask)
-            return hidden @ self.output_table().t() if self.cfg.visual_bits else self.core.head(hidden)
+            return hidden @ self.output_table().t()
         if loss_mask is None:
             raise ValueError("targets need a loss_mask")
         hidden = self.core.forward_embeds(self.embed(tokens), key_padding_mask=key_padding_mask)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from qlip.data.shapes import DEFAULT_SHAPES
 from qlip.generation.codec import split_tokens
+from qlip.quantizers.bsq import bits_to_codes, indices_to_bits
 from qlip.train.tasks.generator import read_token_folder
 
 
@@ -29,7 +30,7 @@ def main(folder: str, out: str) -> None:
     labels = torch.tensor([next(i for i, s in enumerate(DEFAULT_SHAPES) if re.search(rf"\b{s}\b", c))
                            for c in captions])  # fmt: skip
     flat = tokens.flatten(1).long()
-    bits = ((flat[..., None] >> torch.arange(spec.bits - 1, -1, -1)) & 1).float() * 2 - 1  # (N, grid^2, bits)
+    bits = bits_to_codes(indices_to_bits(flat, spec.bits), scale=False)  # (N, grid^2, bits) as +-1
     sub = split_tokens(flat, spec.bits, 2) + torch.tensor([0, 1 << (spec.bits // 2)])  # (N, grid^2, 2)
     counts = torch.zeros(len(flat), 2 << (spec.bits // 2)).scatter_add_(
         1, sub.flatten(1), torch.ones(sub.flatten(1).shape)
