@@ -381,3 +381,22 @@ def test_fsdp_two_ranks_train_the_unified_model_through_its_loss_path(runs, tmp_
     assert [r["step"] for r in results] == [3, 3]
     um = load(tmp_path / "fsdp" / "last")
     assert isinstance(um.complete("the quick", max_new_tokens=3, seed=0), str)
+
+
+def test_train_starts_its_own_worker_processes(runs, tmp_path, capsys):
+    """`distributed.processes: 2`: `qlip train` runs the config in two local data-parallel workers (torchrun's
+    environment, per-process batch), and a config mistake is still one line and exit 2."""
+    from train_helpers import list_steps, load_ckpt
+
+    cfg = yaml.safe_load((runs / "um.yaml").read_text())
+    cfg["run_dir"] = str(tmp_path / "two")
+    cfg["eval"] = {"at_end": False}
+    cfg["distributed"] = {"threads": 1, "processes": 2}
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "two.yaml")]) == 0
+    steps = list_steps(tmp_path / "two")
+    assert steps[-1] == 3 and load_ckpt(tmp_path / "two", 3)["world_size"] == 2
+    assert (tmp_path / "two" / "last" / "config.json").is_file()
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "two.yaml"), "distributed.processes=0"]) == 2
+    assert "distributed.processes must be >= 1" in capsys.readouterr().err

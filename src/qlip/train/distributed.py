@@ -17,7 +17,9 @@ import inspect
 import logging
 import os
 import random
-from collections.abc import Iterable
+import sys
+import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +80,24 @@ def setup_runtime(cfg: DistributedSection) -> Runtime:
         precision = "bf16" if device.type == "cuda" else "fp32"
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return Runtime(rank, world, local_rank, device, dtype, initialized_here)
+
+
+def launch_local(processes: int, argv: Sequence[str]) -> int:
+    """Run ``python -m qlip.cli ARGV`` in ``processes`` worker processes on this machine, with torchrun's
+    environment (``--standalone``: a rendezvous on a free local port, no restarts). Returns 0 when every worker
+    finished, else the exit code of the first that failed (each worker has printed its own error)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)  # fmt: skip
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the workers say what went wrong
+    try:
+        elastic_launch(config, sys.executable)("-m", "qlip.cli", *argv)
+    except ChildFailedError as e:
+        code = e.get_first_failure()[1].exitcode
+        return code if code > 0 else 1  # a negative code is a signal
+    return 0
 
 
 def seed_everything(seed: int) -> None:
