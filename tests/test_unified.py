@@ -400,3 +400,11 @@ def test_train_starts_its_own_worker_processes(runs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", str(tmp_path / "two.yaml"), "distributed.processes=0"]) == 2
     assert "distributed.processes must be >= 1" in capsys.readouterr().err
+    from qlip.train.config import ConfigError, load_config
+    from qlip.train.loop import train
+
+    cfg = load_config([str(tmp_path / "two.yaml")], [])
+    with pytest.raises(ConfigError, match="the same global batch"):  # from Python: one process, never a silent half
+        train(cfg)
+    one = cfg.as_one_process()
+    assert (one.distributed.processes, one.data.batch_size) == (1, 2 * cfg.data.batch_size)

@@ -55,7 +55,7 @@ def _run_balance(args: argparse.Namespace) -> int:
     from ..train.probe import run_balance_probes
 
     try:
-        cfg = _config_from_args(args)
+        cfg = _config_from_args(args).as_one_process()  # short probes, one process
         result = run_balance_probes(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e

@@ -168,7 +168,7 @@ def execute_job(spec: dict[str, Any], *, isolated: bool = True) -> dict[str, Any
             if previous is None:
                 raise ValueError(f"stage {stage['name']} starts from a previous stage, but is the first")
             overrides.append(f"init={previous / 'last'}")
-        cfg = load_config(files, overrides)
+        cfg = load_config(files, overrides).as_one_process()  # a job is one process (jobs run side by side)
         t0 = time.perf_counter()
         info: dict[str, Any] = {"steps": cfg.optim.steps if stage["kind"] == "train" else cfg.probe.steps}
         if stage["kind"] == "probe":

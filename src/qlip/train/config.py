@@ -8,8 +8,10 @@ The resolved configuration is written to ``run_dir/config.yaml`` so a run can al
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -381,6 +383,14 @@ class TrainConfig:
                               f"{', '.join(terms)}; give every one (0 turns a term off)")  # fmt: skip
         if self.stage == 2 and weights.get("align", 0) != 0:
             raise ConfigError("loss.balance.weights.align must be 0 (or absent) in stage 2, which has no text tower")
+
+    def as_one_process(self) -> TrainConfig:
+        """A copy that runs in one process with the same global batch: ``distributed.processes: N`` becomes N times
+        ``data.batch_size`` (what a caller of ``train`` from Python, such as an experiment's job, runs)."""
+        one = copy.deepcopy(self)
+        one.data.batch_size *= one.distributed.processes
+        one.distributed.processes = 1
+        return one
 
     def validate(self) -> None:
         """Cross-field checks, with what to change."""
@@ -764,6 +774,11 @@ def check_startup(cfg: TrainConfig) -> None:
     if cfg.distributed.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("distributed.device=cuda but torch sees no CUDA device on this machine; use "
                           "distributed.device=cpu (or auto)")  # fmt: skip
+    if cfg.distributed.processes > 1 and "WORLD_SIZE" not in os.environ:
+        n, b = cfg.distributed.processes, cfg.data.batch_size
+        raise ConfigError(f"distributed.processes={n}: `qlip train` starts the workers, this is one process; run "
+                          f"`qlip train`, torchrun, or one process with distributed.processes=1 "
+                          f"data.batch_size={n * b} (the same global batch)")  # fmt: skip
     saved = run_dir / "config.yaml"
     if cfg.resume == "auto" and saved.is_file() and any((run_dir / "checkpoints").glob("step_*.pt")):
         try:
