@@ -1,7 +1,8 @@
 """Training throughput of one config on a CPU: one process with T threads against P 1-thread worker processes
-(``distributed.processes``), the same global batch. Each variant is a real ``qlip train`` run, stopped after ``--steps`` steps of the config's schedule;
-the rows per second are taken between the first logged step after ``--skip`` and the last (start-up, data
-loading and the first steps' allocations excluded). The variants alternate for ``--rounds`` rounds.
+(``distributed.processes``), the same global batch. Each variant is a real ``qlip train`` run, stopped after
+``--steps`` steps of the config's schedule; the rows per second are taken between the first logged step after
+``--skip`` and the last (start-up, data loading and the first steps' allocations excluded). The variants alternate
+for ``--rounds`` rounds.
 
     python benchmarks/bench_cpu_workers.py configs/um3-shapes.yaml --out benchmarks/results/cpu-workers-um3.json
 
