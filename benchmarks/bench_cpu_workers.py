@@ -13,7 +13,6 @@ data/shapes-tok). Nothing is written outside a temporary directory but the resul
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -23,11 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, median, print_table, write_results  # noqa: E402
 
+from qlip.train.logger import read_metrics  # noqa: E402
+
 
 def rows_per_second(run_dir: Path, skip: int, batch: int) -> float:
     """Global rows per second between the first logged step after ``skip`` and the last (metrics.jsonl times)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in rows if r.get("kind") == "train" and r["step"] > skip]
+    train = [r for r in read_metrics(run_dir) if r["step"] > skip]
     if len(train) < 2:
         raise SystemExit(f"{run_dir}: fewer than two logged steps after step {skip}; raise --steps")
     first, last = train[0], train[-1]

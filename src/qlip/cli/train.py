@@ -30,7 +30,7 @@ def _run_train(args: argparse.Namespace) -> int:
         cfg = _config_from_args(args)
     except (ConfigError, ValueError) as e:
         raise CLIError(str(e)) from e
-    if cfg.distributed.processes > 1 and "WORLD_SIZE" not in os.environ:  # the workers run this same command
+    if cfg.distributed.starts_workers:  # the workers run this same command
         from ..train.distributed import launch_local
 
         return launch_local(cfg.distributed.processes, ["train", args.config, *args.overrides])

@@ -257,7 +257,7 @@ def settings_summary(settings: Settings, cfg: TrainConfig, extra: dict[str, Any]
     """What a table records about how it was made (config, seeds, budget, model, steps, evaluation sizes)."""
     return {"config": settings.source_config, "snapshot": settings.config, "seeds": settings.seeds,
             "budget": settings.budget, "smoke": settings.smoke,
-            "model": cfg.model.name, "batch_size": cfg.as_one_process().data.batch_size,
+            "model": cfg.model.name, "batch_size": cfg.one_process_batch,
             "config_steps": cfg.optim.steps,
             "data": cfg.data.train, "eval": settings.eval, "chance": chance_levels(cfg), "machine": machine_summary(),
             "architecture": architecture(cfg), **extra}  # fmt: skip

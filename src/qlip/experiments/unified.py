@@ -145,7 +145,7 @@ def run_um3_schedule(settings: Settings) -> dict[str, Any]:
                          "schedule on and off are the same run; give the config the ratios to decay from")  # fmt: skip
     steps = settings.steps(cfg.optim.steps)
     horizon = _scaled_horizon(opts, steps, cfg.optim.steps)
-    batch = cfg.as_one_process().data.batch_size  # rows per step (a config's workers fold into one process)
+    batch = cfg.one_process_batch  # rows per step (a config's workers fold into one process)
     on = MixSchedule(tuple(opts.start), tuple(opts.end), horizon, True)
     off = MixSchedule(tuple(opts.start), tuple(opts.end), horizon, False)
     variants = [
@@ -183,7 +183,7 @@ def run_um3_specialists(settings: Settings, generator_config: str) -> dict[str, 
                       "configs/t2i-shapes.yaml")
     opts = cfg.task_options
     steps = settings.steps(cfg.optim.steps)
-    batch = cfg.as_one_process().data.batch_size  # rows per step (a config's workers fold into one process)
+    batch = cfg.one_process_batch  # rows per step (a config's workers fold into one process)
     horizon = _scaled_horizon(opts, steps, cfg.optim.steps)
 
     def decoder(name: str, label: str, extra: list[str], options: dict[str, Any]) -> Variant:

@@ -250,6 +250,11 @@ class DistributedSection:
     threads: int = 0
     processes: int = 1
 
+    @property
+    def starts_workers(self) -> bool:
+        """This process must start ``processes`` workers (more than one asked, and not already under torchrun)."""
+        return self.processes > 1 and "WORLD_SIZE" not in os.environ
+
 
 @dataclass
 class CheckpointSection:
@@ -384,12 +389,16 @@ class TrainConfig:
         if self.stage == 2 and weights.get("align", 0) != 0:
             raise ConfigError("loss.balance.weights.align must be 0 (or absent) in stage 2, which has no text tower")
 
+    @property
+    def one_process_batch(self) -> int:
+        """Rows per micro-step of the whole run on one machine: ``data.batch_size`` x ``distributed.processes``."""
+        return self.data.batch_size * self.distributed.processes
+
     def as_one_process(self) -> TrainConfig:
         """A copy that runs in one process with the same global batch: ``distributed.processes: N`` becomes N times
         ``data.batch_size`` (what a caller of ``train`` from Python, such as an experiment's job, runs)."""
         one = copy.deepcopy(self)
-        one.data.batch_size *= one.distributed.processes
-        one.distributed.processes = 1
+        one.data.batch_size, one.distributed.processes = self.one_process_batch, 1
         return one
 
     def validate(self) -> None:
@@ -774,11 +783,10 @@ def check_startup(cfg: TrainConfig) -> None:
     if cfg.distributed.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("distributed.device=cuda but torch sees no CUDA device on this machine; use "
                           "distributed.device=cpu (or auto)")  # fmt: skip
-    if cfg.distributed.processes > 1 and "WORLD_SIZE" not in os.environ:
-        n, b = cfg.distributed.processes, cfg.data.batch_size
-        raise ConfigError(f"distributed.processes={n}: `qlip train` starts the workers, this is one process; run "
-                          f"`qlip train`, torchrun, or one process with distributed.processes=1 "
-                          f"data.batch_size={n * b} (the same global batch)")  # fmt: skip
+    if cfg.distributed.starts_workers:
+        raise ConfigError(f"distributed.processes={cfg.distributed.processes}: `qlip train` starts the workers, this "
+                          f"is one process; run `qlip train`, torchrun, or one process with distributed.processes=1 "
+                          f"data.batch_size={cfg.one_process_batch} (the same global batch)")  # fmt: skip
     saved = run_dir / "config.yaml"
     if cfg.resume == "auto" and saved.is_file() and any((run_dir / "checkpoints").glob("step_*.pt")):
         try:
